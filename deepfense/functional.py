@@ -1,0 +1,194 @@
+"""Functional API: the four losses over explicit tensors, with a backend switch.
+
+Backends:
+    'torch'     -- closed-form autograd Function in PyTorch (`deepfense.torch_backend`); the fast path on CPU.
+    'triton'    -- fused Triton kernels (`deepfense.kernels`); CUDA, or CPU tensors under TRITON_INTERPRET=1.
+    'reference' -- the plain-autograd oracle (`deepfense.reference`).
+    'auto'      -- 'triton' for CUDA inputs when Triton imports, else 'torch'. DEEPFENSE_BACKEND overrides it.
+
+Input checks: shapes, dtypes and devices are always checked. Value checks (targets in range, non-finite inputs) need
+one host sync; they run in eager mode and are skipped while torch.compile traces or when DEEPFENSE_VALIDATE=0.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+from . import reference
+from .params import Margin, LossParams
+
+BACKENDS = ("auto", "torch", "triton", "reference")
+
+__all__ = ["am_softmax_loss", "a_softmax_loss", "oc_softmax_loss", "cross_entropy_loss", "resolve_backend",
+           "BACKENDS"]
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_importable() -> bool:
+    try:
+        import triton  # noqa: F401
+    except Exception:  # any failure to import (missing, broken CUDA libs) means: no Triton
+        return False
+    return True
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """Turn 'auto' (or DEEPFENSE_BACKEND) into a concrete backend name for tensors on `device`."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        backend = os.environ.get("DEEPFENSE_BACKEND", "auto") or "auto"
+        if backend not in BACKENDS:
+            raise ValueError(f"DEEPFENSE_BACKEND must be one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        backend = "triton" if device.type == "cuda" and _triton_importable() else "torch"
+    return backend
+
+
+def _check_tensors(x, w_dc, bias, targets, class_weights, n_weights):
+    """Raise a ValueError naming the problem for bad shapes, dtypes or devices. w_dc is the [D, C] view."""
+    if not isinstance(x, torch.Tensor) or x.dim() != 2:
+        raise ValueError(f"embeddings must be a 2-D tensor [batch, embedding_dim], got "
+                         f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
+    if not x.is_floating_point():
+        raise ValueError(f"embeddings must be floating point, got {x.dtype}")
+    if not isinstance(targets, torch.Tensor) or targets.dim() != 1:
+        raise ValueError(f"targets must be a 1-D tensor [batch] of class indices, got "
+                         f"{tuple(targets.shape) if isinstance(targets, torch.Tensor) else type(targets).__name__}")
+    if targets.is_floating_point() or targets.is_complex() or targets.dtype == torch.bool:
+        raise ValueError(f"targets must be an integer tensor of class indices, got {targets.dtype}")
+    if targets.shape[0] != x.shape[0]:
+        raise ValueError(f"batch size mismatch: embeddings have {x.shape[0]} rows, targets {targets.shape[0]}")
+    if not isinstance(w_dc, torch.Tensor) or w_dc.dim() != 2 or not w_dc.is_floating_point():
+        raise ValueError("weight must be a 2-D floating-point tensor")
+    if w_dc.shape[0] != x.shape[1]:
+        raise ValueError(f"embedding_dim mismatch: embeddings have {x.shape[1]} features, the weight expects "
+                         f"{w_dc.shape[0]}")
+    named = {"weight": w_dc, "targets": targets, "bias": bias, "class_weights": class_weights}
+    for name, t in named.items():
+        if t is not None and t.device != x.device:
+            raise ValueError(f"{name} is on {t.device} but embeddings are on {x.device}; move them to one device")
+    if bias is not None and tuple(bias.shape) != (w_dc.shape[1],):
+        raise ValueError(f"bias must have shape ({w_dc.shape[1]},), got {tuple(bias.shape)}")
+    if class_weights is not None and tuple(class_weights.shape) != (n_weights,):
+        raise ValueError(f"class_weights must have {n_weights} entries (one per class), got {tuple(class_weights.shape)}")
+
+
+def _check_values(loss, x, w_dc, bias, targets, n_targets, p: LossParams):
+    """One host sync: targets in range, and a finite loss (else name the non-finite input)."""
+    if torch.compiler.is_compiling() or os.environ.get("DEEPFENSE_VALIDATE", "1") == "0" or targets.numel() == 0:
+        return
+    valid = targets != p.ignore_index
+    bad_target = valid & ((targets < 0) | (targets >= n_targets))
+    bad = torch.stack([bad_target.any(), ~torch.isfinite(loss.detach()).all()]).cpu()
+    if bad[0]:
+        first = targets[bad_target][0].item()
+        raise ValueError(f"target {first} is out of range: targets must be in [0, {n_targets}) or ignore_index "
+                         f"({p.ignore_index})")
+    if bad[1]:
+        for name, t in (("embeddings", x), ("weight", w_dc), ("bias", bias)):
+            if t is not None and not torch.isfinite(t.detach()).all():
+                raise ValueError(f"{name} contain NaN or Inf values")
+        raise ValueError("the loss is not finite although the inputs are; check the scale parameters (s, alpha)")
+
+
+def _dispatch(p: LossParams, x, w_dc, bias, targets, class_weights, lam, backend):
+    n_classes = w_dc.shape[1]
+    n_targets = 2 if p.margin == Margin.ONE_CLASS else n_classes
+    _check_tensors(x, w_dc, bias, targets, class_weights, n_targets)
+    if p.margin == Margin.ONE_CLASS and n_classes != 1:
+        raise ValueError(f"OCSoftmax weight must have shape [embedding_dim, 1], got {tuple(w_dc.shape)}")
+    name = resolve_backend(backend, x.device)
+    if name == "reference":
+        loss = _reference(p, x, w_dc, bias, targets, class_weights, lam)
+    elif name == "torch":
+        from .torch_backend import margin_loss
+        loss = margin_loss(x, w_dc, bias, targets, class_weights, lam, p)
+    else:
+        from .kernels import margin_loss
+        loss = margin_loss(x, w_dc, bias, targets, class_weights, lam, p)
+    _check_values(loss, x, w_dc, bias, targets, n_targets, p)
+    return loss
+
+
+def _reference(p: LossParams, x, w_dc, bias, targets, class_weights, lam):
+    common = dict(class_weights=class_weights, ignore_index=p.ignore_index, reduction=p.reduction)
+    if p.margin == Margin.ADDITIVE:
+        return reference.am_softmax_ref(x, w_dc, targets, m=p.m, s=p.s, label_smoothing=p.label_smoothing, **common)
+    if p.margin == Margin.ANGULAR:
+        return reference.a_softmax_ref(x, w_dc, targets, m=int(p.m), lam=lam, gamma=p.gamma, **common)
+    if p.margin == Margin.ONE_CLASS:
+        return reference.oc_softmax_ref(x, w_dc, targets, m_real=p.m_real, m_fake=p.m_fake, alpha=p.alpha,
+                                        bonafide_label=p.bonafide_label, **common)
+    return reference.cross_entropy_ref(x, w_dc.t(), targets, bias=bias, label_smoothing=p.label_smoothing, **common)
+
+
+def am_softmax_loss(embeddings, weight, targets, *, m=0.3, s=30.0, class_weights=None, ignore_index=-100,
+                    label_smoothing=0.0, reduction="mean", backend="auto"):
+    """AMSoftmax loss.
+
+    Args:
+        embeddings: [B, D] float tensor (fp32, fp16, bf16 or fp64).
+        weight: [D, C] class weights (DeepFense's `mapper.weight`), columns normalised inside.
+        targets: [B] integer class indices in [0, C) or `ignore_index`.
+        m, s: additive margin and scale. class_weights: [C] or None. label_smoothing: torch's epsilon.
+        reduction: 'mean' | 'sum' | 'none'. backend: see module docstring.
+
+    Returns:
+        float32 (float64 for float64 inputs) loss: a scalar, or [B] for reduction='none'.
+    """
+    p = LossParams(Margin.ADDITIVE, s=float(s), m=float(m), ignore_index=ignore_index,
+                   label_smoothing=float(label_smoothing), reduction=reduction)
+    return _dispatch(p, embeddings, weight, None, targets, class_weights, None, backend)
+
+
+def a_softmax_loss(embeddings, weight, targets, *, m=4, lam=5.0, gamma=0.5, class_weights=None, ignore_index=-100,
+                   reduction="mean", backend="auto"):
+    """ASoftmax (SphereFace) loss with lambda blending and focal factor.
+
+    Args:
+        embeddings: [B, D]; weight: [D, C]; targets: [B].
+        m: integer angular margin 1..5. lam: the current lambda, a float or a 0-dim tensor (a tensor keeps an annealed
+            lambda free of host syncs and recompiles). gamma: focal exponent (no gradient through the factor).
+
+    Returns:
+        float32 (float64 for float64 inputs) loss: a scalar, or [B] for reduction='none'.
+    """
+    p = LossParams(Margin.ANGULAR, m=float(m), gamma=float(gamma), ignore_index=ignore_index, reduction=reduction)
+    return _dispatch(p, embeddings, weight, None, targets, class_weights, lam, backend)
+
+
+def oc_softmax_loss(embeddings, weight, targets, *, m_real=0.5, m_fake=0.2, alpha=20.0, bonafide_label=1,
+                    class_weights=None, ignore_index=-100, reduction="mean", backend="auto"):
+    """OCSoftmax (one-class) loss.
+
+    Args:
+        embeddings: [B, D]; weight: [D, 1] the bonafide centre; targets: [B] in {0, 1} or `ignore_index`.
+        class_weights: [2] indexed by target, or None.
+
+    Returns:
+        float32 (float64 for float64 inputs) loss: a scalar, or [B] for reduction='none'.
+    """
+    p = LossParams(Margin.ONE_CLASS, m_real=float(m_real), m_fake=float(m_fake), alpha=float(alpha),
+                   bonafide_label=int(bonafide_label), ignore_index=ignore_index, reduction=reduction)
+    return _dispatch(p, embeddings, weight, None, targets, class_weights, None, backend)
+
+
+def cross_entropy_loss(embeddings, weight, targets, *, bias=None, class_weights=None, ignore_index=-100,
+                       label_smoothing=0.0, reduction="mean", backend="auto"):
+    """Linear projection + softmax cross-entropy.
+
+    Args:
+        embeddings: [B, D]; weight: [C, D] (`fc.weight`); bias: [C] or None; targets: [B].
+
+    Returns:
+        float32 (float64 for float64 inputs) loss: a scalar, or [B] for reduction='none'.
+    """
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+        raise ValueError("weight must be a 2-D tensor [n_classes, embedding_dim]")
+    p = LossParams(Margin.NONE, ignore_index=ignore_index, label_smoothing=float(label_smoothing),
+                   reduction=reduction)
+    return _dispatch(p, embeddings, weight.t(), bias, targets, class_weights, None, backend)

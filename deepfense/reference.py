@@ -1,0 +1,152 @@
+"""PyTorch reference implementations: the correctness oracle for every other backend.
+
+Written for clarity with plain autograd, correct in float64. All four share one signature style:
+``<loss>_ref(embeddings, weight, targets, *, <loss options>, class_weights=None, ignore_index=-100, reduction="mean")``.
+
+Conventions shared with the fast backends:
+    * ``weight`` is DeepFense's ``mapper.weight`` of shape [D, C] (OCSoftmax: [D, 1]); CrossEntropy takes ``fc.weight``
+      of shape [C, D] and an optional ``bias`` [C].
+    * A row or class column of zero norm normalises to zero (cosine 0, gradient 0) instead of NaN.
+    * ``reduction='mean'`` divides by the sum of the class weights of the non-ignored rows, like torch; when that sum
+      is zero (empty batch, every row ignored) the loss is 0, not NaN.
+    * Mixed input dtypes compute in the promoted dtype; the loss is returned in float32 or float64.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def _unit(t: torch.Tensor, dim: int) -> torch.Tensor:
+    """t / ||t|| along `dim`, with zero vectors mapping to zero (and a zero, not NaN, gradient)."""
+    norm = torch.linalg.vector_norm(t, dim=dim, keepdim=True)
+    safe = torch.where(norm > 0, norm, torch.ones_like(norm))
+    return t * torch.where(norm > 0, 1.0 / safe, torch.zeros_like(norm))
+
+
+def cosine(embeddings: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Clamped cosine between rows of x [B, D] and columns of weight [D, C]; returns [B, C]."""
+    dtype = torch.promote_types(embeddings.dtype, weight.dtype)
+    x, w = embeddings.to(dtype), weight.to(dtype)
+    return (_unit(x, 1) @ _unit(w, 0)).clamp(-1.0, 1.0)
+
+
+def chebyshev(cos: torch.Tensor, m: int) -> torch.Tensor:
+    """cos(m*theta) as the Chebyshev polynomial T_m of cos(theta), m in 1..5."""
+    polys = {
+        1: lambda c: c,
+        2: lambda c: 2 * c**2 - 1,
+        3: lambda c: 4 * c**3 - 3 * c,
+        4: lambda c: 8 * c**4 - 8 * c**2 + 1,
+        5: lambda c: 16 * c**5 - 20 * c**3 + 5 * c,
+    }
+    return polys[int(m)](cos)
+
+
+def sphereface_psi(cos: torch.Tensor, m: int) -> torch.Tensor:
+    """SphereFace's monotone psi(theta) = (-1)^k cos(m theta) - 2k, k = floor(m theta / pi) (no gradient through k)."""
+    with torch.no_grad():
+        k = torch.floor(int(m) * torch.acos(cos) / math.pi)
+    sign = 1.0 - 2.0 * torch.remainder(k, 2.0)
+    return sign * chebyshev(cos, m) - 2.0 * k
+
+
+def _row_weights(targets, class_weights, ignore_index, dtype):
+    """Per-row class weight (0 for ignored rows) and the targets made safe to index with."""
+    valid = targets != ignore_index
+    safe = torch.where(valid, targets, torch.zeros_like(targets))
+    w = torch.ones(targets.shape, dtype=dtype, device=targets.device)
+    if class_weights is not None:
+        w = class_weights.to(dtype)[safe]
+    return w * valid.to(dtype), safe
+
+
+def _reduce(row_loss: torch.Tensor, row_weight: torch.Tensor, reduction: str) -> torch.Tensor:
+    if reduction == "none":
+        return row_loss
+    total = row_loss.sum()
+    if reduction == "sum":
+        return total
+    den = row_weight.sum()
+    return torch.where(den > 0, total / torch.where(den > 0, den, torch.ones_like(den)), torch.zeros_like(total))
+
+
+def _loss_dtype(*tensors) -> torch.dtype:
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+def softmax_ce_ref(logits, targets, *, class_weights=None, ignore_index=-100, label_smoothing=0.0,
+                   reduction="mean", gamma=0.0):
+    """Cross-entropy over given logits [B, C] with torch's weighting and smoothing, plus an optional focal factor.
+
+    Row loss: (1 - eps) * w_y * F * (-log p_y) + eps / C * sum_c w_c * (-log p_c), with F = (1 - p_y)^gamma detached.
+    """
+    row_w, safe = _row_weights(targets, class_weights, ignore_index, logits.dtype)
+    logp = torch.log_softmax(logits, dim=1)
+    logp_y = logp.gather(1, safe[:, None])[:, 0]
+    nll = -logp_y
+    if gamma:
+        nll = nll * (1.0 - logp_y.detach().exp()).clamp_min(0.0) ** gamma
+    row_loss = (1.0 - label_smoothing) * row_w * nll
+    if label_smoothing:
+        cw = torch.ones(logits.shape[1], dtype=logits.dtype, device=logits.device)
+        if class_weights is not None:
+            cw = class_weights.to(logits.dtype)
+        valid = (targets != ignore_index).to(logits.dtype)
+        row_loss = row_loss + label_smoothing / logits.shape[1] * valid * -(logp * cw).sum(1)
+    return _reduce(row_loss, row_w, reduction)
+
+
+def am_softmax_ref(embeddings, weight, targets, *, m=0.3, s=30.0, class_weights=None, ignore_index=-100,
+                   label_smoothing=0.0, reduction="mean"):
+    """AMSoftmax (CosFace): logits s*cos_c, target logit s*(cos_y - m). Shapes: x [B, D], weight [D, C], targets [B]."""
+    cos = cosine(embeddings, weight).to(_loss_dtype(embeddings, weight))
+    onehot = torch.zeros_like(cos).scatter_(1, _row_weights(targets, None, ignore_index, cos.dtype)[1][:, None], 1.0)
+    logits = s * (cos - m * onehot)
+    return softmax_ce_ref(logits, targets, class_weights=class_weights, ignore_index=ignore_index,
+                          label_smoothing=label_smoothing, reduction=reduction)
+
+
+def a_softmax_ref(embeddings, weight, targets, *, m=4, lam=5.0, gamma=0.5, class_weights=None, ignore_index=-100,
+                  reduction="mean"):
+    """ASoftmax (SphereFace): logits |x|*cos_c, target |x|*(lam*cos_y + psi_y)/(1+lam), focal factor (1-p_y)^gamma.
+
+    `lam` is the annealed lambda (float or 0-dim tensor). Shapes: x [B, D], weight [D, C], targets [B].
+    """
+    dtype = _loss_dtype(embeddings, weight)
+    cos = cosine(embeddings, weight).to(dtype)
+    xnorm = torch.linalg.vector_norm(embeddings.to(dtype), dim=1, keepdim=True)
+    safe = _row_weights(targets, None, ignore_index, dtype)[1][:, None]
+    cos_y = cos.gather(1, safe)
+    target = (lam * cos_y + sphereface_psi(cos_y, m)) / (1.0 + lam)
+    logits = xnorm * cos.scatter(1, safe, target)
+    return softmax_ce_ref(logits, targets, class_weights=class_weights, ignore_index=ignore_index,
+                          reduction=reduction, gamma=gamma)
+
+
+def oc_softmax_ref(embeddings, weight, targets, *, m_real=0.5, m_fake=0.2, alpha=20.0, bonafide_label=1,
+                   class_weights=None, ignore_index=-100, reduction="mean"):
+    """OCSoftmax: z = alpha*(m_real - cos) for bonafide rows, alpha*(cos - m_fake) otherwise; row loss softplus(z).
+
+    Shapes: x [B, D], weight [D, 1], targets [B] in {0, 1}; class_weights (if any) has 2 entries indexed by target.
+    """
+    dtype = _loss_dtype(embeddings, weight)
+    cos = cosine(embeddings, weight).to(dtype)[:, 0]
+    bona = targets == bonafide_label
+    z = alpha * torch.where(bona, m_real - cos, cos - m_fake)
+    row_w, _ = _row_weights(targets, class_weights, ignore_index, dtype)
+    softplus = z.clamp_min(0) + torch.log1p(torch.exp(-z.abs()))  # stable for any z, exact in float64
+    return _reduce(row_w * softplus, row_w, reduction)
+
+
+def cross_entropy_ref(embeddings, weight, targets, *, bias=None, class_weights=None, ignore_index=-100,
+                      label_smoothing=0.0, reduction="mean"):
+    """Linear layer then softmax cross-entropy. Shapes: x [B, D], weight [C, D] (fc.weight), bias [C] or None."""
+    dtype = _loss_dtype(embeddings, weight)
+    logits = embeddings.to(dtype) @ weight.to(dtype).t()
+    if bias is not None:
+        logits = logits + bias.to(dtype)
+    return softmax_ce_ref(logits, targets, class_weights=class_weights, ignore_index=ignore_index,
+                          label_smoothing=label_smoothing, reduction=reduction)
