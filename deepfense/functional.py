@@ -6,8 +6,8 @@ Backends:
     'reference' -- the plain-autograd oracle (`deepfense.reference`).
     'auto'      -- 'triton' for CUDA inputs when Triton imports, else 'torch'. DEEPFENSE_BACKEND overrides it.
 
-Input checks: shapes, dtypes and devices are always checked. Value checks (targets in range, non-finite inputs) need
-one host sync; they run in eager mode and are skipped while torch.compile traces or when DEEPFENSE_VALIDATE=0.
+Input checks: shapes, dtypes and devices are always checked. Value checks (targets in range, a non-finite loss) need
+two small host syncs; they run in eager mode and are skipped while torch.compile traces or when DEEPFENSE_VALIDATE=0.
 """
 
 from __future__ import annotations
@@ -77,22 +77,27 @@ def _check_tensors(x, w_dc, bias, targets, class_weights, n_weights):
         raise ValueError(f"class_weights must have {n_weights} entries (one per class), got {tuple(class_weights.shape)}")
 
 
-def _check_values(loss, x, w_dc, bias, targets, n_targets, p: LossParams):
-    """One host sync: targets in range, and a finite loss (else name the non-finite input)."""
-    if torch.compiler.is_compiling() or os.environ.get("DEEPFENSE_VALIDATE", "1") == "0" or targets.numel() == 0:
+def _validating(targets) -> bool:
+    return not (torch.compiler.is_compiling() or os.environ.get("DEEPFENSE_VALIDATE", "1") == "0"
+                or targets.numel() == 0)
+
+
+def _check_targets(targets, n_targets, p: LossParams):
+    """Host sync: every target is in [0, n_targets) or ignore_index."""
+    bad = (targets != p.ignore_index) & ((targets < 0) | (targets >= n_targets))
+    if bad.any():
+        raise ValueError(f"target {targets[bad][0].item()} is out of range: targets must be in [0, {n_targets}) or "
+                         f"ignore_index ({p.ignore_index})")
+
+
+def _check_finite(loss, x, w_dc, bias):
+    """Host sync on the (small) loss; only when it is not finite are the inputs scanned to name the culprit."""
+    if torch.isfinite(loss.detach()).all():
         return
-    valid = targets != p.ignore_index
-    bad_target = valid & ((targets < 0) | (targets >= n_targets))
-    bad = torch.stack([bad_target.any(), ~torch.isfinite(loss.detach()).all()]).cpu()
-    if bad[0]:
-        first = targets[bad_target][0].item()
-        raise ValueError(f"target {first} is out of range: targets must be in [0, {n_targets}) or ignore_index "
-                         f"({p.ignore_index})")
-    if bad[1]:
-        for name, t in (("embeddings", x), ("weight", w_dc), ("bias", bias)):
-            if t is not None and not torch.isfinite(t.detach()).all():
-                raise ValueError(f"{name} contain NaN or Inf values")
-        raise ValueError("the loss is not finite although the inputs are; check the scale parameters (s, alpha)")
+    for name, t in (("embeddings", x), ("weight", w_dc), ("bias", bias)):
+        if t is not None and not torch.isfinite(t.detach()).all():
+            raise ValueError(f"{name} contain NaN or Inf values")
+    raise ValueError("the loss is not finite although the inputs are; check the scale parameters (s, alpha, lam)")
 
 
 def _dispatch(p: LossParams, x, w_dc, bias, targets, class_weights, lam, backend):
@@ -102,6 +107,9 @@ def _dispatch(p: LossParams, x, w_dc, bias, targets, class_weights, lam, backend
     if p.margin == Margin.ONE_CLASS and n_classes != 1:
         raise ValueError(f"OCSoftmax weight must have shape [embedding_dim, 1], got {tuple(w_dc.shape)}")
     name = resolve_backend(backend, x.device)
+    validate = _validating(targets)
+    if validate:
+        _check_targets(targets, n_targets, p)
     if name == "reference":
         loss = _reference(p, x, w_dc, bias, targets, class_weights, lam)
     elif name == "torch":
@@ -110,7 +118,8 @@ def _dispatch(p: LossParams, x, w_dc, bias, targets, class_weights, lam, backend
     else:
         from .kernels import margin_loss
         loss = margin_loss(x, w_dc, bias, targets, class_weights, lam, p)
-    _check_values(loss, x, w_dc, bias, targets, n_targets, p)
+    if validate:
+        _check_finite(loss, x, w_dc, bias)
     return loss
 
 

@@ -1,0 +1,168 @@
+"""The 'torch' backend: one autograd Function with a closed-form backward, the fast path on CPU.
+
+It computes the [B, C] logits once, keeps the softmax and cosines for backward, and turns dL/dlogits into dX and dW
+with two matmuls, so a training step makes few passes over the embeddings and builds no autograd graph of a dozen ops.
+The gradient derivation is written next to each line that computes it; the reference (`deepfense.reference`) stays
+the oracle it is tested against.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .params import LossParams, Margin
+from .reference import chebyshev
+
+
+def _compute_dtype(*tensors) -> torch.dtype:
+    """float64 if any input is float64, else float32 (half inputs are upcast: fp32 arithmetic inside)."""
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+def _chebyshev_grad(cos: torch.Tensor, m: int) -> torch.Tensor:
+    """d T_m(c) / dc = m * U_{m-1}(c)."""
+    derivs = {1: lambda c: torch.ones_like(c), 2: lambda c: 4 * c, 3: lambda c: 12 * c**2 - 3,
+              4: lambda c: 32 * c**3 - 16 * c, 5: lambda c: 80 * c**4 - 60 * c**2 + 5}
+    return derivs[m](cos)
+
+
+def _sphereface_k(cos: torch.Tensor, m: int) -> torch.Tensor:
+    return torch.floor(m * torch.acos(cos) / torch.pi)
+
+
+def _target_logit(cos_y, xnorm, lam, p: LossParams):
+    """Target-column logit from its clamped cosine ([B, 1] each)."""
+    if p.margin == Margin.ADDITIVE:
+        return p.s * (cos_y - p.m)
+    m = int(p.m)  # ANGULAR: |x| (lam cos + psi) / (1 + lam), psi = (-1)^k T_m(cos) - 2k
+    k = _sphereface_k(cos_y, m)
+    psi = (1.0 - 2.0 * torch.remainder(k, 2.0)) * chebyshev(cos_y, m) - 2.0 * k
+    return xnorm * (lam * cos_y + psi) / (1.0 + lam)
+
+
+def _target_logit_grad(cos_y, xnorm, lam, p: LossParams):
+    """ASoftmax's d(target logit) / d(cos_y), holding |x| fixed; k carries no gradient. (AMSoftmax's is just s.)"""
+    m = int(p.m)
+    dpsi = (1.0 - 2.0 * torch.remainder(_sphereface_k(cos_y, m), 2.0)) * _chebyshev_grad(cos_y, m)
+    return xnorm * (lam + dpsi) / (1.0 + lam)
+
+
+class MarginLossFunction(torch.autograd.Function):
+    """The loss of one of the four kinds, reduced inside (scalar) or per row ([B] for reduction='none').
+
+    Forward keeps the cosines (or inputs) and dL/dlogits of the unit upstream gradient; backward only scales them by
+    the upstream gradient and applies two matmuls. The clamp of the cosine passes no gradient outside [-1, 1]; inside,
+    at |cos| = 1 exactly, x is parallel to w and dcos/dx = (w_hat - cos x_hat)/|x| vanishes, so no mask is needed.
+    """
+
+    @staticmethod
+    def forward(ctx, x, w, bias, targets, class_weights, lam, p: LossParams):
+        dt = _compute_dtype(x, w)
+        xf, wf = x.to(dt), w.to(dt)
+        n_classes = wf.shape[1]
+        valid = targets != p.ignore_index
+        n_targets = 2 if p.margin == Margin.ONE_CLASS else n_classes
+        safe = torch.where(valid, targets, 0).clamp_(0, n_targets - 1)[:, None]
+        row_w = valid.to(dt) if class_weights is None else class_weights.to(dt)[safe[:, 0]] * valid
+        rx = rw = xnorm = cos = None
+        if p.margin == Margin.NONE:
+            logits = torch.addmm(bias.to(dt), xf, wf) if bias is not None else xf @ wf
+        else:
+            xnorm = torch.linalg.vector_norm(xf, dim=1, keepdim=True)
+            rx = torch.where(xnorm > 0, 1.0 / xnorm, 0.0)  # zero rows normalise to zero, with zero gradient
+            wnorm = torch.linalg.vector_norm(wf, dim=0, keepdim=True)
+            rw = torch.where(wnorm > 0, 1.0 / wnorm, 0.0)
+            cos = ((xf * rx) @ wf).mul_(rw).clamp_(-1.0, 1.0)
+
+        if p.margin == Margin.ONE_CLASS:
+            bona = (safe == p.bonafide_label).to(dt)  # z = alpha*(m_real - cos) if bonafide, else alpha*(cos - m_fake)
+            z = p.alpha * torch.where(bona > 0, p.m_real - cos, cos - p.m_fake)
+            rows = row_w * (z.clamp_min(0) + torch.log1p(torch.exp(-z.abs())))[:, 0]
+            dcos = row_w[:, None] * torch.sigmoid(z) * (p.alpha * (1.0 - 2.0 * bona))  # softplus' = sigmoid
+            return _finish(ctx, p, rows, row_w, xf, wf, bias, cos, dcos, rx, rw, None, (x.dtype, w.dtype))
+
+        lam_t = torch.as_tensor(lam, dtype=dt, device=x.device) if p.margin == Margin.ANGULAR else None
+        if p.margin == Margin.NONE:
+            logits_y = logits.gather(1, safe)
+        else:
+            cos_y = cos.gather(1, safe)
+            logits = cos * (p.s if p.margin == Margin.ADDITIVE else xnorm)
+            logits_y = _target_logit(cos_y, xnorm, lam_t, p)
+            logits.scatter_(1, safe, logits_y)
+        logp = torch.log_softmax(logits, dim=1)
+        nll = -logp.gather(1, safe)[:, 0]
+        coef_t = row_w
+        if p.margin == Margin.ANGULAR and p.gamma:
+            coef_t = row_w * (1.0 - torch.exp(-nll)).clamp_min(0.0) ** p.gamma  # focal factor, held constant
+        eps = p.label_smoothing
+        coef_t = (1.0 - eps) * coef_t if eps else coef_t
+        rows, coef_p = coef_t * nll, coef_t
+        if eps:
+            cw = torch.ones(n_classes, dtype=dt, device=x.device) if class_weights is None else class_weights.to(dt)
+            smooth = eps / n_classes * valid.to(dt)
+            rows = rows - smooth * (logp @ cw)
+            coef_p = coef_p + smooth * cw.sum()
+        # dL/dlogit_c = coef_p * p_c - coef_t * [c == y] - smooth * cw_c
+        dlogits = logp.exp_().mul_(coef_p[:, None])
+        dlogits.scatter_add_(1, safe, -coef_t[:, None])
+        if eps:
+            dlogits.sub_(smooth[:, None] * cw)
+        if p.margin == Margin.NONE:
+            return _finish(ctx, p, rows, row_w, xf, wf, bias, None, dlogits, None, None, None, (x.dtype, w.dtype))
+        if p.margin == Margin.ADDITIVE:
+            dlogits.mul_(p.s)  # every logit, the target's too, is s * cos + const
+            xscale = None
+        else:
+            # logits are |x| h(cos): dL/d|x| = sum_c dL/dl_c * l_c / |x|, and d|x|/dx = x / |x|
+            xscale = (dlogits * logits).sum(1, keepdim=True) * rx * rx
+            dlogits_y = dlogits.gather(1, safe)
+            dlogits.mul_(xnorm).scatter_(1, safe, dlogits_y * _target_logit_grad(cos_y, xnorm, lam_t, p))
+        return _finish(ctx, p, rows, row_w, xf, wf, bias, cos, dlogits, rx, rw, xscale, (x.dtype, w.dtype))
+
+    @staticmethod
+    def backward(ctx, grad):
+        p, (x_dtype, w_dtype) = ctx.p, ctx.dtypes
+        xf, wf, cos, dcos, rx, rw, xscale, scale = ctx.saved_tensors
+        g = (grad[:, None] if p.reduction == "none" else grad) * scale
+        db = None
+        if p.margin == Margin.NONE:
+            a = dcos * g
+            dx, dw = a @ wf.t(), xf.t() @ a
+            db = a.sum(0) if ctx.has_bias else None
+        else:
+            # cos = (x . w_c) rx rw_c:  dcos/dx = rx (rw_c w_c - cos_c rx x),  dcos/dw_c = rw_c (rx x - cos_c rw_c w_c)
+            a = dcos * g
+            ac = a * cos
+            dx = ((a * rw) @ wf.t()).mul_(rx).sub_((ac.sum(1, keepdim=True) * rx * rx) * xf)
+            dw = ((xf * rx).t() @ a).mul_(rw).sub_((ac.sum(0, keepdim=True) * rw * rw) * wf)
+            if xscale is not None:
+                dx.add_((xscale * g) * xf)
+        return dx.to(x_dtype), dw.to(w_dtype), db, None, None, None, None
+
+
+def _finish(ctx, p, rows, row_w, xf, wf, bias, cos, dcos, rx, rw, xscale, dtypes):
+    """Reduce the per-row losses and save what backward needs; `scale` maps the upstream gradient to rows."""
+    if p.reduction == "none":
+        out, scale = rows, torch.ones((), dtype=rows.dtype, device=rows.device)
+    elif p.reduction == "sum":
+        out, scale = rows.sum(), torch.ones((), dtype=rows.dtype, device=rows.device)
+    else:  # mean over the class weights of the kept rows; 0, not NaN, when none are kept (then rows sum to 0)
+        scale = 1.0 / row_w.sum().clamp_min(torch.finfo(rows.dtype).tiny)
+        out = rows.sum() * scale
+    ctx.save_for_backward(xf, wf, cos, dcos, rx, rw, xscale, scale)
+    ctx.p, ctx.dtypes, ctx.has_bias = p, dtypes, bias is not None
+    return out
+
+
+def margin_loss(x, w_dc, bias, targets, class_weights, lam, p: LossParams):
+    """Loss of any of the four kinds on the torch backend.
+
+    Args:
+        x: [B, D] embeddings. w_dc: [D, C] weight view (CrossEntropy passes fc.weight.t()). bias: [C] or None.
+        targets: [B] integer. class_weights: [C] ([2] for OCSoftmax) or None. lam: ASoftmax lambda (float or tensor).
+        p: scalar options.
+
+    Returns:
+        Loss reduced per `p.reduction`, float32 (float64 for float64 inputs).
+    """
+    return MarginLossFunction.apply(x, w_dc, bias, targets, class_weights, lam, p)
