@@ -1,0 +1,9 @@
+"""Loss heads (AMSoftmax, ASoftmax, OCSoftmax, CrossEntropy), their multi-loss sum, and the config registry."""
+
+from .checks import (LossConfigError, MissingKeyError, UnknownKeyError, UnknownLossError, WrongTypeError)
+from .config import REQUIRED, build_loss, get_loss_class, list_losses, loss_signature, register_loss
+from .modules import AMSoftmax, ASoftmax, CrossEntropy, MultiLoss, OCSoftmax
+
+__all__ = ["AMSoftmax", "ASoftmax", "OCSoftmax", "CrossEntropy", "MultiLoss", "build_loss", "register_loss",
+           "list_losses", "loss_signature", "get_loss_class", "REQUIRED", "LossConfigError", "UnknownLossError",
+           "UnknownKeyError", "MissingKeyError", "WrongTypeError"]

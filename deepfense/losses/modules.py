@@ -1,0 +1,321 @@
+"""The four loss heads as thin nn.Modules: they own the projection parameters, hold options, and call
+`deepfense.functional`. The maths lives in `deepfense.functional` / `deepfense.reference`, never here.
+
+DeepFense 0.2.2 interface: `forward(embeddings, targets, logits=None)`, `get_logits(embeddings)`,
+`get_score(embeddings)`; parameter names match its state dicts (`mapper.weight`, `fc.weight`, `fc.bias`).
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+from torch import nn
+
+from .. import functional as F
+from ..reference import cosine
+from . import checks
+
+
+class _Mapper(nn.Module):
+    """Holds DeepFense's `mapper.weight` [embedding_dim, n_out], one unit-norm column per class."""
+
+    def __init__(self, embedding_dim: int, n_out: int):
+        super().__init__()
+        weight = torch.empty(embedding_dim, n_out).uniform_(-1.0, 1.0)
+        # renorm each column to at most 1e-5, then scale by 1e5: unit columns, as DeepFense initialises them
+        self.weight = nn.Parameter(weight.renorm_(2, 1, 1e-5).mul_(1e5))
+
+
+# state-dict keys under which DeepFense stores the class weights: AMSoftmax's and CrossEntropy's nn.CrossEntropyLoss
+_CLASS_WEIGHT_KEYS = ("class_weights", "m_loss.weight", "criterion.weight")
+
+
+class _LossHead(nn.Module):
+    """Shared options, checks, scores and state-dict compatibility of the four heads."""
+
+    def _init_common(self, embedding_dim, n_weights, *, class_weights, reduction, ignore_index, label_smoothing,
+                     smoothing_allowed, bonafide_label, weight, backend):
+        name = type(self).__name__
+        self.embedding_dim = checks.check_int(name, "embedding_dim", embedding_dim, low=1)
+        self.n_weights = n_weights  # how many class weights the loss takes (n_classes; 2 for OCSoftmax)
+        self.register_buffer("class_weights", checks.check_class_weights(name, class_weights, n_weights))
+        self.reduction = checks.check_reduction(name, reduction)
+        self.ignore_index = checks.check_int(name, "ignore_index", ignore_index)
+        self.label_smoothing = checks.check_label_smoothing(name, label_smoothing, allowed=smoothing_allowed)
+        self.bonafide_label = checks.check_int(name, "bonafide_label", bonafide_label, low=0, high=1)
+        self.spoof_label = 1 - self.bonafide_label
+        self.loss_weight = checks.check_float(name, "weight", weight, low=0.0)
+        self.backend = checks.check_backend(name, backend)
+
+    def _options(self) -> dict:
+        """Keyword arguments every functional loss takes."""
+        return dict(class_weights=self.class_weights, ignore_index=self.ignore_index, reduction=self.reduction,
+                    backend=self.backend)
+
+    def _check_embeddings(self, embeddings: torch.Tensor) -> None:
+        if not isinstance(embeddings, torch.Tensor) or embeddings.dim() != 2 or not embeddings.is_floating_point():
+            got = tuple(embeddings.shape) if isinstance(embeddings, torch.Tensor) else type(embeddings).__name__
+            raise ValueError(f"embeddings must be a 2-D floating-point tensor [batch, embedding_dim], got {got}")
+        if embeddings.shape[1] != self.embedding_dim:
+            raise ValueError(f"embedding_dim mismatch: embeddings have {embeddings.shape[1]} features, "
+                             f"{type(self).__name__} expects {self.embedding_dim}")
+
+    def get_logits(self, embeddings: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def get_score(self, embeddings: torch.Tensor) -> torch.Tensor:
+        """Scores for EER: [B] logit_bonafide - logit_spoof with two classes, else the full [B, C] logits."""
+        logits = self.get_logits(embeddings)
+        if logits.shape[1] == 2:
+            return logits[:, self.bonafide_label] - logits[:, self.spoof_label]
+        return logits
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        # DeepFense keeps class weights inside its nn.CrossEntropyLoss (m_loss / criterion); ours is one optional
+        # buffer, so adopt whichever key is present (registering the buffer if this module was built without one).
+        found = [prefix + k for k in _CLASS_WEIGHT_KEYS if prefix + k in state_dict]
+        if len(found) > 1:
+            error_msgs.append(f"state_dict has class weights under several keys: {found}")
+        elif found:
+            loaded = state_dict.pop(found[0])
+            if tuple(loaded.shape) != (self.n_weights,):
+                error_msgs.append(f"{found[0]}: expected {self.n_weights} class weights, got {tuple(loaded.shape)}")
+            else:
+                current = self.class_weights
+                dtype = current.dtype if current is not None else torch.float32
+                device = current.device if current is not None else next(self.parameters()).device
+                self.class_weights = loaded.detach().to(device=device, dtype=dtype).clone()
+        # DeepFense does not save the ASoftmax schedule: keep the current step when the key is absent
+        if isinstance(getattr(self, "step", None), torch.Tensor) and prefix + "step" not in state_dict:
+            state_dict[prefix + "step"] = self.step.detach().clone()
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+
+    def extra_repr(self) -> str:
+        keys = [k for k in self._repr_keys if getattr(self, k) is not None]
+        return ", ".join(f"{k}={getattr(self, k)!r}" for k in keys)
+
+    _repr_keys = ("embedding_dim", "reduction", "backend")
+
+
+class AMSoftmax(_LossHead):
+    """Additive-margin softmax (CosFace): logits s*cos_c, target logit s*(cos_y - m), softmax cross-entropy.
+
+    Args:
+        embedding_dim: D. n_classes: C (>= 1). m: additive margin (>= 0). s: logit scale (> 0).
+        weight: multi-loss weight (`loss_weight`). class_weights: C per-class weights or None. reduction: 'mean' |
+        'sum' | 'none'. ignore_index: target value that is skipped. label_smoothing: torch's epsilon in [0, 1].
+        bonafide_label: 0 or 1, the bonafide column of two-class scores. backend: 'auto' | 'torch' | 'triton' |
+        'reference'.
+    """
+
+    def __init__(self, embedding_dim: int, n_classes: int = 2, m: float = 0.3, s: float = 30.0, weight: float = 1.0,
+                 class_weights: Optional[Sequence[float]] = None, reduction: str = "mean", ignore_index: int = -100,
+                 label_smoothing: float = 0.0, bonafide_label: int = 1, backend: str = "auto"):
+        super().__init__()
+        name = type(self).__name__
+        self.n_classes = checks.check_int(name, "n_classes", n_classes, low=1)
+        self.m = checks.check_float(name, "m", m, low=0.0)
+        self.s = checks.check_float(name, "s", s, low=0.0, low_open=True)
+        self._init_common(embedding_dim, self.n_classes, class_weights=class_weights, reduction=reduction,
+                          ignore_index=ignore_index, label_smoothing=label_smoothing, smoothing_allowed=True,
+                          bonafide_label=bonafide_label, weight=weight, backend=backend)
+        self.mapper = _Mapper(self.embedding_dim, self.n_classes)
+
+    _repr_keys = ("embedding_dim", "n_classes", "m", "s", "reduction", "backend")
+
+    def forward(self, embeddings: torch.Tensor, targets: torch.Tensor, logits=None) -> torch.Tensor:
+        """Loss of embeddings [B, D] against integer targets [B]; `logits` (DeepFense's cache) is ignored."""
+        return F.am_softmax_loss(embeddings, self.mapper.weight, targets, m=self.m, s=self.s,
+                                 label_smoothing=self.label_smoothing, **self._options())
+
+    def get_logits(self, embeddings: torch.Tensor) -> torch.Tensor:
+        """[B, C] scaled cosines s*cos_c (no margin)."""
+        self._check_embeddings(embeddings)
+        return self.s * cosine(embeddings, self.mapper.weight)
+
+
+class ASoftmax(_LossHead):
+    """Angular softmax (SphereFace) with lambda annealing and a focal factor.
+
+    lambda = max(lambda_min, lambda_max / (1 + 0.1 t)); the int64 buffer `step` (in state_dict) holds t and each
+    training-mode forward adds one before computing lambda, so the first training forward uses t = 1. Eval-mode
+    forwards use t = max(step, 1) without advancing it: the lambda of the last training forward, or, before any
+    training, the lambda the first training forward (and DeepFense's first forward) would use.
+
+    Args:
+        embedding_dim: D. n_classes: C. m: integer angular margin 1..5. gamma: focal exponent (>= 0).
+        lambda_min, lambda_max: annealing bounds (>= 0). Other options as `AMSoftmax` (no label_smoothing).
+    """
+
+    def __init__(self, embedding_dim: int, n_classes: int = 2, m: int = 4, gamma: float = 0.5,
+                 lambda_min: float = 5.0, lambda_max: float = 1500.0, weight: float = 1.0,
+                 class_weights: Optional[Sequence[float]] = None, reduction: str = "mean", ignore_index: int = -100,
+                 label_smoothing: float = 0.0, bonafide_label: int = 1, backend: str = "auto"):
+        super().__init__()
+        name = type(self).__name__
+        self.n_classes = checks.check_int(name, "n_classes", n_classes, low=1)
+        self.m = checks.check_int(name, "m", m, low=1, high=5)
+        self.gamma = checks.check_float(name, "gamma", gamma, low=0.0)
+        self.lambda_min = checks.check_float(name, "lambda_min", lambda_min, low=0.0)
+        self.lambda_max = checks.check_float(name, "lambda_max", lambda_max, low=0.0)
+        self._init_common(embedding_dim, self.n_classes, class_weights=class_weights, reduction=reduction,
+                          ignore_index=ignore_index, label_smoothing=label_smoothing, smoothing_allowed=False,
+                          bonafide_label=bonafide_label, weight=weight, backend=backend)
+        self.mapper = _Mapper(self.embedding_dim, self.n_classes)
+        self.register_buffer("step", torch.zeros((), dtype=torch.int64))
+
+    _repr_keys = ("embedding_dim", "n_classes", "m", "gamma", "lambda_min", "lambda_max", "reduction", "backend")
+
+    @property
+    def lam(self) -> torch.Tensor:
+        """0-dim float64 tensor: the lambda an eval forward uses now (t = max(step, 1)). No host sync."""
+        t = self.step.clamp_min(1).to(torch.float64)
+        return torch.clamp_min(self.lambda_max / (1.0 + 0.1 * t), self.lambda_min)
+
+    def forward(self, embeddings: torch.Tensor, targets: torch.Tensor, logits=None) -> torch.Tensor:
+        """Loss of embeddings [B, D] against targets [B]; advances `step` in training mode. `logits` is ignored."""
+        if self.training:
+            self.step.add_(1)  # in place on the buffer: no Python counter, so torch.compile keeps one graph
+        return F.a_softmax_loss(embeddings, self.mapper.weight, targets, m=self.m, lam=self.lam, gamma=self.gamma,
+                                **self._options())
+
+    def get_logits(self, embeddings: torch.Tensor) -> torch.Tensor:
+        """[B, C] logits |x| * cos_c (no margin)."""
+        self._check_embeddings(embeddings)
+        cos = cosine(embeddings, self.mapper.weight)
+        return torch.linalg.vector_norm(embeddings.to(cos.dtype), dim=1, keepdim=True) * cos
+
+
+class OCSoftmax(_LossHead):
+    """One-class softmax: one bonafide centre; z = alpha (m_real - cos) for bonafide rows, alpha (cos - m_fake) for
+    the others; row loss softplus(z).
+
+    Args:
+        embedding_dim: D. m_real: bonafide margin (default 0.5). m_fake: spoof margin (default 0.2); both are cosines
+        in [-1, 1]. alpha: scale (> 0). Aliases: `w_posi`/`w_nega` (DeepFense) and `r_real`/`r_fake` (AIR-ASVspoof)
+        for m_real/m_fake; give one name per margin. class_weights: 2 weights indexed by target. bonafide_label:
+        which target is bonafide. Other options as `AMSoftmax` (no label_smoothing).
+    """
+
+    DISPLAY_DEFAULTS = {"m_real": 0.5, "m_fake": 0.2}  # shown by loss_signature; None in the signature detects aliases
+
+    def __init__(self, embedding_dim: int, m_real: Optional[float] = None, m_fake: Optional[float] = None,
+                 alpha: float = 20.0, weight: float = 1.0, class_weights: Optional[Sequence[float]] = None,
+                 reduction: str = "mean", ignore_index: int = -100, label_smoothing: float = 0.0,
+                 bonafide_label: int = 1, backend: str = "auto", w_posi: Optional[float] = None,
+                 w_nega: Optional[float] = None, r_real: Optional[float] = None, r_fake: Optional[float] = None):
+        super().__init__()
+        name = type(self).__name__
+        m_real = _one_of(name, "m_real", m_real, w_posi=w_posi, r_real=r_real)
+        m_fake = _one_of(name, "m_fake", m_fake, w_nega=w_nega, r_fake=r_fake)
+        self.m_real = checks.check_float(name, "m_real", self.DISPLAY_DEFAULTS["m_real"] if m_real is None else m_real,
+                                         low=-1.0, high=1.0)
+        self.m_fake = checks.check_float(name, "m_fake", self.DISPLAY_DEFAULTS["m_fake"] if m_fake is None else m_fake,
+                                         low=-1.0, high=1.0)
+        self.alpha = checks.check_float(name, "alpha", alpha, low=0.0, low_open=True)
+        self._init_common(embedding_dim, 2, class_weights=class_weights, reduction=reduction,
+                          ignore_index=ignore_index, label_smoothing=label_smoothing, smoothing_allowed=False,
+                          bonafide_label=bonafide_label, weight=weight, backend=backend)
+        self.mapper = _Mapper(self.embedding_dim, 1)
+
+    _repr_keys = ("embedding_dim", "m_real", "m_fake", "alpha", "bonafide_label", "reduction", "backend")
+
+    def forward(self, embeddings: torch.Tensor, targets: torch.Tensor, logits=None) -> torch.Tensor:
+        """Loss of embeddings [B, D] against targets [B] in {0, 1}; `logits` is ignored."""
+        return F.oc_softmax_loss(embeddings, self.mapper.weight, targets, m_real=self.m_real, m_fake=self.m_fake,
+                                 alpha=self.alpha, bonafide_label=self.bonafide_label, **self._options())
+
+    def get_logits(self, embeddings: torch.Tensor) -> torch.Tensor:
+        """[B, 1] cosine to the bonafide centre."""
+        self._check_embeddings(embeddings)
+        return cosine(embeddings, self.mapper.weight)
+
+    def get_score(self, embeddings: torch.Tensor) -> torch.Tensor:
+        """[B] cosine to the bonafide centre (higher means more bonafide)."""
+        return self.get_logits(embeddings)[:, 0]
+
+
+def _one_of(owner: str, key: str, value, **aliases):
+    """The value given under `key` or under exactly one of its alias names; an error if several are given."""
+    given = {k: v for k, v in {key: value, **aliases}.items() if v is not None}
+    if len(given) > 1:
+        raise checks.LossConfigError(f"{owner}: {' and '.join(map(repr, given))} name the same margin; give one",
+                                     key)
+    return next(iter(given.values()), None)
+
+
+class CrossEntropy(_LossHead):
+    """Linear layer (`fc`, with bias) then softmax cross-entropy.
+
+    Args:
+        embedding_dim: D. n_classes: C. Other options as `AMSoftmax`.
+    """
+
+    def __init__(self, embedding_dim: int, n_classes: int = 2, weight: float = 1.0,
+                 class_weights: Optional[Sequence[float]] = None, reduction: str = "mean", ignore_index: int = -100,
+                 label_smoothing: float = 0.0, bonafide_label: int = 1, backend: str = "auto"):
+        super().__init__()
+        self.n_classes = checks.check_int(type(self).__name__, "n_classes", n_classes, low=1)
+        self._init_common(embedding_dim, self.n_classes, class_weights=class_weights, reduction=reduction,
+                          ignore_index=ignore_index, label_smoothing=label_smoothing, smoothing_allowed=True,
+                          bonafide_label=bonafide_label, weight=weight, backend=backend)
+        self.fc = nn.Linear(self.embedding_dim, self.n_classes)
+
+    _repr_keys = ("embedding_dim", "n_classes", "reduction", "backend")
+
+    def forward(self, embeddings: torch.Tensor, targets: torch.Tensor, logits=None) -> torch.Tensor:
+        """Loss of embeddings [B, D] against targets [B]; `logits` is ignored (recomputed in the fused path)."""
+        return F.cross_entropy_loss(embeddings, self.fc.weight, targets, bias=self.fc.bias,
+                                    label_smoothing=self.label_smoothing, **self._options())
+
+    def get_logits(self, embeddings: torch.Tensor) -> torch.Tensor:
+        """[B, C] logits x W^T + b, computed in the promoted dtype of embeddings and weights."""
+        self._check_embeddings(embeddings)
+        dtype = torch.promote_types(embeddings.dtype, self.fc.weight.dtype)
+        return nn.functional.linear(embeddings.to(dtype), self.fc.weight.to(dtype), self.fc.bias.to(dtype))
+
+
+class MultiLoss(nn.Module):
+    """Weighted sum of several loss heads, as DeepFense's detector combines them.
+
+    forward returns sum_i weight_i * loss_i; the first entry is the main loss: it receives `logits` and provides
+    get_logits/get_score. The heads sit in `losses` (a ModuleList), the key DeepFense's detector uses.
+
+    Args:
+        losses: the loss modules, main loss first.
+        weights: one float per loss; default each module's `loss_weight` (1.0 when it has none).
+    """
+
+    def __init__(self, losses: Sequence[nn.Module], weights: Optional[Sequence[float]] = None):
+        super().__init__()
+        if len(losses) == 0:
+            raise checks.LossConfigError("MultiLoss needs at least one loss", "loss")
+        self.losses = nn.ModuleList(losses)
+        if weights is None:
+            weights = [getattr(loss, "loss_weight", 1.0) for loss in losses]
+        if len(weights) != len(losses):
+            raise checks.LossConfigError(f"MultiLoss: {len(weights)} weights for {len(losses)} losses", "weight")
+        self.loss_weights = [checks.check_float("MultiLoss", f"weight[{i}]", w, low=0.0) for i, w in enumerate(weights)]
+
+    def forward(self, embeddings: torch.Tensor, targets: torch.Tensor, logits=None) -> torch.Tensor:
+        """sum_i weight_i * loss_i(embeddings, targets); only the main loss sees `logits` (when given)."""
+        total = None
+        for i, (loss, w) in enumerate(zip(self.losses, self.loss_weights)):
+            extra = {"logits": logits} if i == 0 and logits is not None else {}  # custom losses may lack `logits`
+            value = loss(embeddings, targets, **extra)
+            total = w * value if total is None else total + w * value
+        return total
+
+    def get_logits(self, embeddings: torch.Tensor) -> torch.Tensor:
+        """The main (first) loss's logits."""
+        return self.losses[0].get_logits(embeddings)
+
+    def get_score(self, embeddings: torch.Tensor) -> torch.Tensor:
+        """The main (first) loss's scores."""
+        return self.losses[0].get_score(embeddings)
+
+    def extra_repr(self) -> str:
+        return f"weights={self.loss_weights}"
