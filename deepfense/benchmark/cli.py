@@ -1,0 +1,145 @@
+"""Command line: `python -m deepfense bench | check | list`."""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import inspect
+import os
+import sys
+
+import torch
+
+from . import measure, report, runner
+from .cases import DTYPES, LOSSES, custom_cases, default_cases, parse_shapes
+
+
+def _csv(text):
+    return [s.strip() for s in text.split(",") if s.strip()] if text else None
+
+
+def _ints(text):
+    return [int(float(s)) for s in _csv(text)] if text else None
+
+
+def _parser():
+    p = argparse.ArgumentParser(prog="python -m deepfense", description=__doc__)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    b = sub.add_parser("bench", help="benchmark every loss against eager, torch.compile and the installed peers")
+    b.add_argument("--losses", help=f"comma list from {list(LOSSES)} (default: all)")
+    b.add_argument("--shapes", help="comma list of BxDxC, e.g. 256x192x2,128x192x5994 (replaces the sweep)")
+    b.add_argument("--B", help="comma list of batch sizes (with --D and --C, replaces the sweep)")
+    b.add_argument("--D", help="comma list of embedding dims")
+    b.add_argument("--C", help="comma list of class counts")
+    b.add_argument("--dtypes", help=f"comma list from {list(DTYPES)} (default: fp32 on CPU, bf16,fp32 on CUDA)")
+    b.add_argument("--providers", help="comma list of provider names (default: all; see `list`)")
+    b.add_argument("--quick", action="store_true", help="a handful of small shapes, no torch.compile, few reps")
+    b.add_argument("--compile", choices=["anchors", "all", "none"], default=None,
+                   help="which shapes get torch.compile(reference): anchors (default), all, none (default with --quick)")
+    b.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda if available")
+    b.add_argument("--out", default=os.path.join("bench", "results"), help="results folder (default bench/results)")
+    b.add_argument("--reps", type=int, default=None, help="max timed iterations per measurement")
+    b.add_argument("--no-errors", action="store_true", help="skip the float64 reference errors")
+    b.add_argument("--validate", action="store_true",
+                   help="keep deepfense's input value checks on (one host sync per call; off by default)")
+    c = sub.add_parser("check", help="the fused path against the float64 reference: PASS/FAIL per loss")
+    c.add_argument("--device", choices=["cpu", "cuda"])
+    c.add_argument("--backend", default="auto", choices=["auto", "torch", "triton", "reference"])
+    c.add_argument("--no-interpreter", action="store_true", help="on CPU, skip the Triton-interpreter child run")
+    sub.add_parser("list", help="registered losses with their parameters, and the benchmark providers")
+    return p
+
+
+def _device(name):
+    return name or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def cmd_bench(a) -> int:
+    from .providers import select
+    device = _device(a.device)
+    losses = _csv(a.losses) or list(LOSSES)
+    bad = [n for n in losses if n not in LOSSES]
+    if bad:
+        raise SystemExit(f"unknown loss(es) {bad}; known: {list(LOSSES)}")
+    dtypes = _csv(a.dtypes)
+    if dtypes and any(d not in DTYPES for d in dtypes):
+        raise SystemExit(f"--dtypes must be from {list(DTYPES)}")
+    shapes = parse_shapes(a.shapes) if a.shapes else None
+    if a.B or a.D or a.C:
+        shapes = (shapes or []) + [(b, d, c) for b in _ints(a.B) or [256] for d in _ints(a.D) or [192]
+                                   for c in _ints(a.C) or [2]]
+    if shapes:
+        cases = custom_cases(losses, shapes, dtypes or (["bf16"] if device == "cuda" else ["fp32"]))
+    else:
+        cases = [c for c in default_cases(device, a.quick, dtypes) if c.loss in losses]
+    if not a.validate:
+        os.environ["DEEPFENSE_VALIDATE"] = "0"
+    compile_mode = a.compile or ("none" if a.quick else "anchors")
+    reps = a.reps or (10 if a.quick else 30)
+    budget = 0.15 if a.quick else (0.4 if device == "cpu" else 0.25)
+    providers = select(_csv(a.providers))
+    runner.log(f"deepfense bench on {runner.device_name(device)}: {len(cases)} cases x {len(providers)} providers")
+    ceil = measure.ceilings(device, sorted({c.dtype for c in cases}))
+    runner.log(f"ceilings: copy {ceil['copy_GBps']:.3g} GB/s, matmul TFLOP/s {ceil['matmul_TFLOPs']}")
+    rows = runner.run(cases, providers, device, warmup=2 if a.quick else 3, reps=reps, budget_s=budget,
+                      compile_mode=compile_mode, errors=not a.no_errors)
+    report.derive(rows, ceil)
+    fits = report.scaling(rows)
+    meta = {"device": device, "device_name": runner.device_name(device), "date": datetime.date.today().isoformat(),
+            "versions": runner.versions(), "threads": torch.get_num_threads(), "ceilings": ceil,
+            "settings": f"{'quick' if a.quick else 'default' if not shapes else 'custom'} sweep, compile="
+                        f"{compile_mode}, reps<={reps}, time budget {budget}s/measurement, DEEPFENSE_VALIDATE="
+                        f"{os.environ.get('DEEPFENSE_VALIDATE', '1')}"}
+    md = report.markdown(meta, rows, fits)
+    print(md)
+    paths = report.write(a.out, runner.file_stem(meta["device_name"], a.quick), meta, rows, fits)
+    runner.log("wrote " + ", ".join(paths))
+    return 0
+
+
+def _signature_lines():
+    """Registered losses and parameters: from deepfense.losses when it has them, else the functional API."""
+    try:
+        from ..losses import list_losses, loss_signature
+        out = []
+        for name in list_losses():
+            sig = loss_signature(name)
+            if isinstance(sig, dict):
+                sig = ", ".join(k if repr(v) == "<required>" else f"{k}={v!r}" for k, v in sig.items())
+            out.append(f"{name}({sig})")
+        return out
+    except Exception:  # deepfense.losses not built yet (or lacks the registry): describe the functional API
+        out = []
+        for name, spec in LOSSES.items():
+            params = [str(p) for p in inspect.signature(spec.functional).parameters.values()
+                      if p.kind == p.KEYWORD_ONLY]
+            out.append(f"{name}: {spec.functional.__name__}({', '.join(params)})")
+        return out
+
+
+def cmd_list(a) -> int:
+    from .providers import PROVIDERS, display_name
+    device = _device(None)
+    print("Losses:")
+    for line in _signature_lines():
+        print("  " + line)
+    print(f"Benchmark providers on {device}:")
+    for p in PROVIDERS:
+        reasons = {p.absent(c, device) for c in default_cases(device, quick=True)}
+        state = "available" if None in reasons else f"absent ({sorted(r for r in reasons if r)[0]})"
+        print(f"  {display_name(p, device):<24} {state}")
+    return 0
+
+
+def main(argv=None) -> int:
+    a = _parser().parse_args(argv)
+    if a.cmd == "bench":
+        return cmd_bench(a)
+    if a.cmd == "check":
+        from .check import main as check_main
+        return check_main(_device(a.device), a.backend, interpreter_child=not a.no_interpreter)
+    return cmd_list(a)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,101 @@
+"""The benchmark loop: every case x provider, with progress on stderr; returns rows and run metadata."""
+
+from __future__ import annotations
+
+import datetime
+import gc
+import os
+import platform
+import re
+import sys
+import time
+
+import torch
+
+from .. import __version__
+from . import measure
+from .cases import Case, traffic
+from .providers import Provider, display_name
+
+
+def device_name(device: str) -> str:
+    if device == "cuda":
+        return torch.cuda.get_device_name()
+    model = platform.processor() or "cpu"
+    try:
+        with open("/proc/cpuinfo") as f:
+            found = re.search(r"model name\s*:\s*(.+)", f.read())
+        model = found.group(1).strip() if found else model
+    except OSError:  # not Linux
+        pass
+    return f"CPU {model} ({os.cpu_count()} cores)"
+
+
+def versions() -> dict:
+    out = {"python": platform.python_version(), "torch": torch.__version__, "deepfense": __version__}
+    for name, mod in (("triton", "triton"), ("pytorch-metric-learning", "pytorch_metric_learning"),
+                      ("liger-kernel", "liger_kernel"), ("cut-cross-entropy", "cut_cross_entropy")):
+        try:
+            from importlib.metadata import version
+            out[name] = version(name)
+        except Exception:  # not installed
+            out[name] = "absent"
+    if torch.version.cuda:
+        out["cuda"] = torch.version.cuda
+    return out
+
+
+def file_stem(name: str, quick: bool) -> str:
+    slug = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")[:48].strip("-")
+    return f"{slug}_{datetime.date.today().isoformat()}" + ("-quick" if quick else "")
+
+
+def log(msg: str):
+    print(msg, file=sys.stderr, flush=True)
+
+
+def run(cases: list[Case], providers: list[Provider], device: str, *, warmup: int, reps: int, budget_s: float,
+        compile_mode: str, errors: bool) -> list[dict]:
+    """Measure every (case, provider). compile_mode: 'anchors' (torch.compile only on anchor cases), 'all', 'none'.
+
+    Absent providers and errors become rows with status 'absent' / 'error' and a reason; nothing aborts the run."""
+    rows = []
+    start = time.perf_counter()
+    for i, case in enumerate(cases, 1):
+        nbytes, flops = traffic(case)
+        log(f"[{i}/{len(cases)} {time.perf_counter() - start:5.0f}s] {case.label}")
+        inputs = measure.make_inputs_rotated(case, device)
+        golds = {}
+        for prov in providers:
+            row = {"loss": case.loss, "B": case.B, "D": case.D, "C": case.C, "dtype": case.dtype,
+                   "family": case.family, "provider": display_name(prov, device), "baseline": prov.baseline,
+                   "bytes": nbytes, "flops": flops}
+            reason = prov.absent(case, device)
+            if reason is None and prov.compiled and not (compile_mode == "all" or
+                                                         (compile_mode == "anchors" and case.anchor)):
+                reason = "compile skipped for this shape (--compile all)"
+            if reason is not None:
+                rows.append({**row, "status": "absent", "reason": reason})
+                continue
+            okey = tuple(sorted(prov.oracle.items()))
+            try:
+                if errors and okey not in golds:
+                    golds[okey] = measure.gold(case, device, prov.oracle)
+                row.update(measure.run_case(case, prov, device, warmup=warmup, reps=reps, budget_s=budget_s,
+                                            inputs=inputs, ref=golds.get(okey)))
+                row["status"] = "ok"
+                comp = f" (+compile {row['compile_s']:.1f}s)" if "compile_s" in row else ""
+                log(f"    {row['provider']:<24} fwd {row['fwd_ms']:9.3f} ms  fwd+bwd {row['fwdbwd_ms']:9.3f} ms"
+                    f"{comp}  err {row.get('loss_err', float('nan')):.1e}/{row.get('grad_err', float('nan')):.1e}")
+            except Exception as exc:  # a provider that cannot run this case is reported, not fatal
+                msg = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+                row.update(status="error", reason=msg)
+                log(f"    {row['provider']:<24} ERROR {msg[:200]}")
+            finally:
+                if device == "cuda":
+                    torch.cuda.empty_cache()
+            rows.append(row)
+        del inputs, golds
+        gc.collect()
+    return rows
+
