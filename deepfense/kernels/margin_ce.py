@@ -1,0 +1,443 @@
+"""One Triton kernel family for the four losses: cosine (or linear) logits, target-column margin, online log-sum-exp.
+
+Notation per row i and class c: x_i [D], w_c the c-th column of the [D, C] weight, rx = 1/|x|, rw = 1/|w_c| (zero for
+zero vectors), cos = clamp(x.w_c rx rw, -1, 1). The loss is selected by the `MARGIN` constexpr (`deepfense.params.Margin`).
+
+Per-row statistics written by the forward (fp32, or fp64 for fp64 inputs), one row each of STATS [5, B]:
+    LOSS   the row's loss (class weight, focal factor and smoothing included),
+    ROWW   the row's class weight (0 for ignored rows), the denominator of reduction='mean',
+    LSE    log-sum-exp of the row's logits,
+    COEF_P, COEF_T: dL/dlogit_c = COEF_P p_c - COEF_T [c == y] - eps/C cw_c (unit upstream gradient);
+           for OCSoftmax COEF_T holds dL/dcos.
+Backward kernels recompute the logit tiles and read these, so neither pass allocates anything of size B x C.
+"""
+
+import triton
+import triton.language as tl
+
+from ..params import Margin
+
+STAT_LOSS: tl.constexpr = tl.constexpr(0)
+STAT_ROWW: tl.constexpr = tl.constexpr(1)
+STAT_LSE: tl.constexpr = tl.constexpr(2)
+STAT_COEF_P: tl.constexpr = tl.constexpr(3)
+STAT_COEF_T: tl.constexpr = tl.constexpr(4)
+N_STATS = 5
+
+MARGIN_NONE: tl.constexpr = tl.constexpr(int(Margin.NONE))
+MARGIN_ADDITIVE: tl.constexpr = tl.constexpr(int(Margin.ADDITIVE))
+MARGIN_ANGULAR: tl.constexpr = tl.constexpr(int(Margin.ANGULAR))
+MARGIN_ONE_CLASS: tl.constexpr = tl.constexpr(int(Margin.ONE_CLASS))
+PI: tl.constexpr = tl.constexpr(3.141592653589793)
+
+
+@triton.jit
+def _dot_tile(X_ptr, W_ptr, rows, cols, row_mask, col_mask, D, stride_x_row, stride_x_col, stride_w_d, stride_w_c,
+              DOT_DTYPE: tl.constexpr, ACC_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+              BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr):
+    """x_tile @ w_tile over all of D, with the squared norms of the rows and the columns read on the way.
+
+    Returns acc [BLOCK_B, BLOCK_C], xsq [BLOCK_B], wsq [BLOCK_C], all ACC_DTYPE.
+    """
+    acc = tl.zeros((BLOCK_B, BLOCK_C), dtype=ACC_DTYPE)
+    xsq = tl.zeros((BLOCK_B,), dtype=ACC_DTYPE)
+    wsq = tl.zeros((BLOCK_C,), dtype=ACC_DTYPE)
+    for k0 in range(0, D, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        kmask = ks < D
+        x = tl.load(X_ptr + rows[:, None] * stride_x_row + ks[None, :] * stride_x_col,
+                    mask=row_mask[:, None] & kmask[None, :], other=0.0)
+        w = tl.load(W_ptr + ks[:, None] * stride_w_d + cols[None, :] * stride_w_c,
+                    mask=kmask[:, None] & col_mask[None, :], other=0.0)
+        acc = tl.dot(x.to(DOT_DTYPE), w.to(DOT_DTYPE), acc, input_precision=PRECISION, out_dtype=ACC_DTYPE)
+        xf = x.to(ACC_DTYPE)
+        wf = w.to(ACC_DTYPE)
+        xsq += tl.sum(xf * xf, axis=1)
+        wsq += tl.sum(wf * wf, axis=0)
+    return acc, xsq, wsq
+
+
+@triton.jit
+def _recip_norm(sq):
+    """1/sqrt(sq), 0 for a zero vector (it normalises to zero with zero gradient, never NaN)."""
+    return tl.where(sq > 0, 1.0 / tl.sqrt(tl.where(sq > 0, sq, 1.0)), 0.0)
+
+
+@triton.jit
+def _sphereface_psi(cos, m):
+    """psi = (-1)^k T_m(cos) - 2k and d psi / d cos, k = floor(m acos(cos) / pi) counted from thresholds cos(j pi / m).
+
+    T_m by the Chebyshev recurrence, T_m' = m U_{m-1}; m is a runtime integer in 1..5.
+    """
+    k = tl.zeros_like(cos)
+    t_prev = tl.full(cos.shape, 1.0, cos.dtype)  # T_0
+    t_cur = cos  # T_1
+    u_prev = tl.zeros_like(cos)  # U_{-1}
+    u_cur = tl.full(cos.shape, 1.0, cos.dtype)  # U_0
+    t_m = cos
+    u_m1 = u_cur
+    for j in tl.static_range(1, 6):
+        threshold = tl.cos(j * PI / m)
+        k += tl.where((j <= m) & (cos <= threshold), 1.0, 0.0)
+        t_m = tl.where(j == m, t_cur, t_m)
+        u_m1 = tl.where(j == m, u_cur, u_m1)
+        t_prev, t_cur = t_cur, 2.0 * cos * t_cur - t_prev
+        u_prev, u_cur = u_cur, 2.0 * cos * u_cur - u_prev
+    sign = 1.0 - 2.0 * (k - 2.0 * tl.floor(k * 0.5))
+    return sign * t_m - 2.0 * k, sign * m * u_m1
+
+
+@triton.jit
+def _target_logit(cos, xn, lam, s, m, MARGIN: tl.constexpr):
+    """The target column's logit from its cosine: AMSoftmax s (cos - m); ASoftmax |x| (lam cos + psi) / (1 + lam)."""
+    if MARGIN == MARGIN_ADDITIVE:
+        return s * (cos - m)
+    else:
+        psi, _ = _sphereface_psi(cos, m)
+        return xn * (lam * cos + psi) / (1.0 + lam)
+
+
+@triton.jit
+def _target_logit_grad(cos, xn, lam, s, m, MARGIN: tl.constexpr):
+    """d(target logit)/d cos at fixed |x|: AMSoftmax s; ASoftmax |x| (lam + psi') / (1 + lam), k held constant."""
+    if MARGIN == MARGIN_ADDITIVE:
+        return tl.full(cos.shape, s, cos.dtype)
+    else:
+        _, dpsi = _sphereface_psi(cos, m)
+        return xn * (lam + dpsi) / (1.0 + lam)
+
+
+@triton.jit
+def _logit_tile(acc, xsq, wsq, bias, is_target, col_mask, lam, s, m, MARGIN: tl.constexpr):
+    """Logits of one [BLOCK_B, BLOCK_C] tile (padded columns -inf) and what their gradient needs.
+
+    Returns logits, cos (the linear logits for CrossEntropy), |x| [BLOCK_B], rx [BLOCK_B], rw [BLOCK_C].
+    """
+    rx = _recip_norm(xsq)
+    rw = _recip_norm(wsq)
+    xn = tl.sqrt(xsq)
+    if MARGIN == MARGIN_NONE:
+        cos = acc + bias[None, :]
+        logits = cos
+    else:
+        cos = tl.minimum(tl.maximum(acc * rx[:, None] * rw[None, :], -1.0), 1.0)
+        if MARGIN == MARGIN_ONE_CLASS:
+            logits = cos
+        else:
+            logits = xn[:, None] * cos if MARGIN == MARGIN_ANGULAR else s * cos
+            logits = tl.where(is_target, _target_logit(cos, xn[:, None], lam, s, m, MARGIN), logits)
+    return tl.where(col_mask[None, :], logits, float("-inf")), cos, xn, rx, rw
+
+
+@triton.jit
+def _dcos_tile(logits, cos, xn, is_target, cw, lse, coef_p, coef_t, smooth, g, lam, s, m, MARGIN: tl.constexpr):
+    """dL/dcos (dL/dlogit for CrossEntropy) of a tile, scaled by the per-row upstream gradient g, and dL/dlogit.
+
+    dL/dlogit_c = coef_p p_c - coef_t [c == y] - smooth cw_c   (p_c = exp(logit_c - lse)).
+    """
+    prob = tl.exp(logits - lse[:, None])
+    dl = coef_p[:, None] * prob - tl.where(is_target, coef_t[:, None], 0.0) - smooth[:, None] * cw[None, :]
+    dl = dl * g[:, None]
+    if MARGIN == MARGIN_NONE:
+        dcos = dl
+    elif MARGIN == MARGIN_ADDITIVE:
+        dcos = s * dl  # every logit, the target's too, is s cos + const
+    else:
+        dcos = dl * tl.where(is_target, _target_logit_grad(cos, xn[:, None], lam, s, m, MARGIN), xn[:, None])
+    return dcos, dl
+
+
+@triton.jit
+def _softplus(z):
+    """log(1 + e^z) without overflow: max(z, 0) + log(1 + e^-|z|)."""
+    return tl.maximum(z, 0.0) + tl.log(1.0 + tl.exp(-tl.abs(z)))
+
+
+@triton.jit
+def _focal(nll, gamma):
+    """(1 - p_y)^gamma with p_y = e^-nll; 0^0 = 1."""
+    q = tl.maximum(1.0 - tl.exp(-nll), 0.0)
+    return tl.where(q > 0, tl.exp(gamma * tl.log(tl.where(q > 0, q, 1.0))), tl.where(gamma == 0, 1.0, 0.0))
+
+
+@triton.jit
+def _row_targets(T_ptr, CW_ptr, rows, row_mask, ignore_index, n_targets, HAS_CW: tl.constexpr):
+    """Targets made safe (-1 matches no column), the kept-row mask and each row's class weight (0 if dropped)."""
+    t = tl.load(T_ptr + rows, mask=row_mask, other=ignore_index)
+    valid = row_mask & (t != ignore_index)
+    t_safe = tl.where(valid & (t >= 0) & (t < n_targets), t, -1)
+    if HAS_CW:
+        row_w = tl.load(CW_ptr + t_safe, mask=t_safe >= 0, other=0.0)
+    else:
+        row_w = tl.where(t_safe >= 0, 1.0, 0.0)
+    return t_safe, valid, row_w
+
+
+@triton.jit
+def _bias(BIAS_ptr, cols, col_mask, HAS_BIAS: tl.constexpr, ACC_DTYPE: tl.constexpr, BLOCK_C: tl.constexpr):
+    if HAS_BIAS:
+        return tl.load(BIAS_ptr + cols, mask=col_mask, other=0.0).to(ACC_DTYPE)
+    else:
+        return tl.zeros((BLOCK_C,), ACC_DTYPE)
+
+
+@triton.jit
+def _class_weights(CW_ptr, cols, col_mask, HAS_CW: tl.constexpr):
+    if HAS_CW:
+        return tl.load(CW_ptr + cols, mask=col_mask, other=0.0)
+    else:
+        return tl.where(col_mask, 1.0, 0.0)
+
+
+@triton.jit
+def _dw_finish(acc_w, csum, rw, w, MARGIN: tl.constexpr):
+    """dW_c = rw_c (x_hat^T dcos)_c - (sum_i dcos_ic cos_ic) rw_c^2 w_c, from d cos/d w_c = rw_c (x_hat - cos_c w_hat_c).
+
+    CrossEntropy's logits are linear: dW = x^T dlogits as accumulated.
+    """
+    if MARGIN == MARGIN_NONE:
+        return acc_w
+    else:
+        return acc_w * rw[None, :] - (csum * rw * rw)[None, :] * w
+
+
+@triton.jit
+def _dx_finish(acc_x, x, rx, ssum, xsum, MARGIN: tl.constexpr):
+    """dx = rx (dcos rw) @ W^T - (sum_c dcos_c cos_c) rx^2 x, from d cos_c/dx = rx (w_hat_c - cos_c x_hat);
+    ASoftmax adds (sum_c dL/dl_c l_c) rx^2 x since its logits scale with |x| and d|x|/dx = x rx."""
+    if MARGIN == MARGIN_NONE:
+        return acc_x
+    else:
+        coef = (xsum - ssum) * rx * rx if MARGIN == MARGIN_ANGULAR else -ssum * rx * rx
+        return acc_x * rx[:, None] + coef[:, None] * x
+
+
+@triton.jit
+def _margin_ce_fwd_kernel(
+        X_ptr, W_ptr, BIAS_ptr, T_ptr, CW_ptr, LAM_ptr, STATS_ptr, DX_ptr, DWP_ptr,
+        B, D, C, n_targets, stride_x_row, stride_x_col, stride_w_d, stride_w_c,
+        s, m, gamma, m_real, m_fake, alpha, eps, ignore_index, bonafide,
+        MARGIN: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_CW: tl.constexpr, FUSE_DX: tl.constexpr,
+        FUSE_DW: tl.constexpr, DOT_DTYPE: tl.constexpr, ACC_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+        BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Per-row loss statistics of BLOCK_B rows, looping over class tiles with an online log-sum-exp.
+
+    X [B, D], W [D, C] (any strides), BIAS [C], T [B] int, CW [C] (OCSoftmax [2]), LAM [1]; writes STATS [5, B].
+    With FUSE_DX / FUSE_DW (the whole class dimension is one tile) it also writes the unit-gradient DX [B, D]
+    (contiguous) and this program's dW partial DWP[pid] [D + 1, BLOCK_C] (row D: d bias), so backward reads no x.
+    """
+    pid = tl.program_id(0).to(tl.int64)  # 64-bit offsets: rows * stride can pass 2^31
+    rows = pid * BLOCK_B + tl.arange(0, BLOCK_B)
+    row_mask = rows < B
+    t_safe, valid, row_w = _row_targets(T_ptr, CW_ptr, rows, row_mask, ignore_index, n_targets, HAS_CW)
+    lam = tl.load(LAM_ptr).to(ACC_DTYPE) if MARGIN == MARGIN_ANGULAR else 0.0
+    if MARGIN == MARGIN_ONE_CLASS:
+        cols = tl.arange(0, BLOCK_C)
+        acc, xsq, wsq = _dot_tile(X_ptr, W_ptr, rows, cols, row_mask, cols < 1, D, stride_x_row, stride_x_col,
+                                  stride_w_d, stride_w_c, DOT_DTYPE, ACC_DTYPE, PRECISION, BLOCK_B, BLOCK_C, BLOCK_K)
+        cos = tl.sum(tl.where(cols[None, :] == 0, acc * _recip_norm(xsq)[:, None] * _recip_norm(wsq)[None, :], 0.0), 1)
+        cos = tl.minimum(tl.maximum(cos, -1.0), 1.0)
+        bona = t_safe == bonafide
+        z = alpha * tl.where(bona, m_real - cos, cos - m_fake)
+        loss = row_w * _softplus(z)
+        coef_p = tl.zeros_like(loss)
+        coef_t = row_w * tl.sigmoid(z) * alpha * tl.where(bona, -1.0, 1.0)  # dL/dcos: softplus' = sigmoid
+        lse = tl.zeros_like(loss)
+    else:
+        m_i = tl.full((BLOCK_B,), float("-inf"), ACC_DTYPE)
+        l_i = tl.zeros((BLOCK_B,), ACC_DTYPE)
+        tgt = tl.zeros((BLOCK_B,), ACC_DTYPE)
+        smooth_sum = tl.zeros((BLOCK_B,), ACC_DTYPE)
+        cw_sum = tl.zeros((BLOCK_C,), ACC_DTYPE)
+        for c0 in range(0, C, BLOCK_C):
+            cols = c0 + tl.arange(0, BLOCK_C)
+            col_mask = cols < C
+            acc, xsq, wsq = _dot_tile(X_ptr, W_ptr, rows, cols, row_mask, col_mask, D, stride_x_row, stride_x_col,
+                                      stride_w_d, stride_w_c, DOT_DTYPE, ACC_DTYPE, PRECISION, BLOCK_B, BLOCK_C,
+                                      BLOCK_K)
+            bias = _bias(BIAS_ptr, cols, col_mask, HAS_BIAS, ACC_DTYPE, BLOCK_C)
+            is_target = cols[None, :] == t_safe[:, None]
+            logits, _, _, _, _ = _logit_tile(acc, xsq, wsq, bias, is_target, col_mask, lam, s, m, MARGIN)
+            m_new = tl.maximum(m_i, tl.max(logits, 1))
+            l_i = l_i * tl.exp(m_i - m_new) + tl.sum(tl.exp(logits - m_new[:, None]), 1)
+            m_i = m_new
+            tgt += tl.sum(tl.where(is_target, logits, 0.0), 1)
+            cw = _class_weights(CW_ptr, cols, col_mask, HAS_CW).to(ACC_DTYPE)
+            smooth_sum += tl.sum(tl.where(col_mask[None, :], logits, 0.0) * cw[None, :], 1)
+            cw_sum += cw
+        lse = m_i + tl.log(l_i)
+        nll = lse - tgt
+        coef_t = (1.0 - eps) * row_w
+        if MARGIN == MARGIN_ANGULAR:
+            coef_t = coef_t * _focal(nll, gamma)  # the focal factor carries no gradient
+        smooth = valid.to(ACC_DTYPE) * eps / C
+        total_cw = tl.sum(cw_sum, 0)
+        # torch's smoothing: eps/C sum_c cw_c (-log p_c) = eps/C (sum_c cw_c lse - sum_c cw_c logit_c)
+        loss = coef_t * nll + smooth * (total_cw * lse - smooth_sum)
+        coef_p = coef_t + smooth * total_cw
+    tl.store(STATS_ptr + STAT_LOSS * B + rows, loss, mask=row_mask)
+    tl.store(STATS_ptr + STAT_ROWW * B + rows, row_w, mask=row_mask)
+    tl.store(STATS_ptr + STAT_LSE * B + rows, lse, mask=row_mask)
+    tl.store(STATS_ptr + STAT_COEF_P * B + rows, coef_p, mask=row_mask)
+    tl.store(STATS_ptr + STAT_COEF_T * B + rows, coef_t, mask=row_mask)
+    if FUSE_DX or FUSE_DW:
+        _fused_grads(X_ptr, W_ptr, BIAS_ptr, CW_ptr, DX_ptr, DWP_ptr, pid, rows, row_mask, t_safe, valid, lse,
+                     coef_p, coef_t, lam, D, C, stride_x_row, stride_x_col, stride_w_d, stride_w_c, s, m, eps,
+                     MARGIN, HAS_BIAS, HAS_CW, FUSE_DX, FUSE_DW, DOT_DTYPE, ACC_DTYPE, PRECISION,
+                     BLOCK_B, BLOCK_C, BLOCK_K)
+
+
+@triton.jit
+def _grad_tile(X_ptr, W_ptr, BIAS_ptr, CW_ptr, rows, row_mask, cols, col_mask, t_safe, valid, lse, coef_p, coef_t,
+               g, lam, D, C, stride_x_row, stride_x_col, stride_w_d, stride_w_c, s, m, eps,
+               MARGIN: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_CW: tl.constexpr, DOT_DTYPE: tl.constexpr,
+               ACC_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+               BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Recompute one logit tile and return dL/dcos (scaled by g), cos, rx, rw and the rows' sum of dL/dl_c l_c."""
+    acc, xsq, wsq = _dot_tile(X_ptr, W_ptr, rows, cols, row_mask, col_mask, D, stride_x_row, stride_x_col,
+                              stride_w_d, stride_w_c, DOT_DTYPE, ACC_DTYPE, PRECISION, BLOCK_B, BLOCK_C, BLOCK_K)
+    bias = _bias(BIAS_ptr, cols, col_mask, HAS_BIAS, ACC_DTYPE, BLOCK_C)
+    is_target = cols[None, :] == t_safe[:, None]
+    logits, cos, xn, rx, rw = _logit_tile(acc, xsq, wsq, bias, is_target, col_mask, lam, s, m, MARGIN)
+    if MARGIN == MARGIN_ONE_CLASS:
+        dcos = tl.where(col_mask[None, :], (coef_t * g)[:, None], 0.0)
+        xsum = tl.zeros_like(g)
+    else:
+        cw = _class_weights(CW_ptr, cols, col_mask, HAS_CW).to(ACC_DTYPE)
+        smooth = valid.to(ACC_DTYPE) * eps / C
+        dcos, dl = _dcos_tile(logits, cos, xn, is_target, cw, lse, coef_p, coef_t, smooth, g, lam, s, m, MARGIN)
+        xsum = tl.sum(dl * tl.where(col_mask[None, :], logits, 0.0), 1)
+    return dcos, cos, rx, rw, xsum
+
+
+@triton.jit
+def _fused_grads(X_ptr, W_ptr, BIAS_ptr, CW_ptr, DX_ptr, DWP_ptr, pid, rows, row_mask, t_safe, valid, lse, coef_p,
+                 coef_t, lam, D, C, stride_x_row, stride_x_col, stride_w_d, stride_w_c, s, m, eps,
+                 MARGIN: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_CW: tl.constexpr, FUSE_DX: tl.constexpr,
+                 FUSE_DW: tl.constexpr, DOT_DTYPE: tl.constexpr, ACC_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+                 BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Unit-upstream-gradient dX rows and this program's dW partial when all C classes fit one tile."""
+    cols = tl.arange(0, BLOCK_C)
+    col_mask = cols < C
+    g = tl.where(row_mask, 1.0, 0.0).to(ACC_DTYPE)
+    dcos, cos, rx, rw, xsum = _grad_tile(X_ptr, W_ptr, BIAS_ptr, CW_ptr, rows, row_mask, cols, col_mask, t_safe,
+                                         valid, lse, coef_p, coef_t, g, lam, D, C, stride_x_row, stride_x_col,
+                                         stride_w_d, stride_w_c, s, m, eps, MARGIN, HAS_BIAS, HAS_CW, DOT_DTYPE,
+                                         ACC_DTYPE, PRECISION, BLOCK_B, BLOCK_C, BLOCK_K)
+    ssum = tl.sum(dcos * cos, 1)
+    csum = tl.sum(dcos, 0) if MARGIN == MARGIN_NONE else tl.sum(dcos * cos, 0)  # d bias, or the dW cos term
+    dcos_w = dcos if MARGIN == MARGIN_NONE else dcos * rw[None, :]
+    DWP_ptr += pid * (D + 1) * BLOCK_C
+    for k0 in range(0, D, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        kmask = ks < D
+        x = tl.load(X_ptr + rows[:, None] * stride_x_row + ks[None, :] * stride_x_col,
+                    mask=row_mask[:, None] & kmask[None, :], other=0.0).to(ACC_DTYPE)
+        w = tl.load(W_ptr + ks[:, None] * stride_w_d + cols[None, :] * stride_w_c,
+                    mask=kmask[:, None] & col_mask[None, :], other=0.0).to(ACC_DTYPE)
+        if FUSE_DX:
+            acc_x = tl.dot(dcos_w.to(DOT_DTYPE), tl.trans(w).to(DOT_DTYPE), input_precision=PRECISION,
+                           out_dtype=ACC_DTYPE)
+            dx = _dx_finish(acc_x, x, rx, ssum, xsum, MARGIN)
+            tl.store(DX_ptr + rows[:, None] * D + ks[None, :], dx.to(DX_ptr.dtype.element_ty),
+                     mask=row_mask[:, None] & kmask[None, :])
+        if FUSE_DW:
+            xs = x if MARGIN == MARGIN_NONE else x * rx[:, None]
+            acc_w = tl.dot(tl.trans(xs).to(DOT_DTYPE), dcos.to(DOT_DTYPE), input_precision=PRECISION,
+                           out_dtype=ACC_DTYPE)
+            tl.store(DWP_ptr + ks[:, None] * BLOCK_C + cols[None, :], _dw_finish(acc_w, csum, rw, w, MARGIN),
+                     mask=kmask[:, None])
+    if FUSE_DW:
+        tl.store(DWP_ptr + D * BLOCK_C + cols, csum)
+
+
+@triton.jit
+def _margin_ce_bwd_dx_kernel(
+        X_ptr, W_ptr, BIAS_ptr, T_ptr, CW_ptr, LAM_ptr, STATS_ptr, G_ptr, DX_ptr,
+        B, D, C, n_targets, stride_x_row, stride_x_col, stride_w_d, stride_w_c, stride_g, stride_dx_row,
+        s, m, eps, ignore_index,
+        MARGIN: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_CW: tl.constexpr, DOT_DTYPE: tl.constexpr,
+        ACC_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+        BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_DO: tl.constexpr):
+    """dX[rows, d-slice] = sum over class tiles of recomputed dL/dcos tiles times W^T; G [B] is the upstream gradient
+    per row (stride 0 for a scalar). Grid: (row blocks, D / BLOCK_DO). No atomics: deterministic."""
+    pid = tl.program_id(0).to(tl.int64)
+    rows = pid * BLOCK_B + tl.arange(0, BLOCK_B)
+    row_mask = rows < B
+    ds = tl.program_id(1).to(tl.int64) * BLOCK_DO + tl.arange(0, BLOCK_DO)
+    dmask = ds < D
+    t_safe, valid, _ = _row_targets(T_ptr, CW_ptr, rows, row_mask, ignore_index, n_targets, HAS_CW)
+    lam = tl.load(LAM_ptr).to(ACC_DTYPE) if MARGIN == MARGIN_ANGULAR else 0.0
+    lse = tl.load(STATS_ptr + STAT_LSE * B + rows, mask=row_mask, other=0.0)
+    coef_p = tl.load(STATS_ptr + STAT_COEF_P * B + rows, mask=row_mask, other=0.0)
+    coef_t = tl.load(STATS_ptr + STAT_COEF_T * B + rows, mask=row_mask, other=0.0)
+    g = tl.load(G_ptr + rows * stride_g, mask=row_mask, other=0.0).to(ACC_DTYPE)
+    acc_x = tl.zeros((BLOCK_B, BLOCK_DO), ACC_DTYPE)
+    ssum = tl.zeros((BLOCK_B,), ACC_DTYPE)
+    xsum = tl.zeros((BLOCK_B,), ACC_DTYPE)
+    rx = tl.zeros((BLOCK_B,), ACC_DTYPE)
+    for c0 in range(0, C, BLOCK_C):
+        cols = c0 + tl.arange(0, BLOCK_C)
+        col_mask = cols < C
+        dcos, cos, rx, rw, xs = _grad_tile(X_ptr, W_ptr, BIAS_ptr, CW_ptr, rows, row_mask, cols, col_mask, t_safe,
+                                           valid, lse, coef_p, coef_t, g, lam, D, C, stride_x_row, stride_x_col,
+                                           stride_w_d, stride_w_c, s, m, eps, MARGIN, HAS_BIAS, HAS_CW, DOT_DTYPE,
+                                           ACC_DTYPE, PRECISION, BLOCK_B, BLOCK_C, BLOCK_K)
+        ssum += tl.sum(dcos * cos, 1)
+        xsum += xs
+        w = tl.load(W_ptr + ds[:, None] * stride_w_d + cols[None, :] * stride_w_c,
+                    mask=dmask[:, None] & col_mask[None, :], other=0.0)
+        dcos_w = dcos if MARGIN == MARGIN_NONE else dcos * rw[None, :]
+        acc_x = tl.dot(dcos_w.to(DOT_DTYPE), tl.trans(w.to(DOT_DTYPE)), acc_x, input_precision=PRECISION,
+                       out_dtype=ACC_DTYPE)
+    x = tl.load(X_ptr + rows[:, None] * stride_x_row + ds[None, :] * stride_x_col,
+                mask=row_mask[:, None] & dmask[None, :], other=0.0).to(ACC_DTYPE)
+    dx = _dx_finish(acc_x, x, rx, ssum, xsum, MARGIN)
+    tl.store(DX_ptr + rows[:, None] * stride_dx_row + ds[None, :], dx.to(DX_ptr.dtype.element_ty),
+             mask=row_mask[:, None] & dmask[None, :])
+
+
+@triton.jit
+def _margin_ce_bwd_dw_kernel(
+        X_ptr, W_ptr, BIAS_ptr, T_ptr, CW_ptr, LAM_ptr, STATS_ptr, G_ptr, DW_ptr, DB_ptr,
+        B, D, C, n_targets, stride_x_row, stride_x_col, stride_w_d, stride_w_c, stride_g,
+        stride_dw_d, stride_dw_c, s, m, eps, ignore_index,
+        MARGIN: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_CW: tl.constexpr, DOT_DTYPE: tl.constexpr,
+        ACC_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+        BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_DO: tl.constexpr):
+    """dW[d-slice, class block] (and d bias) over all rows, in fp32; grid: (class blocks, D / BLOCK_DO).
+    Each program owns its output tile, so the sum over rows runs in a fixed order: deterministic."""
+    cols = tl.program_id(0).to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C)
+    col_mask = cols < C
+    pid_d = tl.program_id(1)
+    ds = pid_d.to(tl.int64) * BLOCK_DO + tl.arange(0, BLOCK_DO)
+    dmask = ds < D
+    lam = tl.load(LAM_ptr).to(ACC_DTYPE) if MARGIN == MARGIN_ANGULAR else 0.0
+    acc_w = tl.zeros((BLOCK_DO, BLOCK_C), ACC_DTYPE)
+    csum = tl.zeros((BLOCK_C,), ACC_DTYPE)
+    rw = tl.zeros((BLOCK_C,), ACC_DTYPE)
+    for r0 in range(0, B, BLOCK_B):
+        rows = r0 + tl.arange(0, BLOCK_B).to(tl.int64)
+        row_mask = rows < B
+        t_safe, valid, _ = _row_targets(T_ptr, CW_ptr, rows, row_mask, ignore_index, n_targets, HAS_CW)
+        lse = tl.load(STATS_ptr + STAT_LSE * B + rows, mask=row_mask, other=0.0)
+        coef_p = tl.load(STATS_ptr + STAT_COEF_P * B + rows, mask=row_mask, other=0.0)
+        coef_t = tl.load(STATS_ptr + STAT_COEF_T * B + rows, mask=row_mask, other=0.0)
+        g = tl.load(G_ptr + rows * stride_g, mask=row_mask, other=0.0).to(ACC_DTYPE)
+        dcos, cos, rx, rw, _ = _grad_tile(X_ptr, W_ptr, BIAS_ptr, CW_ptr, rows, row_mask, cols, col_mask, t_safe,
+                                          valid, lse, coef_p, coef_t, g, lam, D, C, stride_x_row, stride_x_col,
+                                          stride_w_d, stride_w_c, s, m, eps, MARGIN, HAS_BIAS, HAS_CW, DOT_DTYPE,
+                                          ACC_DTYPE, PRECISION, BLOCK_B, BLOCK_C, BLOCK_K)
+        x = tl.load(X_ptr + rows[:, None] * stride_x_row + ds[None, :] * stride_x_col,
+                    mask=row_mask[:, None] & dmask[None, :], other=0.0).to(ACC_DTYPE)
+        xs = x if MARGIN == MARGIN_NONE else x * rx[:, None]
+        acc_w = tl.dot(tl.trans(xs).to(DOT_DTYPE), dcos.to(DOT_DTYPE), acc_w, input_precision=PRECISION,
+                       out_dtype=ACC_DTYPE)
+        csum += tl.sum(dcos, 0) if MARGIN == MARGIN_NONE else tl.sum(dcos * cos, 0)
+    w = tl.load(W_ptr + ds[:, None] * stride_w_d + cols[None, :] * stride_w_c,
+                mask=dmask[:, None] & col_mask[None, :], other=0.0).to(ACC_DTYPE)
+    dw = _dw_finish(acc_w, csum, rw, w, MARGIN)
+    tl.store(DW_ptr + ds[:, None] * stride_dw_d + cols[None, :] * stride_dw_c, dw.to(DW_ptr.dtype.element_ty),
+             mask=dmask[:, None] & col_mask[None, :])
+    if HAS_BIAS:
+        tl.store(DB_ptr + cols, csum.to(DB_ptr.dtype.element_ty), mask=col_mask & (pid_d == 0))

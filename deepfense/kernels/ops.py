@@ -1,0 +1,207 @@
+"""Launchers (shapes, strides, grid, dtypes) and the torch.library custom ops around the fused kernels.
+
+The ops are opaque to torch.compile (fullgraph works, no host sync): `deepfense::margin_ce_fwd` returns the per-row
+statistics and, when the class dimension fits one tile, the unit-gradient dX and dW; `deepfense::margin_ce_bwd`
+scales those by the upstream gradient or runs the two backward kernels.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import List, Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+from ..params import LossParams, Margin
+from . import margin_ce as K
+
+# triton.jit reads TRITON_INTERPRET when the kernels are decorated; this launcher follows the same switch.
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+# fp32 inputs: TF32 (Triton's default) errs ~3e-4 relative, which s = 30..64 turns into 0.01-0.03 logit error, so fp32
+# dots run in IEEE fp32. 16-bit inputs use the tensor cores with fp32 accumulation.
+FP32_PRECISION = "ieee"
+
+_TL = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32, torch.float64: tl.float64}
+N_STATS = K.N_STATS
+
+
+def _dtypes(x: torch.Tensor, w: torch.Tensor):
+    """(dot operand dtype, accumulator torch dtype) for these inputs: the promoted dtype, accumulated in fp32/fp64."""
+    dot = torch.promote_types(x.dtype, w.dtype)
+    acc = torch.float64 if dot == torch.float64 else torch.float32
+    if INTERPRET and dot == torch.bfloat16:
+        dot = torch.float32  # the interpreter's bf16 tl.dot multiplies raw bit patterns (triton #11584)
+    return _TL[dot], acc
+
+
+def _blocks(D: int, C: int, margin: int):
+    """(BLOCK_B, BLOCK_C, BLOCK_K, BLOCK_DO). tl.dot needs every dimension >= 16 and powers of two on the GPU."""
+    if INTERPRET:  # small tiles so that small test shapes still run several class / feature / row tiles
+        return 16, 16, 16, 16
+    block_c = 16 if margin == int(Margin.ONE_CLASS) else max(16, min(triton.next_power_of_2(C), 64))
+    return 64, block_c, 64, max(16, min(triton.next_power_of_2(D), 128))
+
+
+def fuse_plan(D: int, C: int, margin: int, need_dx: bool, need_dw: bool, uniform_grad: bool) -> Tuple[bool, bool]:
+    """Whether the forward also writes dX and dW: only when all classes fit one tile. dW needs the same upstream
+    gradient on every row (reduction 'mean' or 'sum'), since it sums over rows before that gradient is known."""
+    single = C <= _blocks(D, C, margin)[1]
+    return single and need_dx, single and need_dw and uniform_grad
+
+
+def _params(p: LossParams):
+    return [p.s, p.m, p.gamma, p.m_real, p.m_fake, p.alpha, p.label_smoothing], [int(p.margin), p.ignore_index,
+                                                                                 p.bonafide_label]
+
+
+def _unpack(floats: List[float], ints: List[int]):
+    s, m, gamma, m_real, m_fake, alpha, eps = floats
+    margin, ignore_index, bonafide = ints
+    return margin, s, m, gamma, m_real, m_fake, alpha, eps, ignore_index, bonafide
+
+
+def _common(x, w, bias, targets, class_weights, lam, margin):
+    dot_dtype, acc = _dtypes(x, w)
+    dummy = targets  # never read: its constexpr flag is off
+    n_targets = 2 if margin == int(Margin.ONE_CLASS) else w.shape[1]
+    args = (x, w, dummy if bias is None else bias, targets, dummy if class_weights is None else class_weights,
+            dummy if lam is None else lam)
+    meta = dict(MARGIN=margin, HAS_BIAS=bias is not None, HAS_CW=class_weights is not None, DOT_DTYPE=dot_dtype,
+                ACC_DTYPE=_TL[acc], PRECISION=FP32_PRECISION)
+    return args, meta, acc, n_targets
+
+
+@torch.library.custom_op("deepfense::margin_ce_fwd", mutates_args=())
+def margin_ce_fwd(x: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor], targets: torch.Tensor,
+                  class_weights: Optional[torch.Tensor], lam: Optional[torch.Tensor], floats: List[float],
+                  ints: List[int], fuse_dx: bool, fuse_dw: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Forward launcher.
+
+    Args: x [B, D], w [D, C] (any strides), bias [C], targets [B] int, class_weights [C] ([2] OCSoftmax), lam [1].
+    Returns: stats [5, B] (see margin_ce), dX [B, D] in x's dtype (or [0]), dW with d bias [D + 1, C] fp32 (or [0]).
+    """
+    margin, s, m, gamma, m_real, m_fake, alpha, eps, ignore_index, bonafide = _unpack(floats, ints)
+    (B, D), C = x.shape, w.shape[1]
+    args, meta, acc, n_targets = _common(x, w, bias, targets, class_weights, lam, margin)
+    block_b, block_c, block_k, _ = _blocks(D, C, margin)
+    n_prog = triton.cdiv(B, block_b)
+    stats = torch.empty(N_STATS, B, dtype=acc, device=x.device)
+    dx = torch.empty((B, D) if fuse_dx else (0,), dtype=x.dtype, device=x.device)
+    dwp = torch.empty((n_prog, D + 1, block_c) if fuse_dw else (0,), dtype=acc, device=x.device)
+    if B > 0:
+        K._margin_ce_fwd_kernel[(n_prog,)](
+            *args, stats, dx, dwp, B, D, C, n_targets, x.stride(0), x.stride(1), w.stride(0), w.stride(1),
+            s, m, gamma, m_real, m_fake, alpha, eps, ignore_index, bonafide, FUSE_DX=fuse_dx, FUSE_DW=fuse_dw,
+            BLOCK_B=block_b, BLOCK_C=block_c, BLOCK_K=block_k, **meta)
+    dw = dwp.sum(0)[:, :C] if fuse_dw else dwp  # fixed-order sum over programs: deterministic
+    if fuse_dw and B == 0:
+        dw = torch.zeros(D + 1, C, dtype=acc, device=x.device)
+    return stats, dx, dw
+
+
+@margin_ce_fwd.register_fake
+def _(x, w, bias, targets, class_weights, lam, floats, ints, fuse_dx, fuse_dw):
+    (B, D), C = x.shape, w.shape[1]
+    acc = _dtypes(x, w)[1]
+    return (x.new_empty((N_STATS, B), dtype=acc), x.new_empty((B, D) if fuse_dx else (0,)),
+            x.new_empty((D + 1, C) if fuse_dw else (0,), dtype=acc))
+
+
+@torch.library.custom_op("deepfense::margin_ce_bwd", mutates_args=())
+def margin_ce_bwd(x: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor], targets: torch.Tensor,
+                  class_weights: Optional[torch.Tensor], lam: Optional[torch.Tensor], stats: torch.Tensor,
+                  grad: torch.Tensor, floats: List[float], ints: List[int], need_dx: bool,
+                  need_dw: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Backward launcher for what the forward did not fuse.
+
+    Args: as the forward, plus stats [5, B] and grad [B] (the upstream gradient of each row's loss, any stride).
+    Returns: dX [B, D] in x's dtype, dW [D, C] in w's dtype (strides of w), d bias [C]; [0] where not needed.
+    """
+    margin, s, m, gamma, m_real, m_fake, alpha, eps, ignore_index, bonafide = _unpack(floats, ints)
+    (B, D), C = x.shape, w.shape[1]
+    args, meta, acc, n_targets = _common(x, w, bias, targets, class_weights, lam, margin)
+    block_b, block_c, block_k, block_do = _blocks(D, C, margin)
+    blocks = dict(BLOCK_B=block_b, BLOCK_C=block_c, BLOCK_K=block_k, BLOCK_DO=block_do)
+    dx = torch.empty((B, D) if need_dx else (0,), dtype=x.dtype, device=x.device)
+    dw = torch.empty_strided(w.shape, w.stride(), dtype=w.dtype, device=w.device) if need_dw else w.new_empty(0)
+    db = torch.empty(C if need_dw and bias is not None else 0, dtype=acc, device=x.device)
+    if B == 0:  # nothing to launch: the gradients of an empty batch are zero
+        dw.zero_(), db.zero_()
+    common = (B, D, C, n_targets, x.stride(0), x.stride(1), w.stride(0), w.stride(1), grad.stride(0))
+    if B > 0 and need_dx:
+        grid = (triton.cdiv(B, block_b), triton.cdiv(D, block_do))
+        K._margin_ce_bwd_dx_kernel[grid](*args, stats, grad, dx, *common, dx.stride(0), s, m, eps, ignore_index,
+                                         **blocks, **meta)
+    if B > 0 and need_dw:
+        grid = (triton.cdiv(C, block_c), triton.cdiv(D, block_do))
+        K._margin_ce_bwd_dw_kernel[grid](*args, stats, grad, dw, db if bias is not None else dw, *common,
+                                         dw.stride(0), dw.stride(1), s, m, eps, ignore_index, **blocks, **meta)
+    return dx, dw, db
+
+
+@margin_ce_bwd.register_fake
+def _(x, w, bias, targets, class_weights, lam, stats, grad, floats, ints, need_dx, need_dw):
+    C = w.shape[1]
+    acc = _dtypes(x, w)[1]
+    return (x.new_empty(x.shape if need_dx else (0,)),
+            torch.empty_strided(w.shape, w.stride(), dtype=w.dtype, device=w.device) if need_dw else w.new_empty(0),
+            x.new_empty((C if need_dw and bias is not None else 0,), dtype=acc))
+
+
+def _setup_context(ctx, inputs, output):
+    x, w, bias, targets, class_weights, lam, floats, ints, fuse_dx, fuse_dw = inputs
+    stats, dx_unit, dw_unit = output
+    ctx.save_for_backward(x, w, bias, targets, class_weights, lam, stats, dx_unit, dw_unit)
+    ctx.floats, ctx.ints, ctx.fuse_dx, ctx.fuse_dw = floats, ints, fuse_dx, fuse_dw
+
+
+def _backward(ctx, grad_stats, _grad_dx, _grad_dw):
+    x, w, bias, targets, class_weights, lam, stats, dx_unit, dw_unit = ctx.saved_tensors
+    g = grad_stats[int(K.STAT_LOSS)]  # only the per-row loss is differentiable; the other stats are saved values
+    need_x, need_w, need_b = ctx.needs_input_grad[:3]
+    dx, dw, db = margin_ce_bwd(x, w, bias, targets, class_weights, lam, stats, g, ctx.floats, ctx.ints,
+                               need_x and not ctx.fuse_dx, (need_w or need_b) and not ctx.fuse_dw)
+    if ctx.fuse_dx:
+        dx = (dx_unit * g[:, None].to(dx_unit.dtype)) if need_x else None
+    if ctx.fuse_dw:  # the forward fused dW only when every row has the same upstream gradient
+        gw = g[:1].to(dw_unit.dtype) if g.shape[0] else dw_unit.new_zeros(1)
+        dw, db = dw_unit[:-1] * gw, dw_unit[-1] * gw
+        dw = dw.to(w.dtype)
+    return (dx if need_x else None, dw if need_w else None,
+            db.to(bias.dtype) if need_b and bias is not None else None,
+            None, None, None, None, None, None, None)
+
+
+margin_ce_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def margin_loss(x, w_dc, bias, targets, class_weights, lam, p: LossParams):
+    """Loss of any of the four kinds on the fused Triton kernels (see `deepfense.torch_backend.margin_loss`)."""
+    if x.device.type != "cuda" and not INTERPRET:
+        raise RuntimeError("backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 set before importing deepfense "
+                           f"to run the kernels on CPU in the interpreter); got tensors on {x.device}. "
+                           "Use backend='torch' or 'auto' on this device.")
+    if x.dtype not in _TL or w_dc.dtype not in _TL:
+        raise ValueError(f"backend='triton' supports float16, bfloat16, float32 and float64, got {x.dtype}/{w_dc.dtype}")
+    if p.margin == Margin.ANGULAR:
+        lam = torch.as_tensor(lam, dtype=torch.float32, device=x.device).reshape(1)
+    else:
+        lam = None
+    targets = targets.contiguous()
+    class_weights = None if class_weights is None else class_weights.contiguous()
+    grad_on = torch.is_grad_enabled()
+    need_x, need_w = grad_on and x.requires_grad, grad_on and (w_dc.requires_grad or
+                                                              (bias is not None and bias.requires_grad))
+    fuse_dx, fuse_dw = fuse_plan(x.shape[1], w_dc.shape[1], int(p.margin), need_x, need_w, p.reduction != "none")
+    floats, ints = _params(p)
+    stats, _, _ = margin_ce_fwd(x, w_dc, bias, targets, class_weights, lam, floats, ints, fuse_dx, fuse_dw)
+    rows = stats[int(K.STAT_LOSS)]
+    if p.reduction == "none":
+        return rows
+    if p.reduction == "sum":
+        return rows.sum()
+    # mean over the class weights of kept rows; 0, not NaN, when no row is kept (the rows then sum to 0)
+    return rows.sum() / stats[int(K.STAT_ROWW)].sum().clamp_min(torch.finfo(rows.dtype).tiny)
