@@ -72,7 +72,8 @@ def df_loss(loss_type, x, y, state, cfg, *, iteration=1, reduction="mean"):
     cw = state.get("m_loss.weight", state.get("criterion.weight"))
     if loss_type == "CrossEntropy":
         return F.cross_entropy(df_logits(loss_type, x, state, cfg), y, weight=cw, reduction=reduction)
-    onehot = F.one_hot(y, state["mapper.weight"].shape[1]).bool()
+    if loss_type != "OCSoftmax":
+        onehot = F.one_hot(y, state["mapper.weight"].shape[1]).bool()
     if loss_type == "AMSoftmax":
         cos = _df_cos(x, state["mapper.weight"])
         out = torch.where(onehot, cfg["s"] * (cos - cfg["m"]), cfg["s"] * cos)

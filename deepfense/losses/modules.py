@@ -83,10 +83,9 @@ class _LossHead(nn.Module):
             if tuple(loaded.shape) != (self.n_weights,):
                 error_msgs.append(f"{found[0]}: expected {self.n_weights} class weights, got {tuple(loaded.shape)}")
             else:
-                current = self.class_weights
-                dtype = current.dtype if current is not None else torch.float32
-                device = current.device if current is not None else next(self.parameters()).device
-                self.class_weights = loaded.detach().to(device=device, dtype=dtype).clone()
+                if self.class_weights is None:  # a placeholder that the default loading below copies into
+                    self.class_weights = torch.empty(self.n_weights, device=next(self.parameters()).device)
+                state_dict[prefix + "class_weights"] = loaded
         # DeepFense does not save the ASoftmax schedule: keep the current step when the key is absent
         if isinstance(getattr(self, "step", None), torch.Tensor) and prefix + "step" not in state_dict:
             state_dict[prefix + "step"] = self.step.detach().clone()
