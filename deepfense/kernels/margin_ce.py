@@ -203,7 +203,7 @@ def _dw_finish(acc_w, csum, rw, w, MARGIN: tl.constexpr):
 
 @triton.jit
 def _dx_finish(acc_x, x, rx, ssum, xsum, MARGIN: tl.constexpr):
-    """dx = rx (dcos rw) @ W^T - (sum_c dcos_c cos_c) rx^2 x, from d cos_c/dx = rx (w_hat_c - cos_c x_hat);
+    """dx = rx dcos @ W_hat^T - (sum_c dcos_c cos_c) rx^2 x, from d cos_c/dx = rx (w_hat_c - cos_c x_hat);
     ASoftmax adds (sum_c dL/dl_c l_c) rx^2 x since its logits scale with |x| and d|x|/dx = x rx."""
     if MARGIN == MARGIN_NONE:
         return acc_x
@@ -307,7 +307,8 @@ def _grad_tile(X_ptr, W_ptr, BIAS_ptr, CW_ptr, rows, row_mask, cols, col_mask, t
         smooth = valid.to(ACC_DTYPE) * eps / C
         dcos, dl = _dcos_tile(logits, cos, xn, is_target, cw, lse, coef_p, coef_t, smooth, g, lam, s, m, MARGIN)
         xsum = tl.sum(dl * tl.where(col_mask[None, :], logits, 0.0), 1)
-    return dcos, cos, rx, rw, xsum
+    # the dots take dcos in DOT_DTYPE; rounding it once here keeps the cos-correction sums consistent with them
+    return dcos.to(DOT_DTYPE).to(ACC_DTYPE), cos, rx, rw, xsum
 
 
 @triton.jit
@@ -326,7 +327,6 @@ def _fused_grads(X_ptr, W_ptr, BIAS_ptr, CW_ptr, DX_ptr, DWP_ptr, pid, rows, row
                                          ACC_DTYPE, PRECISION, BLOCK_B, BLOCK_C, BLOCK_K)
     ssum = tl.sum(dcos * cos, 1)
     csum = tl.sum(dcos, 0) if MARGIN == MARGIN_NONE else tl.sum(dcos * cos, 0)  # d bias, or the dW cos term
-    dcos_w = dcos if MARGIN == MARGIN_NONE else dcos * rw[None, :]
     DWP_ptr += pid * (D + 1) * BLOCK_C
     for k0 in range(0, D, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
@@ -336,7 +336,8 @@ def _fused_grads(X_ptr, W_ptr, BIAS_ptr, CW_ptr, DX_ptr, DWP_ptr, pid, rows, row
         w = tl.load(W_ptr + ks[:, None] * stride_w_d + cols[None, :] * stride_w_c,
                     mask=kmask[:, None] & col_mask[None, :], other=0.0).to(ACC_DTYPE)
         if FUSE_DX:
-            acc_x = tl.dot(dcos_w.to(DOT_DTYPE), tl.trans(w).to(DOT_DTYPE), input_precision=PRECISION,
+            w_hat = w if MARGIN == MARGIN_NONE else w * rw[None, :]
+            acc_x = tl.dot(dcos.to(DOT_DTYPE), tl.trans(w_hat).to(DOT_DTYPE), input_precision=PRECISION,
                            out_dtype=ACC_DTYPE)
             dx = _dx_finish(acc_x, x, rx, ssum, xsum, MARGIN)
             tl.store(DX_ptr + rows[:, None] * D + ks[None, :], dx.to(DX_ptr.dtype.element_ty),
@@ -386,9 +387,9 @@ def _margin_ce_bwd_dx_kernel(
         ssum += tl.sum(dcos * cos, 1)
         xsum += xs
         w = tl.load(W_ptr + ds[:, None] * stride_w_d + cols[None, :] * stride_w_c,
-                    mask=dmask[:, None] & col_mask[None, :], other=0.0)
-        dcos_w = dcos if MARGIN == MARGIN_NONE else dcos * rw[None, :]
-        acc_x = tl.dot(dcos_w.to(DOT_DTYPE), tl.trans(w.to(DOT_DTYPE)), acc_x, input_precision=PRECISION,
+                    mask=dmask[:, None] & col_mask[None, :], other=0.0).to(ACC_DTYPE)
+        w_hat = w if MARGIN == MARGIN_NONE else w * rw[None, :]
+        acc_x = tl.dot(dcos.to(DOT_DTYPE), tl.trans(w_hat.to(DOT_DTYPE)), acc_x, input_precision=PRECISION,
                        out_dtype=ACC_DTYPE)
     x = tl.load(X_ptr + rows[:, None] * stride_x_row + ds[None, :] * stride_x_col,
                 mask=row_mask[:, None] & dmask[None, :], other=0.0).to(ACC_DTYPE)
@@ -440,4 +441,5 @@ def _margin_ce_bwd_dw_kernel(
     tl.store(DW_ptr + ds[:, None] * stride_dw_d + cols[None, :] * stride_dw_c, dw.to(DW_ptr.dtype.element_ty),
              mask=dmask[:, None] & col_mask[None, :])
     if HAS_BIAS:
-        tl.store(DB_ptr + cols, csum.to(DB_ptr.dtype.element_ty), mask=col_mask & (pid_d == 0))
+        if pid_d == 0:
+            tl.store(DB_ptr + cols, csum.to(DB_ptr.dtype.element_ty), mask=col_mask)

@@ -1,0 +1,83 @@
+"""Shared inputs and runners for the backend tests: one loss axis, every backend compared to the float64 reference."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from deepfense import functional as F
+
+LOSSES = ("am", "a", "oc", "ce")
+FUNCS = {"am": F.am_softmax_loss, "a": F.a_softmax_loss, "oc": F.oc_softmax_loss, "ce": F.cross_entropy_loss}
+DEVICE = "cuda" if os.environ.get("DEEPFENSE_TEST_DEVICE") == "cuda" else "cpu"
+FAST_BACKENDS = ("torch", "triton")
+# absolute slack on top of twice the same-dtype PyTorch error (flash-attention / CCE rule)
+ATOL = {torch.float64: 1e-9, torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
+
+
+def make_case(loss, B, D, C, dtype=torch.float32, seed=0, ignore_some=False, class_weights=False):
+    """Random embeddings, weight, targets (and bias for CrossEntropy) on the test device."""
+    gen = torch.Generator().manual_seed(seed)
+    C = 1 if loss == "oc" else C
+    x = torch.randn(B, D, generator=gen, dtype=torch.float64) * 3.0
+    w = torch.randn(C, D, generator=gen, dtype=torch.float64) if loss == "ce" else torch.randn(D, C, generator=gen,
+                                                                                               dtype=torch.float64)
+    n_t = 2 if loss == "oc" else C
+    t = torch.randint(0, n_t, (B,), generator=gen)
+    if ignore_some and B > 2:
+        t[::3] = -100
+    case = {"x": x, "w": w, "t": t}
+    if loss == "ce":
+        case["bias"] = torch.randn(C, generator=gen, dtype=torch.float64)
+    if class_weights:
+        case["cw"] = torch.rand(n_t, generator=gen, dtype=torch.float64) + 0.2
+    return {k: (v.to(dtype) if v.is_floating_point() and k in ("x", "w", "bias") else v).to(DEVICE)
+            for k, v in case.items()}
+
+
+def options(loss, reduction="mean", smoothing=0.0, **extra):
+    opts = dict(reduction=reduction, **extra)
+    if smoothing and loss in ("am", "ce"):
+        opts["label_smoothing"] = smoothing
+    if loss == "a":
+        opts.setdefault("lam", 7.5)
+    return opts
+
+
+def run(loss, case, backend, opts, grad_seed=1, dtype=None):
+    """Loss and gradients (float64 copies). `dtype` recasts the case's float tensors first (for the gold run)."""
+    leaves = {}
+    for k in ("x", "w", "bias"):
+        if k in case:
+            v = case[k].detach()
+            leaves[k] = (v.to(dtype) if dtype else v.clone()).requires_grad_()
+    kw = dict(opts)
+    if "cw" in case:
+        kw["class_weights"] = case["cw"].to(dtype) if dtype else case["cw"]
+    if loss == "ce":
+        kw["bias"] = leaves["bias"]
+    out = FUNCS[loss](leaves["x"], leaves["w"], case["t"], backend=backend, **kw)
+    gen = torch.Generator().manual_seed(grad_seed)
+    g = (torch.rand(out.shape, generator=gen, dtype=torch.float64) * 2 + 0.5).to(out)  # non-unit upstream gradient
+    if leaves["x"].shape[0] > 0:
+        (out * g).sum().backward()
+    grads = [leaves[k].grad for k in ("x", "w", "bias") if k in leaves]
+    return [out.detach().double()] + [None if gr is None else gr.double() for gr in grads]
+
+
+def assert_close_to_gold(loss, case, backend, opts, dtype):
+    """|fast - gold| <= 2 |torch_same_dtype - gold| + atol, elementwise, for the loss and every gradient."""
+    gold = run(loss, case, "reference", opts, dtype=torch.float64)
+    same = run(loss, case, "reference", opts)
+    fast = run(loss, case, backend, opts)
+    for name, f, s, g in zip(("loss", "dX", "dW", "dbias"), fast, same, gold):
+        if g is None:
+            assert f is None or not f.abs().sum(), name
+            continue
+        assert f is not None, f"{name}: no gradient from {backend}"
+        assert torch.isfinite(f).all(), f"{name}: non-finite values from {backend}"
+        bound = 2 * (s - g).abs() + ATOL[dtype] * (1 + g.abs())
+        err = (f - g).abs()
+        assert (err <= bound).all(), (f"{name} ({backend}, {dtype}): max error {err.max().item():.3g}, "
+                                      f"worst excess {(err - bound).max().item():.3g}")
