@@ -39,6 +39,7 @@ def _parser():
     b.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda if available")
     b.add_argument("--out", default=os.path.join("bench", "results"), help="results folder (default bench/results)")
     b.add_argument("--reps", type=int, default=None, help="max timed iterations per measurement")
+    b.add_argument("--time-limit", type=float, help="start no new case after this many seconds")
     b.add_argument("--no-errors", action="store_true", help="skip the float64 reference errors")
     b.add_argument("--validate", action="store_true",
                    help="keep deepfense's input value checks on (one host sync per call; off by default)")
@@ -75,25 +76,34 @@ def cmd_bench(a) -> int:
     if not a.validate:
         os.environ["DEEPFENSE_VALIDATE"] = "0"
     compile_mode = a.compile or ("none" if a.quick else "anchors")
-    reps = a.reps or (10 if a.quick else 30)
-    budget = 0.15 if a.quick else (0.4 if device == "cpu" else 0.25)
+    reps = a.reps or (10 if a.quick else 30 if device == "cpu" else 50)
+    budget = 0.15 if a.quick else (0.4 if device == "cpu" else 0.1)
     providers = select(_csv(a.providers))
     runner.log(f"deepfense bench on {runner.device_name(device)}: {len(cases)} cases x {len(providers)} providers")
     ceil = measure.ceilings(device, sorted({c.dtype for c in cases}))
     runner.log(f"ceilings: copy {ceil['copy_GBps']:.3g} GB/s, matmul TFLOP/s {ceil['matmul_TFLOPs']}")
-    rows = runner.run(cases, providers, device, warmup=2 if a.quick else 3, reps=reps, budget_s=budget,
-                      compile_mode=compile_mode, errors=not a.no_errors)
-    report.derive(rows, ceil)
-    fits = report.scaling(rows)
     meta = {"device": device, "device_name": runner.device_name(device), "date": datetime.date.today().isoformat(),
             "versions": runner.versions(), "threads": torch.get_num_threads(), "ceilings": ceil,
+            "load_start": os.getloadavg()[0], "cpus": os.cpu_count(),
             "settings": f"{'quick' if a.quick else 'default' if not shapes else 'custom'} sweep, compile="
                         f"{compile_mode}, reps<={reps}, time budget {budget}s/measurement, DEEPFENSE_VALIDATE="
                         f"{os.environ.get('DEEPFENSE_VALIDATE', '1')}"}
-    md = report.markdown(meta, rows, fits)
-    print(md)
-    paths = report.write(a.out, runner.file_stem(meta["device_name"], a.quick), meta, rows, fits)
+    stem = runner.file_stem(meta["device_name"], a.quick)
+
+    def finish(rows, final=False):
+        meta["load_end"] = os.getloadavg()[0]
+        report.derive(rows, ceil)
+        fits = report.scaling(rows)
+        paths = report.write(a.out, stem, meta, rows, fits, plot=final)
+        return fits, paths
+
+    rows = runner.run(cases, providers, device, warmup=2 if a.quick else 3, reps=reps, budget_s=budget,
+                      compile_mode=compile_mode, errors=not a.no_errors, time_limit=a.time_limit, on_case=finish)
+    fits, paths = finish(rows, final=True)
+    print(report.markdown(meta, rows, fits))
     runner.log("wrote " + ", ".join(paths))
+    if report.busy(meta):
+        runner.log(report.busy(meta))
     return 0
 
 

@@ -56,6 +56,9 @@ def table(rows: list[dict]) -> str:
     """The markdown table: one line per measured (case, provider); errored providers show their error."""
     lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     for r in rows:
+        if r["status"] == "truncated":
+            lines.append(f"| {r['reason']} |" + " |" * (len(COLUMNS) - 1))
+            continue
         head = [r["loss"], str(r["B"]), str(r["D"]), str(r["C"]), r["dtype"], r["provider"]]
         if r["status"] == "error":
             cells = head + [f"error: {r['reason'][:60]}"] + [""] * (len(COLUMNS) - 7)
@@ -127,17 +130,31 @@ def scaling_table(fits: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def issue2_table(rows: list[dict]) -> str:
-    """Issue 2's comparison shapes: the deepfense providers against eager and compile, plus the quoted DeepFense."""
-    lines = ["| loss | B | D | C | provider | fwd+bwd ms | x eager | x compile | DeepFense 0.2.2 ms (quoted) |",
-             "|---|---|---|---|---|---|---|---|---|"]
+def issue2_table(rows: list[dict], device: str) -> str:
+    """Issue 2's comparison shapes: the deepfense providers against eager and compile, plus (CPU) the quoted
+    DeepFense 0.2.2 times."""
+    quoted = device == "cpu"
+    lines = ["| loss | B | D | C | provider | fwd+bwd ms | x eager | x compile |"
+             + (" DeepFense 0.2.2 ms (issue 2, not this run) |" if quoted else ""),
+             "|" + "---|" * (9 if quoted else 8)]
     for r in rows:
-        key = (r["loss"], r["B"], r["D"], r["C"])
+        key = (r.get("loss"), r.get("B"), r.get("D"), r.get("C"))
         if r["status"] == "ok" and key in DEEPFENSE_022_CPU_MS and r["dtype"] == "fp32":
             lines.append(f"| {key[0]} | {key[1]} | {key[2]} | {key[3]} | {r['provider']} | {_f(r['fwdbwd_ms'])} | "
-                         f"{_f(r.get('x_eager'), '{:.2f}x')} | {_f(r.get('x_compile'), '{:.2f}x')} | "
-                         f"{DEEPFENSE_022_CPU_MS[key]} |")
+                         f"{_f(r.get('x_eager'), '{:.2f}x')} | {_f(r.get('x_compile'), '{:.2f}x')} |"
+                         + (f" {DEEPFENSE_022_CPU_MS[key]} |" if quoted else ""))
     return "\n".join(lines) if len(lines) > 2 else ""
+
+
+def busy(meta: dict) -> str:
+    """A warning when other processes competed for the CPU (1-minute load average, this run's own load included)."""
+    if meta["device"] != "cpu":
+        return ""
+    start, end, cpus = meta.get("load_start", 0.0), meta.get("load_end", 0.0), meta.get("cpus") or 1
+    if start > 0.5 * cpus or end > cpus + 0.5:
+        return (f"WARNING: the machine was busy (load average {start:.1f} at start, {end:.1f} at end, {cpus} CPUs): "
+                f"other processes competed for the cores, so CPU times are inflated and noisy.")
+    return ""
 
 
 def markdown(meta: dict, rows: list[dict], fits: list[dict]) -> str:
@@ -148,31 +165,31 @@ def markdown(meta: dict, rows: list[dict], fits: list[dict]) -> str:
              f"python {meta['versions']['python']}, deepfense {meta['versions']['deepfense']}; "
              f"{meta['threads']} threads.",
              f"Ceilings measured in this run: copy {ceil['copy_GBps']:.3g} GB/s (read+write), matmul TFLOP/s: {mm}.",
-             f"Settings: {meta['settings']}", "", table(rows), "",
+             f"Settings: {meta['settings']}", busy(meta), "", table(rows), "",
              "Times: medians after warm-up, device-synchronised, inputs rotated among copies; fwd is a training "
              "forward. Bytes = 2(BD + DC)*itemsize + 8B, FLOPs = 6BCD (minimal fused fwd+bwd; see "
              "deepfense/benchmark/cases.py). Errors: max-norm relative error against the float64 reference "
              "(pml-sphereface against lam=0, gamma=0: the function it computes).",
              f"Absent providers: {absent_note(rows)}.", "", "## Scaling", "", scaling_table(fits)]
-    i2 = issue2_table(rows)
+    i2 = issue2_table(rows, meta["device"])
     if i2:
         parts += ["", "## Issue 2 comparison shapes (fwd+bwd)", "", i2]
     return "\n".join(parts) + "\n"
 
 
-def write(out_dir: str, stem: str, meta: dict, rows: list[dict], fits: list[dict]) -> list[str]:
-    """JSON + markdown (+ PNG when matplotlib imports) under out_dir; returns the written paths."""
+def write(out_dir: str, stem: str, meta: dict, rows: list[dict], fits: list[dict], plot: bool = True) -> list[str]:
+    """JSON + markdown (+ PNG when `plot` and matplotlib imports) under out_dir; returns the written paths."""
     os.makedirs(out_dir, exist_ok=True)
     paths = [os.path.join(out_dir, stem + ".json"), os.path.join(out_dir, stem + ".md")]
     with open(paths[0], "w") as f:
         json.dump({"meta": meta, "rows": rows, "scaling": fits}, f, indent=1, default=str)
     with open(paths[1], "w") as f:
         f.write(markdown(meta, rows, fits))
-    png = plot(rows, os.path.join(out_dir, stem + ".png"), meta["device_name"])
+    png = plot_times(rows, os.path.join(out_dir, stem + ".png"), meta["device_name"]) if plot else None
     return paths + ([png] if png else [])
 
 
-def plot(rows: list[dict], path: str, title: str) -> str | None:
+def plot_times(rows: list[dict], path: str, title: str) -> str | None:
     """fwd+bwd time against B (top) and against C (bottom), one panel per loss, one line per provider/shape."""
     try:
         import matplotlib

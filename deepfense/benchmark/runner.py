@@ -55,14 +55,21 @@ def log(msg: str):
 
 
 def run(cases: list[Case], providers: list[Provider], device: str, *, warmup: int, reps: int, budget_s: float,
-        compile_mode: str, errors: bool) -> list[dict]:
+        compile_mode: str, errors: bool, time_limit: float | None = None, on_case=None) -> list[dict]:
     """Measure every (case, provider). compile_mode: 'anchors' (torch.compile only on anchor cases), 'all', 'none'.
+
+    No new case starts after `time_limit` seconds (the rest are listed as skipped); `on_case(rows)` runs after each
+    case, so partial results survive a run that is cut short.
 
     Absent providers and errors become rows with status 'absent' / 'error' and a reason; nothing aborts the run."""
     rows = []
     start = time.perf_counter()
     for i, case in enumerate(cases, 1):
         nbytes, flops = traffic(case)
+        if time_limit is not None and time.perf_counter() - start > time_limit:
+            log(f"time limit {time_limit:.0f}s reached: {len(cases) - i + 1} cases not run")
+            rows.append({"status": "truncated", "reason": f"{len(cases) - i + 1} cases not run (time limit)"})
+            break
         log(f"[{i}/{len(cases)} {time.perf_counter() - start:5.0f}s] {case.label}")
         inputs = measure.make_inputs_rotated(case, device)
         golds = {}
@@ -97,5 +104,7 @@ def run(cases: list[Case], providers: list[Provider], device: str, *, warmup: in
             rows.append(row)
         del inputs, golds
         gc.collect()
+        if on_case:
+            on_case(rows)
     return rows
 
