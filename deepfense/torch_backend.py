@@ -109,14 +109,8 @@ class MarginLossFunction(torch.autograd.Function):
             dlogits.sub_(smooth[:, None] * cw)
         if p.margin == Margin.NONE:
             return _finish(ctx, p, rows, row_w, xf, wf, bias, None, dlogits, None, None, None, (x.dtype, w.dtype))
-        if p.margin == Margin.ADDITIVE:
-            dlogits.mul_(p.s)  # every logit, the target's too, is s * cos + const
-            xscale = None
-        else:
-            # logits are |x| h(cos): dL/d|x| = sum_c dL/dl_c * l_c / |x|, and d|x|/dx = x / |x|
-            xscale = (dlogits * logits).sum(1, keepdim=True) * rx * rx
-            dlogits_y = dlogits.gather(1, safe)
-            dlogits.mul_(xnorm).scatter_(1, safe, dlogits_y * _target_logit_grad(cos_y, xnorm, lam_t, p))
+        tgrad = _target_logit_grad(cos_y, xnorm, lam_t, p) if p.margin == Margin.ANGULAR else None
+        xscale = _dlogits_to_dcos(dlogits, logits, xnorm, rx, safe, tgrad, p)
         return _finish(ctx, p, rows, row_w, xf, wf, bias, cos, dlogits, rx, rw, xscale, (x.dtype, w.dtype))
 
     @staticmethod
@@ -124,20 +118,41 @@ class MarginLossFunction(torch.autograd.Function):
         p, (x_dtype, w_dtype) = ctx.p, ctx.dtypes
         xf, wf, cos, dcos, rx, rw, xscale, scale = ctx.saved_tensors
         g = (grad[:, None] if p.reduction == "none" else grad) * scale
-        db = None
-        if p.margin == Margin.NONE:
-            a = dcos * g
-            dx, dw = a @ wf.t(), xf.t() @ a
-            db = a.sum(0) if ctx.has_bias else None
-        else:
-            # cos = (x . w_c) rx rw_c:  dcos/dx = rx (rw_c w_c - cos_c rx x),  dcos/dw_c = rw_c (rx x - cos_c rw_c w_c)
-            a = dcos * g
-            ac = a * cos
-            dx = ((a * rw) @ wf.t()).mul_(rx).sub_((ac.sum(1, keepdim=True) * rx * rx) * xf)
-            dw = ((xf * rx).t() @ a).mul_(rw).sub_((ac.sum(0, keepdim=True) * rw * rw) * wf)
-            if xscale is not None:
-                dx.add_((xscale * g) * xf)
+        dx, dw, db = _project_grad(xf, wf, cos, dcos * g, rx, rw, None if xscale is None else xscale * g,
+                                   ctx.has_bias)
         return dx.to(x_dtype), dw.to(w_dtype), db, None, None, None, None
+
+
+def _dlogits_to_dcos(dlogits, logits, xnorm, rx, tcol, tgrad, p: LossParams):
+    """In place, turn dL/dlogits [B, C] into dL/dcos for the cosine losses; returns ASoftmax's |x| term or None.
+
+    tcol [B, 1]: the target column. tgrad [B, 1]: d(target logit)/d(cos_y) (ASoftmax only; a caller that must leave
+    a row's target column as a plain |x| cos logit passes |x| there).
+    """
+    if p.margin == Margin.ADDITIVE:
+        dlogits.mul_(p.s)  # every logit, the target's too, is s * cos + const
+        return None
+    # logits are |x| h(cos): dL/d|x| = sum_c dL/dl_c * l_c / |x|, and d|x|/dx = x / |x|
+    xscale = (dlogits * logits).sum(1, keepdim=True) * rx * rx
+    dlogits_y = dlogits.gather(1, tcol)
+    dlogits.mul_(xnorm).scatter_(1, tcol, dlogits_y * tgrad)
+    return xscale
+
+
+def _project_grad(xf, wf, cos, a, rx, rw, xscale, has_bias):
+    """dX [B, D], dW [D, C] and db [C] (or None) from a = dL/dcos [B, C] (dL/dlogits for CrossEntropy, cos None).
+
+    xscale [B, 1]: ASoftmax's dL/d|x| / |x| (already scaled by the upstream gradient), or None.
+    """
+    if cos is None:
+        return a @ wf.t(), xf.t() @ a, a.sum(0) if has_bias else None
+    # cos = (x . w_c) rx rw_c:  dcos/dx = rx (rw_c w_c - cos_c rx x),  dcos/dw_c = rw_c (rx x - cos_c rw_c w_c)
+    ac = a * cos
+    dx = ((a * rw) @ wf.t()).mul_(rx).sub_((ac.sum(1, keepdim=True) * rx * rx) * xf)
+    dw = ((xf * rx).t() @ a).mul_(rw).sub_((ac.sum(0, keepdim=True) * rw * rw) * wf)
+    if xscale is not None:
+        dx.add_(xscale * xf)
+    return dx, dw, None
 
 
 def _finish(ctx, p, rows, row_w, xf, wf, bias, cos, dcos, rx, rw, xscale, dtypes):
