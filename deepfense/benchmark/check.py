@@ -41,6 +41,7 @@ def check_backend(device: str, backend: str) -> int:
     """Print one PASS/FAIL/SKIP line per loss for `backend` on `device`; return the number of failures."""
     resolved = functional.resolve_backend(backend, torch.device(device))
     missing = _backend_missing(resolved)
+    shown = resolved + ("[interpreter]" if resolved == "triton" and os.environ.get("TRITON_INTERPRET") == "1" else "")
     failures = 0
     status = {}  # loss -> [every check passed, worst score, its description]
     for case in _cases(device):
@@ -49,9 +50,14 @@ def check_backend(device: str, backend: str) -> int:
         spec = LOSSES[case.loss]
         ref = measure.gold(case, device)
         args = make_inputs(case, device)[0]
-        fast = measure.errors(lambda x, w, t: spec.functional(x, w, t, **spec.options, backend=resolved), args, ref)
-        same = measure.errors(lambda x, w, t: spec.ref(x, w, t, **spec.options), args, ref)
         st = status.setdefault(case.loss, [True, -1.0, ""])
+        try:
+            fast = measure.errors(lambda x, w, t: spec.functional(x, w, t, **spec.options, backend=resolved), args,
+                                  ref)
+        except Exception as exc:  # a backend that raises fails its loss, with the reason, and the others still run
+            st[0], st[1], st[2] = False, float("inf"), f"{case.label} raised {type(exc).__name__}: {exc}"
+            continue
+        same = measure.errors(lambda x, w, t: spec.ref(x, w, t, **spec.options), args, ref)
         for what in ("loss_err", "grad_err"):
             bound = 2 * same[what] + TOL[case.dtype]
             st[0] &= fast[what] <= bound
@@ -59,11 +65,11 @@ def check_backend(device: str, backend: str) -> int:
                 st[1], st[2] = fast[what] / bound, f"{case.label} {what} {fast[what]:.1e} (bound {bound:.1e})"
     for loss in LOSSES:
         if missing:
-            print(f"SKIP {loss:<13} backend={resolved} on {device}: {missing}")
+            print(f"SKIP {loss:<13} backend={shown} on {device}: {missing}")
             continue
         ok, _, detail = status[loss]
         failures += not ok
-        print(f"{'PASS' if ok else 'FAIL'} {loss:<13} backend={resolved} on {device}: worst {detail}")
+        print(f"{'PASS' if ok else 'FAIL'} {loss:<13} backend={shown} on {device}: worst {detail}")
     return failures
 
 
