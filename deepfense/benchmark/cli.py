@@ -56,6 +56,20 @@ def _device(name):
 
 
 def cmd_bench(a) -> int:
+    """Run the benchmark; deepfense's per-call value checks are off meanwhile unless --validate (restored after)."""
+    saved = os.environ.get("DEEPFENSE_VALIDATE")
+    if not a.validate:
+        os.environ["DEEPFENSE_VALIDATE"] = "0"
+    try:
+        return _bench(a)
+    finally:
+        if saved is None:
+            os.environ.pop("DEEPFENSE_VALIDATE", None)
+        else:
+            os.environ["DEEPFENSE_VALIDATE"] = saved
+
+
+def _bench(a) -> int:
     from .providers import select
     device = _device(a.device)
     losses = _csv(a.losses) or list(LOSSES)
@@ -73,8 +87,6 @@ def cmd_bench(a) -> int:
         cases = custom_cases(losses, shapes, dtypes or (["bf16"] if device == "cuda" else ["fp32"]))
     else:
         cases = [c for c in default_cases(device, a.quick, dtypes) if c.loss in losses]
-    if not a.validate:
-        os.environ["DEEPFENSE_VALIDATE"] = "0"
     compile_mode = a.compile or ("none" if a.quick else "anchors")
     reps = a.reps or (10 if a.quick else 30 if device == "cpu" else 50)
     budget = 0.15 if a.quick else (0.4 if device == "cpu" else 0.1)

@@ -51,6 +51,8 @@ def _module(name: str):
 
 
 def _backend_missing(backend: str) -> str | None:
+    if backend == "reference":
+        return None
     mod = _module("deepfense.torch_backend" if backend == "torch" else "deepfense.kernels")
     if mod is None or not hasattr(mod, "margin_loss"):
         return f"backend '{backend}' not built yet"
