@@ -47,6 +47,16 @@ def _target_logit_grad(cos_y, xnorm, lam, p: LossParams):
     return xnorm * (lam + dpsi) / (1.0 + lam)
 
 
+def _cosines(xf, wf):
+    """Clamped cosines [B, C] of the rows of xf [B, D] and the columns of wf [D, C], with |x| [B, 1], 1/|x| [B, 1]
+    and 1/|w| [1, C]; zero vectors normalise to zero, with zero gradient."""
+    xnorm = torch.linalg.vector_norm(xf, dim=1, keepdim=True)
+    rx = torch.where(xnorm > 0, 1.0 / xnorm, 0.0)
+    wnorm = torch.linalg.vector_norm(wf, dim=0, keepdim=True)
+    rw = torch.where(wnorm > 0, 1.0 / wnorm, 0.0)
+    return ((xf * rx) @ wf).mul_(rw).clamp_(-1.0, 1.0), xnorm, rx, rw
+
+
 class MarginLossFunction(torch.autograd.Function):
     """The loss of one of the four kinds, reduced inside (scalar) or per row ([B] for reduction='none').
 
@@ -68,11 +78,7 @@ class MarginLossFunction(torch.autograd.Function):
         if p.margin == Margin.NONE:
             logits = torch.addmm(bias.to(dt), xf, wf) if bias is not None else xf @ wf
         else:
-            xnorm = torch.linalg.vector_norm(xf, dim=1, keepdim=True)
-            rx = torch.where(xnorm > 0, 1.0 / xnorm, 0.0)  # zero rows normalise to zero, with zero gradient
-            wnorm = torch.linalg.vector_norm(wf, dim=0, keepdim=True)
-            rw = torch.where(wnorm > 0, 1.0 / wnorm, 0.0)
-            cos = ((xf * rx) @ wf).mul_(rw).clamp_(-1.0, 1.0)
+            cos, xnorm, rx, rw = _cosines(xf, wf)
 
         if p.margin == Margin.ONE_CLASS:
             bona = (safe == p.bonafide_label).to(dt)  # z = alpha*(m_real - cos) if bonafide, else alpha*(cos - m_fake)
