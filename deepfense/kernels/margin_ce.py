@@ -98,13 +98,11 @@ def _target_logit(cos, xn, lam, s, m, MARGIN: tl.constexpr):
 
 
 @triton.jit
-def _target_logit_grad(cos, xn, lam, s, m, MARGIN: tl.constexpr):
-    """d(target logit)/d cos at fixed |x|: AMSoftmax s; ASoftmax |x| (lam + psi') / (1 + lam), k held constant."""
-    if MARGIN == MARGIN_ADDITIVE:
-        return tl.full(cos.shape, s, cos.dtype)
-    else:
-        _, dpsi = _sphereface_psi(cos, m)
-        return xn * (lam + dpsi) / (1.0 + lam)
+def _target_logit_grad(cos, xn, lam, m):
+    """ASoftmax's d(target logit)/d cos at fixed |x|: |x| (lam + psi') / (1 + lam), k held constant.
+    (AMSoftmax's is s, the same as every other column's, so it needs no helper.)"""
+    _, dpsi = _sphereface_psi(cos, m)
+    return xn * (lam + dpsi) / (1.0 + lam)
 
 
 @triton.jit
@@ -125,7 +123,8 @@ def _logit_tile(acc, xsq, wsq, bias, is_target, col_mask, lam, s, m, MARGIN: tl.
             logits = cos
         else:
             logits = xn[:, None] * cos if MARGIN == MARGIN_ANGULAR else s * cos
-            logits = tl.where(is_target, _target_logit(cos, xn[:, None], lam, s, m, MARGIN), logits)
+            cos_y = tl.sum(tl.where(is_target, cos, 0.0), 1)  # the margin maths runs on one column, not the tile
+            logits = tl.where(is_target, _target_logit(cos_y, xn, lam, s, m, MARGIN)[:, None], logits)
     return tl.where(col_mask[None, :], logits, float("-inf")), cos, xn, rx, rw
 
 
@@ -143,7 +142,8 @@ def _dcos_tile(logits, cos, xn, is_target, cw, lse, coef_p, coef_t, smooth, g, l
     elif MARGIN == MARGIN_ADDITIVE:
         dcos = s * dl  # every logit, the target's too, is s cos + const
     else:
-        dcos = dl * tl.where(is_target, _target_logit_grad(cos, xn[:, None], lam, s, m, MARGIN), xn[:, None])
+        cos_y = tl.sum(tl.where(is_target, cos, 0.0), 1)
+        dcos = dl * tl.where(is_target, _target_logit_grad(cos_y, xn, lam, m)[:, None], xn[:, None])
     return dcos, dl
 
 
