@@ -15,7 +15,17 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from deepfense.losses import AMSoftmax, ASoftmax, CrossEntropy, OCSoftmax
+
 LOSS_TYPES = ("AMSoftmax", "ASoftmax", "OCSoftmax", "CrossEntropy")
+CLASSES = {"AMSoftmax": AMSoftmax, "ASoftmax": ASoftmax, "OCSoftmax": OCSoftmax, "CrossEntropy": CrossEntropy}
+
+
+def make(loss_type, dim, n_classes=2, **kwargs):
+    """Build a loss head; n_classes is dropped for OCSoftmax, which has one centre."""
+    if loss_type != "OCSoftmax":
+        kwargs["n_classes"] = n_classes
+    return CLASSES[loss_type](embedding_dim=dim, **kwargs)
 
 
 def _has_attr(module: str, attr: str) -> bool:
@@ -26,17 +36,17 @@ def _has_attr(module: str, attr: str) -> bool:
 
 
 def backend_params():
-    """pytest params of (backend, device): 'reference' always, 'torch' once it exists, 'triton' under the interpreter
-    (CPU tensors) or on CUDA."""
+    """pytest params of (backend, device): 'reference' always, 'torch' once it exists, 'triton' compiled on CUDA when
+    DEEPFENSE_TEST_DEVICE=cuda (the GPU check) or in the interpreter on CPU when TRITON_INTERPRET=1 (conftest sets it
+    on machines without a GPU)."""
     out = [pytest.param(("reference", "cpu"), id="reference")]
     if importlib.util.find_spec("deepfense.torch_backend") and _has_attr("deepfense.torch_backend", "margin_loss"):
         out.append(pytest.param(("torch", "cpu"), id="torch"))
-    if _has_attr("deepfense.kernels", "margin_loss"):
-        if os.environ.get("TRITON_INTERPRET") == "1":
-            out.append(pytest.param(("triton", "cpu"), id="triton-interpret"))
-        elif torch.cuda.is_available():
-            out.append(pytest.param(("triton", "cuda"), id="triton-cuda"))
-    return out
+    if os.environ.get("DEEPFENSE_TEST_DEVICE") == "cuda" and torch.cuda.is_available():
+        out.append(pytest.param(("triton", "cuda"), id="triton-cuda"))
+    elif os.environ.get("TRITON_INTERPRET") == "1":
+        out.append(pytest.param(("triton", "cpu"), id="triton-interpret"))
+    return [p for p in out if p.values[0][0] != "triton" or _has_attr("deepfense.kernels", "margin_loss")]
 
 
 def targets_for(loss_type: str, batch: int, n_classes: int, generator=None) -> torch.Tensor:

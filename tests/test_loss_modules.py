@@ -8,31 +8,48 @@ import pytest
 import torch
 
 from deepfense import reference
-from deepfense.losses import AMSoftmax, ASoftmax, CrossEntropy, OCSoftmax
-from loss_helpers import LOSS_TYPES, backend_params, targets_for
-
-CLASSES = {"AMSoftmax": AMSoftmax, "ASoftmax": ASoftmax, "OCSoftmax": OCSoftmax, "CrossEntropy": CrossEntropy}
+from deepfense.losses import ASoftmax, OCSoftmax
+from loss_helpers import LOSS_TYPES, make, backend_params, targets_for
 
 
-def make(loss_type, dim, n_classes=2, **kwargs):
-    if loss_type != "OCSoftmax":
-        kwargs["n_classes"] = n_classes
-    return CLASSES[loss_type](embedding_dim=dim, **kwargs)
+@pytest.fixture(autouse=True)
+def _seed_global_rng():
+    """Parameter initialisation draws from the global RNG: seed it so results do not depend on test order."""
+    torch.manual_seed(0)
 
 
-def ref_loss(module, x, y, **options):
-    """The float64 reference on the module's own parameters, with the options the module should pass on."""
-    x = x.double()
+
+def ref_loss(module, x, y, dtype=torch.float64, **options):
+    """The reference in `dtype` (float64: the gold) on the module's own parameters, with the options the module
+    should pass on."""
+    x = x.to(dtype)
+    if options.get("class_weights") is not None:
+        options["class_weights"] = torch.as_tensor(options["class_weights"], dtype=dtype, device=x.device)
     name = type(module).__name__
     if name == "CrossEntropy":
-        return reference.cross_entropy_ref(x, module.fc.weight.double(), y, bias=module.fc.bias.double(), **options)
-    w = module.mapper.weight.double()
+        return reference.cross_entropy_ref(x, module.fc.weight.to(dtype), y, bias=module.fc.bias.to(dtype), **options)
+    w = module.mapper.weight.to(dtype)
     if name == "AMSoftmax":
         return reference.am_softmax_ref(x, w, y, m=module.m, s=module.s, **options)
     if name == "ASoftmax":
         return reference.a_softmax_ref(x, w, y, m=module.m, lam=module.lam.item(), gamma=module.gamma, **options)
     return reference.oc_softmax_ref(x, w, y, m_real=module.m_real, m_fake=module.m_fake, alpha=module.alpha,
                                     bonafide_label=module.bonafide_label, **options)
+
+
+def ref_loss_and_grad(module, x, y, upstream, dtype, **options):
+    leaf = x.detach().to(dtype).requires_grad_()
+    loss = ref_loss(module, leaf, y, dtype, **options)
+    loss.backward(upstream.to(loss.dtype))
+    return loss.detach().double(), leaf.grad.double()
+
+
+def assert_close_to_gold(name, fast, same, gold, atol=1e-5):
+    """|fast - gold| <= 2 |reference_same_dtype - gold| + atol (1 + |gold|): float32 rounding of the normalisation
+    can reach 1e-4 in dX when |x| is small (D=1), so a fixed tolerance would flake."""
+    bound = 2 * (same - gold).abs() + atol * (1 + gold.abs())
+    worst = ((fast - gold).abs() - bound).max() if gold.numel() else torch.tensor(-1.0)
+    assert worst <= 0, f"{name}: {fast} vs gold {gold} (same-dtype reference {same})"
 
 
 # (B, D, C): B=1 is the smallest batch; (7, 13, 3) primes, odd and C > 2; (33, 192, 2) DeepFense's usual binary head
@@ -45,7 +62,8 @@ OPTIONS = [{}, {"reduction": "sum"}, {"reduction": "none"}, {"class_weights": "r
 
 
 # label_smoothing only where the loss takes it (the rejection is tested in test_loss_config)
-TYPE_OPTIONS = [pytest.param(t, o, id=f"{t}-{'-'.join(o) or 'defaults'}") for t in LOSS_TYPES for o in OPTIONS
+TYPE_OPTIONS = [pytest.param(t, o, id=f"{t}-{'-'.join(f'{k}={v}' for k, v in o.items()) or 'defaults'}")
+                for t in LOSS_TYPES for o in OPTIONS
                 if not ("label_smoothing" in o and t in ("ASoftmax", "OCSoftmax"))]
 
 
@@ -64,16 +82,12 @@ def test_forward_and_grad_match_reference(loss_type, options, shape, backend_dev
     x = torch.randn(B, D, generator=g).to(device).requires_grad_()
     y = targets_for(loss_type, B, C, g).to(device)
     loss = module(x, y)
-    ref_options = dict(options)
-    if "class_weights" in ref_options:
-        ref_options["class_weights"] = torch.tensor(ref_options["class_weights"], dtype=torch.float64, device=device)
-    x_ref = x.detach().double().requires_grad_()
-    expected = ref_loss(module, x_ref, y, **ref_options)
-    torch.testing.assert_close(loss.double(), expected, rtol=1e-4, atol=1e-5)
     upstream = torch.rand(loss.shape, generator=torch.Generator().manual_seed(1)).to(device) + 0.5  # non-unit
     loss.backward(upstream)
-    expected.backward(upstream.double())
-    torch.testing.assert_close(x.grad.double(), x_ref.grad, rtol=1e-4, atol=1e-5)
+    same = ref_loss_and_grad(module, x, y, upstream, x.dtype, **options)
+    gold = ref_loss_and_grad(module, x, y, upstream, torch.float64, **options)
+    for name, fast, s, g in zip(("loss", "dX"), (loss.detach().double(), x.grad.double()), same, gold):
+        assert_close_to_gold(name, fast, s, g)
 
 
 @pytest.mark.parametrize("bonafide_label", [0, 1])
