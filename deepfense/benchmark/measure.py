@@ -50,10 +50,8 @@ def _clear(inputs):
         w.grad = None
 
 
-def time_steps(fn, inputs, device: str, warmup: int, reps: int, budget_s: float) -> dict:
-    """Median forward, backward and forward+backward ms of `fn` over rotated `inputs` (see module docstring).
-
-    Runs `warmup` steps, then `reps` steps or fewer when they would exceed `budget_s` (at least 3)."""
+def warm(fn, inputs, device: str, warmup: int) -> float:
+    """Run `warmup` steps, then one timed step; returns its seconds (to size the timed runs)."""
     for i in range(warmup):
         _clear(inputs)
         fn(*inputs[i % len(inputs)]).backward()
@@ -62,13 +60,18 @@ def time_steps(fn, inputs, device: str, warmup: int, reps: int, budget_s: float)
     _clear(inputs)
     fn(*inputs[0]).backward()
     sync(device)
-    n = max(3, min(reps, int(budget_s / max(time.perf_counter() - t0, 1e-6))))
+    _clear(inputs)
+    return time.perf_counter() - t0
+
+
+def time_steps(fn, inputs, device: str, n: int, first: int = 0) -> tuple[list, list]:
+    """Forward and backward ms of `n` steps of `fn` over the rotated `inputs` (see module docstring)."""
     fwd, bwd = [], []
     if device == "cuda":
         ev = [[torch.cuda.Event(enable_timing=True) for _ in range(3)] for _ in range(n)]
     for i in range(n):
         _clear(inputs)
-        args = inputs[i % len(inputs)]
+        args = inputs[(first + i) % len(inputs)]
         if device == "cuda":
             ev[i][0].record()
             loss = fn(*args)
@@ -88,8 +91,12 @@ def time_steps(fn, inputs, device: str, warmup: int, reps: int, budget_s: float)
         fwd = [e[0].elapsed_time(e[1]) for e in ev]
         bwd = [e[1].elapsed_time(e[2]) for e in ev]
     _clear(inputs)
+    return fwd, bwd
+
+
+def medians(fwd: list, bwd: list) -> dict:
     return {"fwd_ms": statistics.median(fwd), "bwd_ms": statistics.median(bwd),
-            "fwdbwd_ms": statistics.median([a + b for a, b in zip(fwd, bwd)]), "iters": n}
+            "fwdbwd_ms": statistics.median([a + b for a, b in zip(fwd, bwd)]), "iters": len(fwd)}
 
 
 def peak_memory(fn, args, device: str) -> int | None:
@@ -194,8 +201,10 @@ def make_inputs_rotated(case: Case, device: str):
     return make_inputs(case, device, copies=int(min(6, max(2, math.ceil(target / max(nbytes, 1))))))
 
 
-def run_case(case: Case, provider, device: str, *, warmup: int, reps: int, budget_s: float, inputs, ref) -> dict:
-    """All measurements of `provider` on `case`: times, compile time, peak memory and errors (see module docs)."""
+def prepare(case: Case, provider, device: str, *, warmup: int, inputs, ref) -> tuple:
+    """Build `provider`'s step for `case`, compile it (timed), warm it up, and measure peak memory and errors.
+
+    Returns (fn, seconds of one step, row fields)."""
     row = {}
     t0 = time.perf_counter()
     fn = provider.build(case)
@@ -204,8 +213,8 @@ def run_case(case: Case, provider, device: str, *, warmup: int, reps: int, budge
         fn(*inputs[0]).backward()
         sync(device)
         row["compile_s"] = time.perf_counter() - t0
-    row.update(time_steps(fn, inputs, device, warmup, reps, budget_s))
+    step_s = warm(fn, inputs, device, warmup)
     row["peak_bytes"] = peak_memory(fn, inputs[0], device)
     if ref is not None:
         row.update(errors(fn, inputs[0], ref))
-    return row
+    return fn, step_s, row

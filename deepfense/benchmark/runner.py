@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import gc
 import os
@@ -54,6 +55,23 @@ def log(msg: str):
     print(msg, file=sys.stderr, flush=True)
 
 
+ROUNDS = 4  # timed rounds per case; each round runs every provider once
+
+
+@contextlib.contextmanager
+def _guard(row: dict, device: str):
+    """A provider that cannot run a case is reported in its row (status 'error'), never fatal."""
+    try:
+        yield
+    except Exception as exc:  # noqa: BLE001 - any failure of a third-party provider is a table entry
+        msg = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        row.update(status="error", reason=msg)
+        log(f"    {row['provider']:<24} ERROR {msg[:200]}")
+    finally:
+        if device == "cuda":
+            torch.cuda.empty_cache()
+
+
 def run(cases: list[Case], providers: list[Provider], device: str, *, warmup: int, reps: int, budget_s: float,
         compile_mode: str, errors: bool, time_limit: float | None = None, on_case=None) -> list[dict]:
     """Measure every (case, provider). compile_mode: 'anchors' (torch.compile only on anchor cases), 'all', 'none'.
@@ -72,36 +90,42 @@ def run(cases: list[Case], providers: list[Provider], device: str, *, warmup: in
             break
         log(f"[{i}/{len(cases)} {time.perf_counter() - start:5.0f}s] {case.label}")
         inputs = measure.make_inputs_rotated(case, device)
-        golds = {}
+        golds, live = {}, []
         for prov in providers:
             row = {"loss": case.loss, "B": case.B, "D": case.D, "C": case.C, "dtype": case.dtype,
                    "family": case.family, "provider": display_name(prov, device), "baseline": prov.baseline,
                    "bytes": nbytes, "flops": flops}
+            rows.append(row)
             reason = prov.absent(case, device)
             if reason is None and prov.compiled and not (compile_mode == "all" or
                                                          (compile_mode == "anchors" and case.anchor)):
                 reason = "compile skipped for this shape (--compile all)"
             if reason is not None:
-                rows.append({**row, "status": "absent", "reason": reason})
+                row.update(status="absent", reason=reason)
                 continue
             okey = tuple(sorted(prov.oracle.items()))
-            try:
+            with _guard(row, device):
                 if errors and okey not in golds:
                     golds[okey] = measure.gold(case, device, prov.oracle)
-                row.update(measure.run_case(case, prov, device, warmup=warmup, reps=reps, budget_s=budget_s,
-                                            inputs=inputs, ref=golds.get(okey)))
-                row["status"] = "ok"
+                fn, step_s, fields = measure.prepare(case, prov, device, warmup=warmup, inputs=inputs,
+                                                     ref=golds.get(okey))
+                row.update(fields)
+                live.append((row, fn, max(3, min(reps, int(budget_s / max(step_s, 1e-6)))), [], []))
+        # Timed runs interleaved in rounds, so every provider sees the same machine (a neighbour's load, clocks).
+        for rnd in range(ROUNDS):
+            for row, fn, n, fwd, bwd in live:
+                if row.get("status") != "error":
+                    with _guard(row, device):
+                        f, b = measure.time_steps(fn, inputs, device, -(-n // ROUNDS), first=rnd)
+                        fwd += f
+                        bwd += b
+        for row, fn, n, fwd, bwd in live:
+            if row.get("status") != "error":
+                row.update(measure.medians(fwd, bwd), status="ok")
                 comp = f" (+compile {row['compile_s']:.1f}s)" if "compile_s" in row else ""
                 log(f"    {row['provider']:<24} fwd {row['fwd_ms']:9.3f} ms  fwd+bwd {row['fwdbwd_ms']:9.3f} ms"
                     f"{comp}  err {row.get('loss_err', float('nan')):.1e}/{row.get('grad_err', float('nan')):.1e}")
-            except Exception as exc:  # a provider that cannot run this case is reported, not fatal
-                msg = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-                row.update(status="error", reason=msg)
-                log(f"    {row['provider']:<24} ERROR {msg[:200]}")
-            finally:
-                if device == "cuda":
-                    torch.cuda.empty_cache()
-            rows.append(row)
+        del live
         del inputs, golds
         gc.collect()
         if on_case:
