@@ -309,3 +309,17 @@ def test_readme_custom_loss_example(registry_snapshot):
     expected = am(embeddings, targets) + 0.01 * (embeddings - center.centers[targets]).pow(2).sum(1).mean()
     torch.testing.assert_close(loss, expected)
     assert scores.shape == (8,) and center.centers.grad is not None
+
+
+def test_readme_custom_loss_snippet_runs_as_written(registry_snapshot):
+    # the snippet itself, taken from the README (or docs/losses.md before it is merged), so the docs cannot drift
+    root = pathlib.Path(__file__).resolve().parent.parent
+    docs = [p for p in (root / "README.md", root / "docs" / "losses.md")
+            if p.exists() and "## Adding custom losses" in p.read_text()]
+    assert docs, "README.md must have an 'Adding custom losses' section"
+    section = docs[0].read_text().split("## Adding custom losses", 1)[1]
+    code = section.split("```python", 1)[1].split("```", 1)[0]
+    namespace = {}
+    exec(compile(code, str(docs[0]), "exec"), namespace)
+    assert torch.isfinite(namespace["loss"]) and namespace["scores"].shape == (8,)
+    assert namespace["loss_fn"].loss_weights == [1.0, 0.01]
