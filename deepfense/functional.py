@@ -100,7 +100,10 @@ def _check_finite(loss, x, w_dc, bias):
     raise ValueError("the loss is not finite although the inputs are; check the scale parameters (s, alpha, lam)")
 
 
-def _dispatch(p: LossParams, x, w_dc, bias, targets, class_weights, lam, backend):
+def _dispatch(p: LossParams, x, w_dc, bias, targets, class_weights, lam, backend, process_group=None):
+    if process_group is not None:  # class-parallel: w_dc is this rank's class slice (see deepfense.distributed)
+        from .distributed import sharded_margin_loss
+        return sharded_margin_loss(x, w_dc, bias, targets, class_weights, lam, p, process_group)
     n_classes = w_dc.shape[1]
     n_targets = 2 if p.margin == Margin.ONE_CLASS else n_classes
     _check_tensors(x, w_dc, bias, targets, class_weights, n_targets)
@@ -136,7 +139,7 @@ def _reference(p: LossParams, x, w_dc, bias, targets, class_weights, lam):
 
 
 def am_softmax_loss(embeddings, weight, targets, *, m=0.3, s=30.0, class_weights=None, ignore_index=-100,
-                    label_smoothing=0.0, reduction="mean", backend="auto"):
+                    label_smoothing=0.0, reduction="mean", backend="auto", process_group=None):
     """AMSoftmax loss.
 
     Args:
@@ -145,29 +148,32 @@ def am_softmax_loss(embeddings, weight, targets, *, m=0.3, s=30.0, class_weights
         targets: [B] integer class indices in [0, C) or `ignore_index`.
         m, s: additive margin and scale. class_weights: [C] or None. label_smoothing: torch's epsilon.
         reduction: 'mean' | 'sum' | 'none'. backend: see module docstring.
+        process_group: a torch.distributed group to split the classes over: `weight` is then this rank's slice
+            [D, C_r] and targets are global (see `deepfense.distributed`; the sharded path runs torch ops).
 
     Returns:
         float32 (float64 for float64 inputs) loss: a scalar, or [B] for reduction='none'.
     """
     p = LossParams(Margin.ADDITIVE, s=float(s), m=float(m), ignore_index=ignore_index,
                    label_smoothing=float(label_smoothing), reduction=reduction)
-    return _dispatch(p, embeddings, weight, None, targets, class_weights, None, backend)
+    return _dispatch(p, embeddings, weight, None, targets, class_weights, None, backend, process_group)
 
 
 def a_softmax_loss(embeddings, weight, targets, *, m=4, lam=5.0, gamma=0.5, class_weights=None, ignore_index=-100,
-                   reduction="mean", backend="auto"):
+                   reduction="mean", backend="auto", process_group=None):
     """ASoftmax (SphereFace) loss with lambda blending and focal factor.
 
     Args:
         embeddings: [B, D]; weight: [D, C]; targets: [B].
         m: integer angular margin 1..5. lam: the current lambda, a float or a 0-dim tensor (a tensor keeps an annealed
             lambda free of host syncs and recompiles). gamma: focal exponent (no gradient through the factor).
+        process_group: class-parallel group, as in `am_softmax_loss`.
 
     Returns:
         float32 (float64 for float64 inputs) loss: a scalar, or [B] for reduction='none'.
     """
     p = LossParams(Margin.ANGULAR, m=float(m), gamma=float(gamma), ignore_index=ignore_index, reduction=reduction)
-    return _dispatch(p, embeddings, weight, None, targets, class_weights, lam, backend)
+    return _dispatch(p, embeddings, weight, None, targets, class_weights, lam, backend, process_group)
 
 
 def oc_softmax_loss(embeddings, weight, targets, *, m_real=0.5, m_fake=0.2, alpha=20.0, bonafide_label=1,
@@ -187,11 +193,12 @@ def oc_softmax_loss(embeddings, weight, targets, *, m_real=0.5, m_fake=0.2, alph
 
 
 def cross_entropy_loss(embeddings, weight, targets, *, bias=None, class_weights=None, ignore_index=-100,
-                       label_smoothing=0.0, reduction="mean", backend="auto"):
+                       label_smoothing=0.0, reduction="mean", backend="auto", process_group=None):
     """Linear projection + softmax cross-entropy.
 
     Args:
         embeddings: [B, D]; weight: [C, D] (`fc.weight`); bias: [C] or None; targets: [B].
+        process_group: class-parallel group, as in `am_softmax_loss` (weight [C_r, D], bias [C_r]).
 
     Returns:
         float32 (float64 for float64 inputs) loss: a scalar, or [B] for reduction='none'.
@@ -200,4 +207,4 @@ def cross_entropy_loss(embeddings, weight, targets, *, bias=None, class_weights=
         raise ValueError("weight must be a 2-D tensor [n_classes, embedding_dim]")
     p = LossParams(Margin.NONE, ignore_index=ignore_index, label_smoothing=float(label_smoothing),
                    reduction=reduction)
-    return _dispatch(p, embeddings, weight.t(), bias, targets, class_weights, None, backend)
+    return _dispatch(p, embeddings, weight.t(), bias, targets, class_weights, None, backend, process_group)

@@ -1,0 +1,273 @@
+"""Class-parallel margin softmax over torch.distributed: one softmax head split by classes across ranks, exactly.
+
+Layout:
+    * ``n_classes`` is the global count C. Rank r of the group holds the contiguous class slice
+      ``torch.tensor_split(torch.arange(C), world)[r]`` (the first C % world ranks hold one class more; see
+      `class_slice`), as its local weight columns ([D, C_r]; CrossEntropy: fc.weight rows [C_r, D], bias [C_r]).
+    * Every rank passes its own local batch (sizes may differ between ranks) and GLOBAL class indices as targets.
+      ``class_weights``, when given, is the full [C] vector on every rank.
+
+Algorithm: embeddings and targets are all-gathered (sizes first, then padded to the largest batch); each rank computes
+the logits of the whole gathered batch against its class slice with the torch backend's helpers (`_cosines`,
+`_target_logit`); the row max is combined by an all-reduce MAX and sum-exp, the target logit (from the rank that owns
+the target) and the label-smoothing sum by one all-reduce SUM. Backward turns the local dL/dlogits into the rank's dW
+slice and a partial dX for every gathered row; a reduce-scatter sums the partial dX and hands each rank its own rows.
+
+Gradient convention:
+    * ``reduction='mean'|'sum'``: the returned scalar is the same on every rank, the loss of the concatenated batch
+      with the full weight matrix. Call backward on every rank with the same upstream gradient (``loss.backward()``
+      everywhere): then each rank's weight/bias gradient is its slice of the non-sharded gradient and its embedding
+      gradient is its rows of the non-sharded dX. No extra averaging is needed, and the sharded head must not be
+      wrapped in DistributedDataParallel (its weights differ per rank).
+    * ``reduction='none'``: each rank gets the rows of its own batch; the objective is the sum over ranks of
+      ``grad_r . rows_r``, and the upstream gradients of all ranks are gathered in backward.
+    * A backbone wrapped in DDP averages its gradients over ranks, so with this loss it receives 1/world of the global
+      gradient. With Adam-type optimisers that is harmless; to get the exact global gradient multiply the loss that
+      reaches the backbone by world, or register a summing comm hook (`sum_comm_hook`).
+
+Costs: per step, all-gathers of B x D embeddings and the targets, two all-reduces of [B_total] / [B_total, 2..3] row
+statistics, a reduce-scatter of B_total x D in backward; batch sizes are exchanged with one small all-gather and a host
+sync. The per-rank work runs these torch ops on CPU and on CUDA alike: the fused Triton kernels are not used here,
+because they finish the softmax inside one pass over the classes and keep no hook for a cross-rank LSE.
+
+Partial FC (`sample_rate` < 1): each rank keeps every class of its slice that is a target in the gathered batch, plus
+random others up to ceil(sample_rate * C_r) columns; the softmax then runs over the kept classes only. This is an
+approximation (insightface's Partial FC), reproducible under a seeded ``generator``; unkept columns get zero gradient.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from .params import LossParams, Margin
+from .torch_backend import (_compute_dtype, _cosines, _dlogits_to_dcos, _project_grad, _target_logit,
+                            _target_logit_grad)
+
+__all__ = ["class_slice", "sharded_margin_loss", "ShardedMarginLossFunction", "sum_comm_hook"]
+
+
+def class_slice(n_classes: int, world: int, rank: int) -> tuple[int, int]:
+    """[start, stop) of rank's classes: the `torch.tensor_split(torch.arange(n_classes), world)[rank]` order."""
+    base, extra = divmod(n_classes, world)
+    start = rank * base + min(rank, extra)
+    return start, start + base + (rank < extra)
+
+
+@dataclass(frozen=True)
+class _Layout:
+    """Who holds what: batch sizes of every rank, this rank's first class column and the softmax's class count."""
+
+    group: object
+    rank: int
+    world: int
+    sizes: tuple
+    c0: int
+    n_classes: int
+
+    @property
+    def bmax(self) -> int:
+        return max(self.sizes)
+
+    def mine(self) -> slice:
+        """This rank's rows in the padded gathered batch."""
+        return slice(self.rank * self.bmax, self.rank * self.bmax + self.sizes[self.rank])
+
+
+def _gather_rows(t: torch.Tensor, lay: _Layout, fill=0) -> torch.Tensor:
+    """All-gather [B_r, ...] tensors of uneven length into [world * bmax, ...], each rank's rows padded with `fill`."""
+    padded = t.new_full((lay.bmax, *t.shape[1:]), fill)
+    padded[: t.shape[0]] = t
+    parts = [torch.empty_like(padded) for _ in range(lay.world)]
+    dist.all_gather(parts, padded.contiguous(), group=lay.group)
+    return torch.cat(parts)
+
+
+class ShardedMarginLossFunction(torch.autograd.Function):
+    """The loss of the gathered batch over all ranks' class slices; see the module docstring for the convention.
+
+    Inputs: x [B_r, D] local embeddings; w [D, C_r] local columns; bias [C_r] or None; tg [world * bmax] gathered
+    targets in this softmax's class space (pads are ignore_index); row_w [world * bmax] row weights (0 for ignored and
+    pad rows); cw [C_r] class weights of the local columns; cw_total: 0-dim sum of all C class weights; lam: ASoftmax
+    lambda; p: options; lay: `_Layout`.
+    """
+
+    @staticmethod
+    def forward(ctx, x, w, bias, tg, row_w, cw, cw_total, lam, p: LossParams, lay: _Layout):
+        dt = _compute_dtype(x, w)
+        xg, wf = _gather_rows(x.detach().to(dt), lay), w.to(dt)
+        n_local = wf.shape[1]
+        valid = tg != p.ignore_index
+        owned = valid & (tg >= lay.c0) & (tg < lay.c0 + n_local)  # this rank holds the row's target column
+        tcol = (tg - lay.c0).clamp(0, n_local - 1)[:, None]
+        cos = xnorm = rx = rw = cos_y = lam_t = None
+        if p.margin == Margin.NONE:
+            logits = torch.addmm(bias.to(dt), xg, wf) if bias is not None else xg @ wf
+        else:
+            cos, xnorm, rx, rw = _cosines(xg, wf)
+            cos_y = cos.gather(1, tcol)
+            lam_t = torch.as_tensor(lam, dtype=dt, device=x.device) if p.margin == Margin.ANGULAR else None
+            logits = cos * (p.s if p.margin == Margin.ADDITIVE else xnorm)
+            logits.scatter_(1, tcol, torch.where(owned[:, None], _target_logit(cos_y, xnorm, lam_t, p),
+                                                 logits.gather(1, tcol)))
+        # row statistics over all ranks: max, then one SUM of [sum-exp, target logit (owner only), smoothing sum]
+        gmax = logits.amax(1)
+        dist.all_reduce(gmax, op=dist.ReduceOp.MAX, group=lay.group)
+        eps = p.label_smoothing
+        cols = [torch.exp(logits - gmax[:, None]).sum(1), torch.where(owned, logits.gather(1, tcol)[:, 0], 0.0)]
+        if eps:
+            cols.append(logits @ cw)
+        stats = torch.stack(cols, 1)
+        dist.all_reduce(stats, group=lay.group)
+        lse = gmax + torch.log(stats[:, 0])
+        nll = lse - stats[:, 1]
+        coef_t = row_w
+        if p.margin == Margin.ANGULAR and p.gamma:
+            coef_t = row_w * (1.0 - torch.exp(-nll)).clamp_min(0.0) ** p.gamma  # global p_y: focal factor, constant
+        coef_t = (1.0 - eps) * coef_t if eps else coef_t
+        rows, coef_p = coef_t * nll, coef_t
+        if eps:
+            smooth = eps / lay.n_classes * valid.to(dt)
+            rows = rows - smooth * (stats[:, 2] - lse * cw_total)  # sum_c cw_c log p_c = sum_c cw_c l_c - lse sum cw
+            coef_p = coef_p + smooth * cw_total
+        # dL/dlogit_c = coef_p * p_c - coef_t * [c == y] - smooth * cw_c, p_c from the global LSE
+        dlogits = torch.exp(logits - lse[:, None]).mul_(coef_p[:, None])
+        dlogits.scatter_add_(1, tcol, torch.where(owned, -coef_t, 0.0)[:, None])
+        if eps:
+            dlogits.sub_(smooth[:, None] * cw)
+        xscale = None
+        if p.margin != Margin.NONE:  # a row whose target lives elsewhere keeps a plain |x| cos logit in tcol
+            tgrad = (torch.where(owned[:, None], _target_logit_grad(cos_y, xnorm, lam_t, p), xnorm)
+                     if p.margin == Margin.ANGULAR else None)
+            xscale = _dlogits_to_dcos(dlogits, logits, xnorm, rx, tcol, tgrad, p)
+        if p.reduction == "none":
+            out, scale = rows[lay.mine()], torch.ones((), dtype=dt, device=x.device)
+        elif p.reduction == "sum":
+            out, scale = rows.sum(), torch.ones((), dtype=dt, device=x.device)
+        else:  # mean over the class weights of all ranks' kept rows; 0, not NaN, when none are kept
+            scale = 1.0 / row_w.sum().clamp_min(torch.finfo(dt).tiny)
+            out = rows.sum() * scale
+        ctx.save_for_backward(xg, wf, cos, dlogits, rx, rw, xscale, scale)
+        ctx.p, ctx.lay, ctx.dtypes, ctx.has_bias = p, lay, (x.dtype, w.dtype), bias is not None
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        p, lay = ctx.p, ctx.lay
+        xg, wf, cos, dlogits, rx, rw, xscale, scale = ctx.saved_tensors
+        if p.reduction == "none":
+            g = _gather_rows(grad.to(scale.dtype), lay)[:, None] * scale  # every rank's upstream rows
+        else:
+            g = grad * scale
+        dx_all, dw, db = _project_grad(xg, wf, cos, dlogits * g, rx, rw, None if xscale is None else xscale * g,
+                                       ctx.has_bias)
+        dx = torch.empty((lay.bmax, dx_all.shape[1]), dtype=dx_all.dtype, device=dx_all.device)
+        dist.reduce_scatter(dx, list(dx_all.chunk(lay.world)), group=lay.group)  # sum of every rank's partial dX
+        dx = dx[: lay.sizes[lay.rank]]
+        x_dtype, w_dtype = ctx.dtypes
+        return dx.to(x_dtype), dw.to(w_dtype), db, None, None, None, None, None, None, None
+
+
+def _sample(tg, valid, lay: _Layout, n_local, sample_rate, generator):
+    """Partial FC: the local columns to keep, this softmax's targets in the kept-class space, and its new layout.
+
+    Every rank keeps its slice's positive classes (sorted, first) and random others up to k_r = max(#positives,
+    ceil(sample_rate * C_r)). The kept spaces are concatenated in rank order, so every rank can map any target from
+    the gathered targets alone. Host syncs: the number of positives decides the shapes.
+    """
+    world, n_classes, dev = lay.world, lay.n_classes, tg.device
+    starts = torch.tensor([class_slice(n_classes, world, r)[0] for r in range(world)], device=dev)
+    widths = torch.tensor([class_slice(n_classes, world, r)[1] - class_slice(n_classes, world, r)[0]
+                           for r in range(world)], device=dev)
+    positives = torch.unique(tg[valid])  # sorted
+    owner = torch.searchsorted(starts, positives, right=True) - 1
+    n_pos = torch.bincount(owner, minlength=world)
+    keep = torch.maximum(n_pos, torch.ceil(widths.double() * sample_rate).long())
+    offsets = torch.cumsum(keep, 0) - keep
+    pos_offsets = torch.cumsum(n_pos, 0) - n_pos
+    # a target's kept-space index: its owner's offset + its rank among that owner's positives
+    t_owner = torch.searchsorted(starts, tg, right=True) - 1
+    mapped = offsets[t_owner] + torch.searchsorted(positives, tg) - pos_offsets[t_owner]
+    new_tg = torch.where(valid, mapped, tg)
+    mine = positives[owner == lay.rank] - lay.c0
+    others = torch.ones(n_local, dtype=torch.bool, device=dev)
+    others[mine] = False
+    order = torch.randperm(n_local, generator=generator, device=generator.device if generator else "cpu").to(dev)
+    negatives = order[others[order]][: int(keep[lay.rank]) - mine.numel()]
+    idx = torch.cat([mine, negatives])
+    new_lay = _Layout(lay.group, lay.rank, world, lay.sizes, int(offsets[lay.rank]), int(keep.sum()))
+    return idx, new_tg, new_lay
+
+
+def sharded_margin_loss(x, w_dc, bias, targets, class_weights, lam, p: LossParams, group, *,
+                        sample_rate: float = 1.0, generator: Optional[torch.Generator] = None):
+    """Class-parallel AMSoftmax / ASoftmax / CrossEntropy loss; `functional.*_loss(..., process_group=group)` lands here.
+
+    Args:
+        x: [B_r, D] this rank's embeddings (B_r may differ between ranks, 0 included).
+        w_dc: [D, C_r] this rank's class columns, C_r from `class_slice` (CrossEntropy passes fc.weight.t()).
+        bias: [C_r] or None (CrossEntropy). targets: [B_r] global class indices in [0, C) or ignore_index.
+        class_weights: [C] (all classes, the same on every rank) or None. lam: ASoftmax lambda (float or 0-dim).
+        p: options (OCSoftmax is not shardable: it has one class). group: the process group (dist.group.WORLD for all).
+        sample_rate: Partial FC keep ratio in (0, 1]; 1 is the exact loss. generator: seeds the class sampling
+            (e.g. `torch.Generator().manual_seed(seed + step)`); the same seed on every rank is fine.
+
+    Returns:
+        The loss per `p.reduction` (a scalar equal on every rank, or [B_r] for 'none'), float32 (float64 for float64
+        inputs). Gradient convention: see the module docstring.
+    """
+    from .functional import _check_finite, _check_targets, _check_tensors, _validating
+
+    if p.margin == Margin.ONE_CLASS:
+        raise ValueError("process_group does not apply to OCSoftmax: it has a single class centre, nothing to shard")
+    if not 0.0 < sample_rate <= 1.0:
+        raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate}")
+    if group is None or not dist.is_available() or not dist.is_initialized():
+        raise ValueError("process_group needs an initialised torch.distributed process group")
+    world, rank = dist.get_world_size(group), dist.get_rank(group)
+    table = torch.tensor([x.shape[0] if isinstance(x, torch.Tensor) and x.dim() else 0, w_dc.shape[-1]],
+                         device=x.device)
+    parts = [torch.empty_like(table) for _ in range(world)]
+    dist.all_gather(parts, table, group=group)
+    sizes, widths = zip(*torch.stack(parts).tolist())  # host sync: shapes of the gathered batch
+    n_classes = sum(widths)
+    if n_classes < world:
+        raise ValueError(f"{n_classes} classes cannot be split over {world} ranks: each rank needs at least one")
+    expected = [class_slice(n_classes, world, r) for r in range(world)]
+    if list(widths) != [b - a for a, b in expected]:
+        raise ValueError(f"each rank must hold its torch.tensor_split slice of the {n_classes} classes: expected "
+                         f"widths {[b - a for a, b in expected]}, got {list(widths)}")
+    _check_tensors(x, w_dc, bias, targets, class_weights, n_classes)
+    lay = _Layout(group, rank, world, tuple(sizes), expected[rank][0], n_classes)
+    tg = _gather_rows(targets, lay, fill=p.ignore_index)
+    validate = _validating(tg)
+    if validate:
+        _check_targets(tg, n_classes, p)  # on the gathered targets, so every rank raises together
+    dt = _compute_dtype(x, w_dc)
+    valid = tg != p.ignore_index
+    safe = torch.where(valid, tg, 0).clamp(0, n_classes - 1)
+    cw_full = torch.ones(n_classes, dtype=dt, device=x.device) if class_weights is None else class_weights.to(dt)
+    row_w = cw_full[safe] * valid
+    cw = cw_full[lay.c0: lay.c0 + w_dc.shape[1]]
+    cw_total = cw_full.sum()
+    if sample_rate < 1.0:
+        idx, tg, lay = _sample(tg, valid, lay, w_dc.shape[1], sample_rate, generator)
+        w_dc, cw = w_dc[:, idx], cw[idx]  # indexing through autograd: unkept columns get zero gradient
+        bias = bias[idx] if bias is not None else None
+        cw_total = cw.sum()
+        dist.all_reduce(cw_total, group=group)
+    loss = ShardedMarginLossFunction.apply(x, w_dc, bias, tg, row_w, cw, cw_total, lam, p, lay)
+    if validate:
+        _check_finite(loss, x, w_dc, bias)
+    return loss
+
+
+def sum_comm_hook(state, bucket):
+    """DDP comm hook that sums gradients over ranks instead of averaging (`ddp.register_comm_hook(None, hook)`), so a
+    DDP backbone under the sharded loss receives the exact global gradient. `state`: the process group, or None."""
+    fut = dist.all_reduce(bucket.buffer(), group=state, async_op=True).get_future()
+    return fut.then(lambda f: f.value()[0])
