@@ -124,8 +124,7 @@ class MarginLossFunction(torch.autograd.Function):
         p, (x_dtype, w_dtype) = ctx.p, ctx.dtypes
         xf, wf, cos, dcos, rx, rw, xscale, scale = ctx.saved_tensors
         g = (grad[:, None] if p.reduction == "none" else grad) * scale
-        dx, dw, db = _project_grad(xf, wf, cos, dcos * g, rx, rw, None if xscale is None else xscale * g,
-                                   ctx.has_bias)
+        dx, dw, db = _project_grad(xf, wf, cos, dcos, rx, rw, xscale, ctx.has_bias, row_scale=g)
         return dx.to(x_dtype), dw.to(w_dtype), db, None, None, None, None
 
 
@@ -145,19 +144,25 @@ def _dlogits_to_dcos(dlogits, logits, xnorm, rx, tcol, tgrad, p: LossParams):
     return xscale
 
 
-def _project_grad(xf, wf, cos, a, rx, rw, xscale, has_bias):
+def _project_grad(xf, wf, cos, a, rx, rw, xscale, has_bias, row_scale=None):
     """dX [B, D], dW [D, C] and db [C] (or None) from a = dL/dcos [B, C] (dL/dlogits for CrossEntropy, cos None).
 
-    xscale [B, 1]: ASoftmax's dL/d|x| / |x| (already scaled by the upstream gradient), or None.
+    xscale [B, 1]: ASoftmax's dL/d|x| / |x|, or None. row_scale: the upstream gradient per row ([B, 1]) or a scalar,
+    applied here to [B, D] and [D, C] tensors instead of to the [B, C] one (None: already in `a` and `xscale`).
     """
+    g = 1.0 if row_scale is None else row_scale
     if cos is None:
-        return a @ wf.t(), xf.t() @ a, a.sum(0) if has_bias else None
-    # cos = (x . w_c) rx rw_c:  dcos/dx = rx (rw_c w_c - cos_c rx x),  dcos/dw_c = rw_c (rx x - cos_c rw_c w_c)
-    ac = a * cos
-    dx = ((a * rw) @ wf.t()).mul_(rx).sub_((ac.sum(1, keepdim=True) * rx * rx) * xf)
-    dw = ((xf * rx).t() @ a).mul_(rw).sub_((ac.sum(0, keepdim=True) * rw * rw) * wf)
+        return (a @ wf.t()) * g, (xf * g).t() @ a, (a * g).sum(0) if has_bias else None
+    # d cos_c/dx = rx (w_hat_c - cos_c x_hat) and d cos_c/dw_c = rw_c (x_hat - cos_c w_hat_c). With cos_c = x_hat.w_hat_c
+    # the sums over c (over rows) become projections: dx = rx (I - x_hat x_hat^T) (a @ W_hat^T) and
+    # dw_c = rw_c (I - w_hat_c w_hat_c^T) (X_hat^T a)_c, so no [B, C] product with cos is formed.
+    x_hat, w_hat = xf * rx, wf * rw
+    mx = a @ w_hat.t()
+    dx = (mx - (mx * x_hat).sum(1, keepdim=True) * x_hat) * (rx * g)
+    nw = (x_hat * g).t() @ a
+    dw = (nw - (nw * w_hat).sum(0, keepdim=True) * w_hat) * rw
     if xscale is not None:
-        dx.add_(xscale * xf)
+        dx += (xscale * g) * xf
     return dx, dw, None
 
 
@@ -168,7 +173,8 @@ def _finish(ctx, p, rows, row_w, xf, wf, bias, cos, dcos, rx, rw, xscale, dtypes
     elif p.reduction == "sum":
         out, scale = rows.sum(), torch.ones((), dtype=rows.dtype, device=rows.device)
     else:  # mean over the class weights of the kept rows; 0, not NaN, when none are kept (then rows sum to 0)
-        scale = 1.0 / row_w.sum().clamp_min(torch.finfo(rows.dtype).tiny)
+        den = row_w.sum()
+        scale = torch.where(den > 0, 1.0 / den, 0.0)
         out = rows.sum() * scale
     ctx.save_for_backward(xf, wf, cos, dcos, rx, rw, xscale, scale)
     ctx.p, ctx.dtypes, ctx.has_bias = p, dtypes, bias is not None
