@@ -158,3 +158,50 @@ def test_training_tracks_reference(loss, C):
     assert curves["reference"][-5:].mean() < curves["reference"][:5].mean()  # it does learn
     for a, b in zip(finals["triton"], finals["reference"]):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("C,reduction,expected", [
+    (40, "mean", 3),  # several class tiles: forward, then the dX and the dW kernels
+    (3, "mean", 1),  # one class tile: the forward kernel also writes dX and dW; backward only scales them
+    (3, "none", 2),  # per-row upstream gradients: dW cannot be summed before they are known, so its kernel runs
+])
+def test_kernel_launches_per_training_step(monkeypatch, C, reduction, expected):
+    from deepfense.kernels import margin_ce as K
+
+    launches = []
+
+    class Counting:
+        def __init__(self, name, kernel):
+            self.name, self.kernel = name, kernel
+
+        def __getitem__(self, grid):
+            launches.append(self.name)
+            return self.kernel[grid]
+
+    for name in ("_margin_ce_fwd_kernel", "_margin_ce_bwd_dx_kernel", "_margin_ce_bwd_dw_kernel"):
+        monkeypatch.setattr(K, name, Counting(name, getattr(K, name)))
+    case = make_case("am", 40, 20, C, torch.float32, seed=8)
+    x, w = case["x"].requires_grad_(), case["w"].requires_grad_()
+    F.am_softmax_loss(x, w, case["t"], backend="triton", reduction=reduction).sum().backward()
+    assert len(launches) == expected, launches
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("loss", LOSSES)
+def test_mixed_dtypes_as_under_autocast(loss, backend):
+    """bf16 embeddings with an fp32 weight (autocast's activations and master weights): computed in the promoted
+    dtype, gradients returned in each input's own dtype."""
+    case = make_case(loss, 13, 17, 6, torch.float32, seed=12)
+    x = case["x"].to(torch.bfloat16).requires_grad_()
+    w = case["w"].requires_grad_()
+    extra = {"bias": case["bias"]} if loss == "ce" else {}
+    out = FUNCS[loss](x, w, case["t"], backend=backend, **options(loss), **extra)
+    out.backward()
+    assert out.dtype == torch.float32 and x.grad.dtype == torch.bfloat16 and w.grad.dtype == torch.float32
+    xr, wr = x.detach().double().requires_grad_(), w.detach().double().requires_grad_()
+    extra = {"bias": case["bias"].double()} if loss == "ce" else {}
+    gold = FUNCS[loss](xr, wr, case["t"], backend="reference", **options(loss), **extra)
+    gold.backward()
+    torch.testing.assert_close(out.double(), gold, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(x.grad.double(), xr.grad, rtol=1e-2, atol=1e-3)  # bf16 rounding of the result
+    torch.testing.assert_close(w.grad.double(), wr.grad, rtol=1e-5, atol=1e-5)
