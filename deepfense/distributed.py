@@ -48,7 +48,7 @@ from .params import LossParams, Margin
 from .torch_backend import (_compute_dtype, _cosines, _dlogits_to_dcos, _project_grad, _target_logit,
                             _target_logit_grad)
 
-__all__ = ["class_slice", "sharded_margin_loss", "ShardedMarginLossFunction", "sum_comm_hook"]
+__all__ = ["class_slice", "rank_slice", "sharded_margin_loss", "ShardedMarginLossFunction", "sum_comm_hook"]
 
 
 def class_slice(n_classes: int, world: int, rank: int) -> tuple[int, int]:
@@ -56,6 +56,11 @@ def class_slice(n_classes: int, world: int, rank: int) -> tuple[int, int]:
     base, extra = divmod(n_classes, world)
     start = rank * base + min(rank, extra)
     return start, start + base + (rank < extra)
+
+
+def rank_slice(n_classes: int, group) -> tuple[int, int]:
+    """[start, stop) of the calling rank's classes in `group` (`class_slice` order)."""
+    return class_slice(n_classes, dist.get_world_size(group), dist.get_rank(group))
 
 
 @dataclass(frozen=True)

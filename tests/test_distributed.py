@@ -194,7 +194,33 @@ def _ddp_cases(rank, world, device):
         _close(w_loc.grad, w_full.grad[:, c0:c1], f"sharded head grad under DDP backbone, rank {rank}")
 
 
-CASES = {"exact": (_exact_cases, _sampling_case, _error_cases), "ddp": (_ddp_cases,)}
+def _module_cases(rank, world, device):
+    """Sharded modules hold their rank's slice; loaded from a full module's slices they reproduce its loss and grads."""
+    from deepfense.losses import AMSoftmax, ASoftmax, CrossEntropy
+
+    dim, n_classes, sizes = 5, 9, (4, 2, 3)[:world]
+    x, t, *_ = _data("AMSoftmax", sizes, n_classes, dim, weighted=False, ignored=(0,), device=device)
+    r0, r1 = sum(sizes[:rank]), sum(sizes[: rank + 1])
+    c0, c1 = class_slice(n_classes, world, rank)
+    kw = dict(class_weights=[1.0 + 0.1 * c for c in range(n_classes)])
+    for cls in (AMSoftmax, ASoftmax, CrossEntropy):
+        extra = {} if cls is ASoftmax else dict(label_smoothing=0.05)
+        torch.manual_seed(0)  # the same full module on every rank
+        full = cls(dim, n_classes, backend="reference", **kw, **extra).double().to(device)
+        part = cls(dim, n_classes, process_group=dist.group.WORLD, **kw, **extra).double().to(device)
+        for (name, a), b in zip(part.named_parameters(), full.parameters()):
+            with torch.no_grad():  # fc.weight / fc.bias are [C, ...]; mapper.weight is [D, C]
+                a.copy_(b[:, c0:c1] if name == "mapper.weight" else b[c0:c1])
+        x_loc = x[r0:r1].clone().requires_grad_()
+        _close(part(x_loc, t[r0:r1]), full(x, t), f"{cls.__name__} module loss, rank {rank}")
+        part(x_loc, t[r0:r1]).backward()
+        full(x, t).backward()
+        for (name, a), b in zip(part.named_parameters(), full.parameters()):
+            _close(a.grad, b.grad[:, c0:c1] if name == "mapper.weight" else b.grad[c0:c1],
+                   f"{cls.__name__} {name} grad, rank {rank}")
+
+
+CASES = {"exact": (_exact_cases, _module_cases, _sampling_case, _error_cases), "ddp": (_ddp_cases,)}
 
 
 def _worker(rank, world, store, backend, names):

@@ -107,28 +107,31 @@ class AMSoftmax(_LossHead):
         weight: multi-loss weight (`loss_weight`). class_weights: C per-class weights or None. reduction: 'mean' |
         'sum' | 'none'. ignore_index: target value that is skipped. label_smoothing: torch's epsilon in [0, 1].
         bonafide_label: 0 or 1, the bonafide column of two-class scores. backend: 'auto' | 'torch' | 'triton' |
-        'reference'.
+        'reference'. process_group: split the classes over this torch.distributed group (`deepfense.distributed`):
+        n_classes stays global, the weight holds this rank's `rank_slice` and get_logits returns those columns.
     """
 
     def __init__(self, embedding_dim: int, n_classes: int = 2, m: float = 0.3, s: float = 30.0, weight: float = 1.0,
                  class_weights: Optional[Sequence[float]] = None, reduction: str = "mean", ignore_index: int = -100,
-                 label_smoothing: float = 0.0, bonafide_label: int = 1, backend: str = "auto"):
+                 label_smoothing: float = 0.0, bonafide_label: int = 1, backend: str = "auto", process_group=None):
         super().__init__()
         name = type(self).__name__
         self.n_classes = checks.check_int(name, "n_classes", n_classes, low=1)
+        self.process_group = process_group
         self.m = checks.check_float(name, "m", m, low=0.0)
         self.s = checks.check_float(name, "s", s, low=0.0, low_open=True)
         self._init_common(embedding_dim, self.n_classes, class_weights=class_weights, reduction=reduction,
                           ignore_index=ignore_index, label_smoothing=label_smoothing, smoothing_allowed=True,
                           bonafide_label=bonafide_label, weight=weight, backend=backend)
-        self.mapper = _Mapper(self.embedding_dim, self.n_classes)
+        self.mapper = _Mapper(self.embedding_dim, _local_classes(self.n_classes, process_group))
 
     _repr_keys = ("embedding_dim", "n_classes", "m", "s", "reduction", "backend")
 
     def forward(self, embeddings: torch.Tensor, targets: torch.Tensor, logits=None) -> torch.Tensor:
         """Loss of embeddings [B, D] against integer targets [B]; `logits` (DeepFense's cache) is ignored."""
         return F.am_softmax_loss(embeddings, self.mapper.weight, targets, m=self.m, s=self.s,
-                                 label_smoothing=self.label_smoothing, **self._options())
+                                 label_smoothing=self.label_smoothing, process_group=self.process_group,
+                                 **self._options())
 
     def get_logits(self, embeddings: torch.Tensor) -> torch.Tensor:
         """[B, C] scaled cosines s*cos_c (no margin)."""
@@ -146,16 +149,18 @@ class ASoftmax(_LossHead):
 
     Args:
         embedding_dim: D. n_classes: C. m: integer angular margin 1..5. gamma: focal exponent (>= 0).
-        lambda_min, lambda_max: annealing bounds (>= 0). Other options as `AMSoftmax` (no label_smoothing).
+        lambda_min, lambda_max: annealing bounds (>= 0). Other options as `AMSoftmax` (no label_smoothing), including
+        process_group.
     """
 
     def __init__(self, embedding_dim: int, n_classes: int = 2, m: int = 4, gamma: float = 0.5,
                  lambda_min: float = 5.0, lambda_max: float = 1500.0, weight: float = 1.0,
                  class_weights: Optional[Sequence[float]] = None, reduction: str = "mean", ignore_index: int = -100,
-                 label_smoothing: float = 0.0, bonafide_label: int = 1, backend: str = "auto"):
+                 label_smoothing: float = 0.0, bonafide_label: int = 1, backend: str = "auto", process_group=None):
         super().__init__()
         name = type(self).__name__
         self.n_classes = checks.check_int(name, "n_classes", n_classes, low=1)
+        self.process_group = process_group
         self.m = checks.check_int(name, "m", m, low=1, high=5)
         self.gamma = checks.check_float(name, "gamma", gamma, low=0.0)
         self.lambda_min = checks.check_float(name, "lambda_min", lambda_min, low=0.0)
@@ -163,7 +168,7 @@ class ASoftmax(_LossHead):
         self._init_common(embedding_dim, self.n_classes, class_weights=class_weights, reduction=reduction,
                           ignore_index=ignore_index, label_smoothing=label_smoothing, smoothing_allowed=False,
                           bonafide_label=bonafide_label, weight=weight, backend=backend)
-        self.mapper = _Mapper(self.embedding_dim, self.n_classes)
+        self.mapper = _Mapper(self.embedding_dim, _local_classes(self.n_classes, process_group))
         self.register_buffer("step", torch.zeros((), dtype=torch.int64))
 
     _repr_keys = ("embedding_dim", "n_classes", "m", "gamma", "lambda_min", "lambda_max", "reduction", "backend")
@@ -179,7 +184,7 @@ class ASoftmax(_LossHead):
         if self.training:
             self.step.add_(1)  # in place on the buffer: no Python counter, so torch.compile keeps one graph
         return F.a_softmax_loss(embeddings, self.mapper.weight, targets, m=self.m, lam=self.lam, gamma=self.gamma,
-                                **self._options())
+                                process_group=self.process_group, **self._options())
 
     def get_logits(self, embeddings: torch.Tensor) -> torch.Tensor:
         """[B, C] logits |x| * cos_c (no margin)."""
@@ -250,31 +255,43 @@ class CrossEntropy(_LossHead):
     """Linear layer (`fc`, with bias) then softmax cross-entropy.
 
     Args:
-        embedding_dim: D. n_classes: C. Other options as `AMSoftmax`.
+        embedding_dim: D. n_classes: C. Other options as `AMSoftmax` (with process_group, `fc` holds this rank's
+        rows of the weight and bias).
     """
 
     def __init__(self, embedding_dim: int, n_classes: int = 2, weight: float = 1.0,
                  class_weights: Optional[Sequence[float]] = None, reduction: str = "mean", ignore_index: int = -100,
-                 label_smoothing: float = 0.0, bonafide_label: int = 1, backend: str = "auto"):
+                 label_smoothing: float = 0.0, bonafide_label: int = 1, backend: str = "auto", process_group=None):
         super().__init__()
         self.n_classes = checks.check_int(type(self).__name__, "n_classes", n_classes, low=1)
+        self.process_group = process_group
         self._init_common(embedding_dim, self.n_classes, class_weights=class_weights, reduction=reduction,
                           ignore_index=ignore_index, label_smoothing=label_smoothing, smoothing_allowed=True,
                           bonafide_label=bonafide_label, weight=weight, backend=backend)
-        self.fc = nn.Linear(self.embedding_dim, self.n_classes)
+        self.fc = nn.Linear(self.embedding_dim, _local_classes(self.n_classes, process_group))
 
     _repr_keys = ("embedding_dim", "n_classes", "reduction", "backend")
 
     def forward(self, embeddings: torch.Tensor, targets: torch.Tensor, logits=None) -> torch.Tensor:
         """Loss of embeddings [B, D] against targets [B]; `logits` is ignored (recomputed in the fused path)."""
         return F.cross_entropy_loss(embeddings, self.fc.weight, targets, bias=self.fc.bias,
-                                    label_smoothing=self.label_smoothing, **self._options())
+                                    label_smoothing=self.label_smoothing, process_group=self.process_group,
+                                    **self._options())
 
     def get_logits(self, embeddings: torch.Tensor) -> torch.Tensor:
         """[B, C] logits x W^T + b, computed in the promoted dtype of embeddings and weights."""
         self._check_embeddings(embeddings)
         dtype = torch.promote_types(embeddings.dtype, self.fc.weight.dtype)
         return nn.functional.linear(embeddings.to(dtype), self.fc.weight.to(dtype), self.fc.bias.to(dtype))
+
+
+def _local_classes(n_classes: int, group) -> int:
+    """How many class columns this module holds: all, or the rank's slice under a process group."""
+    if group is None:
+        return n_classes
+    from ..distributed import rank_slice
+    start, stop = rank_slice(n_classes, group)
+    return stop - start
 
 
 class MultiLoss(nn.Module):
