@@ -205,3 +205,17 @@ def test_mixed_dtypes_as_under_autocast(loss, backend):
     torch.testing.assert_close(out.double(), gold, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(x.grad.double(), xr.grad, rtol=1e-2, atol=1e-3)  # bf16 rounding of the result
     torch.testing.assert_close(w.grad.double(), wr.grad, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("splits", [2, 5])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize("loss", ["am", "a", "ce"])
+def test_class_splits_match_reference(monkeypatch, loss, reduction, splits):
+    """Class-split forward (partial log-sum-exp merged by the combine kernel) and class-split dX partials, as a face
+    head on a GPU would use them; 5 splits of 73 classes in 16-wide tiles leave the last split a short tile."""
+    from backend_cases import assert_close_to_gold
+    from deepfense.kernels import ops
+
+    monkeypatch.setattr(ops, "FORCE_SPLITS", splits)
+    case = make_case(loss, 20, 18, 73, torch.float32, seed=splits, class_weights=True, ignore_some=True)
+    assert_close_to_gold(loss, case, "triton", options(loss, reduction=reduction, smoothing=0.1), torch.float32)

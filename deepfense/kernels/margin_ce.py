@@ -213,18 +213,48 @@ def _dx_finish(acc_x, x, rx, ssum, xsum, MARGIN: tl.constexpr):
 
 
 @triton.jit
+def _store_stats(STATS_ptr, rows, row_mask, B, loss, row_w, lse, coef_p, coef_t):
+    tl.store(STATS_ptr + STAT_LOSS * B + rows, loss, mask=row_mask)
+    tl.store(STATS_ptr + STAT_ROWW * B + rows, row_w, mask=row_mask)
+    tl.store(STATS_ptr + STAT_LSE * B + rows, lse, mask=row_mask)
+    tl.store(STATS_ptr + STAT_COEF_P * B + rows, coef_p, mask=row_mask)
+    tl.store(STATS_ptr + STAT_COEF_T * B + rows, coef_t, mask=row_mask)
+
+
+@triton.jit
+def _softmax_epilogue(m_i, l_i, tgt, smooth_sum, total_cw, row_w, valid, eps, gamma, C, MARGIN: tl.constexpr,
+                      ACC_DTYPE: tl.constexpr):
+    """Row loss, log-sum-exp and gradient coefficients from a row's softmax statistics over all C classes.
+
+    m_i, l_i: running max and sum of exp(logit - m_i); tgt: the target logit; smooth_sum: sum_c cw_c logit_c;
+    total_cw: sum_c cw_c. Returns loss, lse, coef_p, coef_t (see the module docstring).
+    """
+    lse = m_i + tl.log(l_i)
+    nll = lse - tgt
+    coef_t = (1.0 - eps) * row_w
+    if MARGIN == MARGIN_ANGULAR:
+        coef_t = coef_t * _focal(nll, gamma)  # the focal factor carries no gradient
+    smooth = valid.to(ACC_DTYPE) * eps / C
+    # torch's smoothing: eps/C sum_c cw_c (-log p_c) = eps/C (sum_c cw_c lse - sum_c cw_c logit_c)
+    loss = coef_t * nll + smooth * (total_cw * lse - smooth_sum)
+    return loss, lse, coef_t + smooth * total_cw, coef_t
+
+
+@triton.jit
 def _margin_ce_fwd_kernel(
-        X_ptr, W_ptr, BIAS_ptr, T_ptr, CW_ptr, LAM_ptr, STATS_ptr, DX_ptr, DWP_ptr,
-        B, D, C, n_targets, stride_x_row, stride_x_col, stride_w_d, stride_w_c,
+        X_ptr, W_ptr, BIAS_ptr, T_ptr, CW_ptr, LAM_ptr, STATS_ptr, PART_ptr, DX_ptr, DWP_ptr,
+        B, D, C, n_targets, tiles_per_split, stride_x_row, stride_x_col, stride_w_d, stride_w_c,
         s, m, gamma, m_real, m_fake, alpha, eps, ignore_index, bonafide,
-        MARGIN: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_CW: tl.constexpr, FUSE_DX: tl.constexpr,
-        FUSE_DW: tl.constexpr, DOT_DTYPE: tl.constexpr, ACC_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
-        BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr):
+        MARGIN: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_CW: tl.constexpr, SPLIT: tl.constexpr,
+        FUSE_DX: tl.constexpr, FUSE_DW: tl.constexpr, DOT_DTYPE: tl.constexpr, ACC_DTYPE: tl.constexpr,
+        PRECISION: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr):
     """Per-row loss statistics of BLOCK_B rows, looping over class tiles with an online log-sum-exp.
 
     X [B, D], W [D, C] (any strides), BIAS [C], T [B] int, CW [C] (OCSoftmax [2]), LAM [1]; writes STATS [5, B].
     With FUSE_DX / FUSE_DW (the whole class dimension is one tile) it also writes the unit-gradient DX [B, D]
     (contiguous) and this program's dW partial DWP[pid] [D + 1, BLOCK_C] (row D: d bias), so backward reads no x.
+    With SPLIT (grid axis 1 splits the classes, `tiles_per_split` tiles each, for parallelism when rows are few) it
+    writes the split's softmax statistics to PART [5, n_splits, B] for `_margin_ce_combine_kernel` instead.
     """
     pid = tl.program_id(0).to(tl.int64)  # 64-bit offsets: rows * stride can pass 2^31
     rows = pid * BLOCK_B + tl.arange(0, BLOCK_B)
@@ -249,7 +279,9 @@ def _margin_ce_fwd_kernel(
         tgt = tl.zeros((BLOCK_B,), ACC_DTYPE)
         smooth_sum = tl.zeros((BLOCK_B,), ACC_DTYPE)
         cw_sum = tl.zeros((BLOCK_C,), ACC_DTYPE)
-        for c0 in range(0, C, BLOCK_C):
+        split = tl.program_id(1)
+        c_begin = split * tiles_per_split * BLOCK_C
+        for c0 in range(c_begin, tl.minimum(C, c_begin + tiles_per_split * BLOCK_C), BLOCK_C):
             cols = c0 + tl.arange(0, BLOCK_C)
             col_mask = cols < C
             acc, xsq, wsq = _dot_tile(X_ptr, W_ptr, rows, cols, row_mask, col_mask, D, stride_x_row, stride_x_col,
@@ -265,26 +297,52 @@ def _margin_ce_fwd_kernel(
             cw = _class_weights(CW_ptr, cols, col_mask, HAS_CW).to(ACC_DTYPE)
             smooth_sum += tl.sum(tl.where(col_mask[None, :], logits, 0.0) * cw[None, :], 1)
             cw_sum += cw
-        lse = m_i + tl.log(l_i)
-        nll = lse - tgt
-        coef_t = (1.0 - eps) * row_w
-        if MARGIN == MARGIN_ANGULAR:
-            coef_t = coef_t * _focal(nll, gamma)  # the focal factor carries no gradient
-        smooth = valid.to(ACC_DTYPE) * eps / C
-        total_cw = tl.sum(cw_sum, 0)
-        # torch's smoothing: eps/C sum_c cw_c (-log p_c) = eps/C (sum_c cw_c lse - sum_c cw_c logit_c)
-        loss = coef_t * nll + smooth * (total_cw * lse - smooth_sum)
-        coef_p = coef_t + smooth * total_cw
-    tl.store(STATS_ptr + STAT_LOSS * B + rows, loss, mask=row_mask)
-    tl.store(STATS_ptr + STAT_ROWW * B + rows, row_w, mask=row_mask)
-    tl.store(STATS_ptr + STAT_LSE * B + rows, lse, mask=row_mask)
-    tl.store(STATS_ptr + STAT_COEF_P * B + rows, coef_p, mask=row_mask)
-    tl.store(STATS_ptr + STAT_COEF_T * B + rows, coef_t, mask=row_mask)
+        if SPLIT:
+            part = PART_ptr + split.to(tl.int64) * B + rows
+            n_part = tl.num_programs(1).to(tl.int64) * B
+            tl.store(part, m_i, mask=row_mask)
+            tl.store(part + n_part, l_i, mask=row_mask)
+            tl.store(part + 2 * n_part, tgt, mask=row_mask)
+            tl.store(part + 3 * n_part, smooth_sum, mask=row_mask)
+            tl.store(part + 4 * n_part, tl.zeros_like(m_i) + tl.sum(cw_sum, 0), mask=row_mask)
+        else:
+            loss, lse, coef_p, coef_t = _softmax_epilogue(m_i, l_i, tgt, smooth_sum, tl.sum(cw_sum, 0), row_w,
+                                                          valid, eps, gamma, C, MARGIN, ACC_DTYPE)
+    if not SPLIT:
+        _store_stats(STATS_ptr, rows, row_mask, B, loss, row_w, lse, coef_p, coef_t)
     if FUSE_DX or FUSE_DW:
         _fused_grads(X_ptr, W_ptr, BIAS_ptr, CW_ptr, DX_ptr, DWP_ptr, pid, rows, row_mask, t_safe, valid, lse,
                      coef_p, coef_t, lam, D, C, stride_x_row, stride_x_col, stride_w_d, stride_w_c, s, m, eps,
                      MARGIN, HAS_BIAS, HAS_CW, FUSE_DX, FUSE_DW, DOT_DTYPE, ACC_DTYPE, PRECISION,
                      BLOCK_B, BLOCK_C, BLOCK_K)
+
+
+@triton.jit
+def _margin_ce_combine_kernel(T_ptr, CW_ptr, PART_ptr, STATS_ptr, B, C, n_targets, n_splits, n_part, gamma, eps,
+                              ignore_index, MARGIN: tl.constexpr, HAS_CW: tl.constexpr, ACC_DTYPE: tl.constexpr,
+                              BLOCK_B: tl.constexpr):
+    """Merge the class splits' statistics PART [5, n_splits, B] (in split order: deterministic) into STATS [5, B]."""
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_B + tl.arange(0, BLOCK_B)
+    row_mask = rows < B
+    _, valid, row_w = _row_targets(T_ptr, CW_ptr, rows, row_mask, ignore_index, n_targets, HAS_CW)
+    m_i = tl.full((BLOCK_B,), float("-inf"), ACC_DTYPE)
+    l_i = tl.zeros((BLOCK_B,), ACC_DTYPE)
+    tgt = tl.zeros((BLOCK_B,), ACC_DTYPE)
+    smooth_sum = tl.zeros((BLOCK_B,), ACC_DTYPE)
+    total_cw = tl.zeros((BLOCK_B,), ACC_DTYPE)
+    for split in range(0, n_splits):
+        part = PART_ptr + split * B + rows
+        m_s = tl.load(part, mask=row_mask, other=0.0)
+        m_new = tl.maximum(m_i, m_s)
+        l_s = tl.load(part + n_part, mask=row_mask, other=1.0)  # padded rows: a harmless log(1)
+        l_i = l_i * tl.exp(m_i - m_new) + l_s * tl.exp(m_s - m_new)
+        m_i = m_new
+        tgt += tl.load(part + 2 * n_part, mask=row_mask, other=0.0)
+        smooth_sum += tl.load(part + 3 * n_part, mask=row_mask, other=0.0)
+        total_cw += tl.load(part + 4 * n_part, mask=row_mask, other=0.0)
+    loss, lse, coef_p, coef_t = _softmax_epilogue(m_i, l_i, tgt, smooth_sum, total_cw, row_w, valid, eps, gamma, C,
+                                                  MARGIN, ACC_DTYPE)
+    _store_stats(STATS_ptr, rows, row_mask, B, loss, row_w, lse, coef_p, coef_t)
 
 
 @triton.jit
@@ -355,13 +413,15 @@ def _fused_grads(X_ptr, W_ptr, BIAS_ptr, CW_ptr, DX_ptr, DWP_ptr, pid, rows, row
 @triton.jit
 def _margin_ce_bwd_dx_kernel(
         X_ptr, W_ptr, BIAS_ptr, T_ptr, CW_ptr, LAM_ptr, STATS_ptr, G_ptr, DX_ptr,
-        B, D, C, n_targets, stride_x_row, stride_x_col, stride_w_d, stride_w_c, stride_g, stride_dx_row,
+        B, D, C, n_targets, stride_x_row, stride_x_col, stride_w_d, stride_w_c, stride_g, tiles_per_split,
+        stride_dx_split, stride_dx_row,
         s, m, eps, ignore_index,
         MARGIN: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_CW: tl.constexpr, DOT_DTYPE: tl.constexpr,
         ACC_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
         BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_DO: tl.constexpr):
     """dX[rows, d-slice] = sum over class tiles of recomputed dL/dcos tiles times W^T; G [B] is the upstream gradient
-    per row (stride 0 for a scalar). Grid: (row blocks, D / BLOCK_DO). No atomics: deterministic."""
+    per row (stride 0 for a scalar). Grid: (row blocks, D / BLOCK_DO, class splits); with several class splits each
+    writes its own partial DX[split] (summed afterwards in split order). No atomics: deterministic."""
     pid = tl.program_id(0).to(tl.int64)
     rows = pid * BLOCK_B + tl.arange(0, BLOCK_B)
     row_mask = rows < B
@@ -377,7 +437,8 @@ def _margin_ce_bwd_dx_kernel(
     ssum = tl.zeros((BLOCK_B,), ACC_DTYPE)
     xsum = tl.zeros((BLOCK_B,), ACC_DTYPE)
     rx = tl.zeros((BLOCK_B,), ACC_DTYPE)
-    for c0 in range(0, C, BLOCK_C):
+    c_begin = tl.program_id(2) * tiles_per_split * BLOCK_C
+    for c0 in range(c_begin, tl.minimum(C, c_begin + tiles_per_split * BLOCK_C), BLOCK_C):
         cols = c0 + tl.arange(0, BLOCK_C)
         col_mask = cols < C
         dcos, cos, rx, rw, xs = _grad_tile(X_ptr, W_ptr, BIAS_ptr, CW_ptr, rows, row_mask, cols, col_mask, t_safe,
@@ -394,6 +455,7 @@ def _margin_ce_bwd_dx_kernel(
     x = tl.load(X_ptr + rows[:, None] * stride_x_row + ds[None, :] * stride_x_col,
                 mask=row_mask[:, None] & dmask[None, :], other=0.0).to(ACC_DTYPE)
     dx = _dx_finish(acc_x, x, rx, ssum, xsum, MARGIN)
+    DX_ptr += tl.program_id(2).to(tl.int64) * stride_dx_split
     tl.store(DX_ptr + rows[:, None] * stride_dx_row + ds[None, :], dx.to(DX_ptr.dtype.element_ty),
              mask=row_mask[:, None] & dmask[None, :])
 

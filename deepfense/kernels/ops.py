@@ -45,6 +45,26 @@ def _blocks(D: int, C: int, margin: int):
     return 64, block_c, 64, max(16, min(triton.next_power_of_2(D), 128))
 
 
+# Tests set this to force class splits under the interpreter; None lets `_splits` decide.
+FORCE_SPLITS = None
+
+
+def _splits(B: int, C: int, block_b: int, block_c: int, device: torch.device) -> Tuple[int, int]:
+    """(number of class splits, class tiles per split). Few row blocks over many class tiles (a face head: B = 1024,
+    C = 10^6) would leave most multiprocessors idle, so the classes are split across programs as well; small heads
+    keep one split and so one forward launch."""
+    n_rows, n_tiles = triton.cdiv(max(B, 1), block_b), triton.cdiv(C, block_c)
+    if FORCE_SPLITS is not None:
+        wanted = FORCE_SPLITS
+    elif INTERPRET or device.type != "cuda" or n_tiles < 256:
+        wanted = 1
+    else:
+        n_sm = torch.cuda.get_device_properties(device).multi_processor_count
+        wanted = min(triton.cdiv(2 * n_sm, n_rows), n_tiles // 8)
+    per_split = triton.cdiv(n_tiles, max(1, min(wanted, n_tiles)))
+    return triton.cdiv(n_tiles, per_split), per_split
+
+
 def fuse_plan(D: int, C: int, margin: int, need_dx: bool, need_dw: bool, uniform_grad: bool) -> Tuple[bool, bool]:
     """Whether the forward also writes dX and dW: only when all classes fit one tile. dW needs the same upstream
     gradient on every row (reduction 'mean' or 'sum'), since it sums over rows before that gradient is known."""
@@ -88,14 +108,20 @@ def margin_ce_fwd(x: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor]
     args, meta, acc, n_targets = _common(x, w, bias, targets, class_weights, lam, margin)
     block_b, block_c, block_k, _ = _blocks(D, C, margin)
     n_prog = triton.cdiv(B, block_b)
+    n_splits, per_split = (1, 1) if fuse_dx or fuse_dw else _splits(B, C, block_b, block_c, x.device)
     stats = torch.empty(N_STATS, B, dtype=acc, device=x.device)
+    part = torch.empty((N_STATS, n_splits, B) if n_splits > 1 else (0,), dtype=acc, device=x.device)
     dx = torch.empty((B, D) if fuse_dx else (0,), dtype=x.dtype, device=x.device)
     dwp = torch.empty((n_prog, D + 1, block_c) if fuse_dw else (0,), dtype=acc, device=x.device)
     if B > 0:
-        K._margin_ce_fwd_kernel[(n_prog,)](
-            *args, stats, dx, dwp, B, D, C, n_targets, x.stride(0), x.stride(1), w.stride(0), w.stride(1),
-            s, m, gamma, m_real, m_fake, alpha, eps, ignore_index, bonafide, FUSE_DX=fuse_dx, FUSE_DW=fuse_dw,
-            BLOCK_B=block_b, BLOCK_C=block_c, BLOCK_K=block_k, **meta)
+        K._margin_ce_fwd_kernel[(n_prog, n_splits)](
+            *args, stats, part, dx, dwp, B, D, C, n_targets, per_split, x.stride(0), x.stride(1), w.stride(0),
+            w.stride(1), s, m, gamma, m_real, m_fake, alpha, eps, ignore_index, bonafide, SPLIT=n_splits > 1,
+            FUSE_DX=fuse_dx, FUSE_DW=fuse_dw, BLOCK_B=block_b, BLOCK_C=block_c, BLOCK_K=block_k, **meta)
+        if n_splits > 1:
+            K._margin_ce_combine_kernel[(n_prog,)](
+                targets, args[4], part, stats, B, C, n_targets, n_splits, n_splits * B, gamma, eps, ignore_index,
+                MARGIN=margin, HAS_CW=class_weights is not None, ACC_DTYPE=meta["ACC_DTYPE"], BLOCK_B=block_b)
     dw = dwp.sum(0)[:, :C] if fuse_dw else dwp  # fixed-order sum over programs: deterministic
     if fuse_dw and B == 0:
         dw = torch.zeros(D + 1, C, dtype=acc, device=x.device)
@@ -132,9 +158,14 @@ def margin_ce_bwd(x: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor]
         dw.zero_(), db.zero_()
     common = (B, D, C, n_targets, x.stride(0), x.stride(1), w.stride(0), w.stride(1), grad.stride(0))
     if B > 0 and need_dx:
-        grid = (triton.cdiv(B, block_b), triton.cdiv(D, block_do))
-        K._margin_ce_bwd_dx_kernel[grid](*args, stats, grad, dx, *common, dx.stride(0), s, m, eps, ignore_index,
-                                         **blocks, **meta)
+        n_splits, per_split = _splits(B, C, block_b, block_c, x.device)
+        # several class splits write fp32 partials, summed below in split order (deterministic)
+        dxp = dx[None] if n_splits == 1 else torch.empty(n_splits, B, D, dtype=acc, device=x.device)
+        grid = (triton.cdiv(B, block_b), triton.cdiv(D, block_do), n_splits)
+        K._margin_ce_bwd_dx_kernel[grid](*args, stats, grad, dxp, *common, per_split, dxp.stride(0), dxp.stride(1),
+                                         s, m, eps, ignore_index, **blocks, **meta)
+        if n_splits > 1:
+            dx = dxp.sum(0).to(x.dtype)
     if B > 0 and need_dw:
         grid = (triton.cdiv(C, block_c), triton.cdiv(D, block_do))
         K._margin_ce_bwd_dw_kernel[grid](*args, stats, grad, dw, db if bias is not None else dw, *common,
