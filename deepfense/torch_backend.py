@@ -49,12 +49,13 @@ def _target_logit_grad(cos_y, xnorm, lam, p: LossParams):
 
 def _cosines(xf, wf):
     """Clamped cosines [B, C] of the rows of xf [B, D] and the columns of wf [D, C], with |x| [B, 1], 1/|x| [B, 1]
-    and 1/|w| [1, C]; zero vectors normalise to zero, with zero gradient."""
+    and 1/|w| [1, C]; zero vectors normalise to zero, with zero gradient. The row scale 1/|x| is applied to the
+    [B, C] product rather than to the [B, D] embeddings (C is usually the smaller)."""
     xnorm = torch.linalg.vector_norm(xf, dim=1, keepdim=True)
     rx = torch.where(xnorm > 0, 1.0 / xnorm, 0.0)
     wnorm = torch.linalg.vector_norm(wf, dim=0, keepdim=True)
     rw = torch.where(wnorm > 0, 1.0 / wnorm, 0.0)
-    return ((xf * rx) @ wf).mul_(rw).clamp_(-1.0, 1.0), xnorm, rx, rw
+    return (xf @ (wf * rw)).mul_(rx).clamp_(-1.0, 1.0), xnorm, rx, rw
 
 
 class MarginLossFunction(torch.autograd.Function):
@@ -147,22 +148,31 @@ def _dlogits_to_dcos(dlogits, logits, xnorm, rx, tcol, tgrad, p: LossParams):
 def _project_grad(xf, wf, cos, a, rx, rw, xscale, has_bias, row_scale=None):
     """dX [B, D], dW [D, C] and db [C] (or None) from a = dL/dcos [B, C] (dL/dlogits for CrossEntropy, cos None).
 
-    xscale [B, 1]: ASoftmax's dL/d|x| / |x|, or None. row_scale: the upstream gradient per row ([B, 1]) or a scalar,
-    applied here to [B, D] and [D, C] tensors instead of to the [B, C] one (None: already in `a` and `xscale`).
+    xscale [B, 1]: ASoftmax's dL/d|x| / |x|, or None. row_scale: the upstream gradient per row ([B, 1]) or a scalar
+    (None: already in `a` and `xscale`).
     """
     g = 1.0 if row_scale is None else row_scale
     if cos is None:
-        return (a @ wf.t()) * g, (xf * g).t() @ a, (a * g).sum(0) if has_bias else None
-    # d cos_c/dx = rx (w_hat_c - cos_c x_hat) and d cos_c/dw_c = rw_c (x_hat - cos_c w_hat_c). With cos_c = x_hat.w_hat_c
-    # the sums over c (over rows) become projections: dx = rx (I - x_hat x_hat^T) (a @ W_hat^T) and
-    # dw_c = rw_c (I - w_hat_c w_hat_c^T) (X_hat^T a)_c, so no [B, C] product with cos is formed.
-    x_hat, w_hat = xf * rx, wf * rw
-    mx = a @ w_hat.t()
-    dx = (mx - (mx * x_hat).sum(1, keepdim=True) * x_hat) * (rx * g)
-    nw = (x_hat * g).t() @ a
-    dw = (nw - (nw * w_hat).sum(0, keepdim=True) * w_hat) * rw
-    if xscale is not None:
-        dx += (xscale * g) * xf
+        ag = a * g
+        return ag @ wf.t(), xf.t() @ ag, ag.sum(0) if has_bias else None
+    # d cos_c/dx = rx (w_hat_c - cos_c x_hat) and d cos_c/dw_c = rw_c (x_hat - cos_c w_hat_c), so with a' = a rx g:
+    #   dx = a' @ W_hat^T - (sum_c a'_c cos_c) x_hat,    dw_c = rw_c (X^T a')_c - (sum_i a'_ic |x_i| cos_ic) rw_c w_hat_c.
+    # Since cos_c = x_hat . w_hat_c, each correction sum is also a projection of the matmul it corrects; every sum is
+    # taken over whichever side is smaller ([B, C] with cos, or [B, D] / [D, C] with the matmul's output).
+    B, D, C = xf.shape[0], xf.shape[1], wf.shape[1]
+    w_hat = wf * rw
+    ag = a * (rx * g)
+    dx = ag @ w_hat.t()
+    k = (ag * cos).sum(1, keepdim=True) * rx if C < D else (dx * xf).sum(1, keepdim=True) * (rx * rx)
+    if xscale is not None:  # ASoftmax: + dL/d|x| x_hat
+        k = k - xscale * g
+    dx.addcmul_(xf, k, value=-1.0)
+    nw = xf.t() @ ag
+    if B < D:
+        csum = ((ag * cos).t() @ torch.where(rx > 0, 1.0 / rx, 0.0)).t()  # a' |x| = a g on rows of nonzero norm
+    else:
+        csum = (nw * w_hat).sum(0, keepdim=True)
+    dw = nw.mul_(rw).addcmul_(w_hat, csum * rw, value=-1.0)
     return dx, dw, None
 
 

@@ -75,6 +75,7 @@ def test_forward_and_grad_match_reference(loss_type, options, shape, backend_dev
     backend, device = backend_device
     B, D, C = shape
     g = torch.Generator().manual_seed(zlib.crc32(f"{loss_type}{shape}".encode()))
+    torch.manual_seed(zlib.crc32(f"{loss_type}{shape}{options}".encode()))  # the module's weight init: reproducible
     n_weights = 2 if loss_type == "OCSoftmax" else C
     options = dict(options)
     if options.get("class_weights") == "random":
