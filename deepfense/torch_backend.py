@@ -55,7 +55,13 @@ def _cosines(xf, wf):
     rx = torch.where(xnorm > 0, 1.0 / xnorm, 0.0)
     wnorm = torch.linalg.vector_norm(wf, dim=0, keepdim=True)
     rw = torch.where(wnorm > 0, 1.0 / wnorm, 0.0)
-    return (xf @ (wf * rw)).mul_(rx).clamp_(-1.0, 1.0), xnorm, rx, rw
+    return (xf @ _gemm_layout(wf * rw)).mul_(rx).clamp_(-1.0, 1.0), xnorm, rx, rw
+
+
+def _gemm_layout(w_dc):
+    """The [D, C] weight, stored class-major when C < D: CPU GEMMs against a narrow weight run several times faster
+    in that layout (measured 4x at B=4096, D=192, C=2); for wide heads the copy would cost more than it saves."""
+    return w_dc.t().contiguous().t() if w_dc.shape[1] < w_dc.shape[0] else w_dc
 
 
 class MarginLossFunction(torch.autograd.Function):
@@ -154,26 +160,27 @@ def _project_grad(xf, wf, cos, a, rx, rw, xscale, has_bias, row_scale=None):
     g = 1.0 if row_scale is None else row_scale
     if cos is None:
         ag = a * g
-        return ag @ wf.t(), xf.t() @ ag, ag.sum(0) if has_bias else None
+        return ag @ _gemm_layout(wf).t(), (ag.t() @ xf).t(), ag.sum(0) if has_bias else None
     # d cos_c/dx = rx (w_hat_c - cos_c x_hat) and d cos_c/dw_c = rw_c (x_hat - cos_c w_hat_c), so with a' = a rx g:
     #   dx = a' @ W_hat^T - (sum_c a'_c cos_c) x_hat,    dw_c = rw_c (X^T a')_c - (sum_i a'_ic |x_i| cos_ic) rw_c w_hat_c.
     # Since cos_c = x_hat . w_hat_c, each correction sum is also a projection of the matmul it corrects; every sum is
     # taken over whichever side is smaller ([B, C] with cos, or [B, D] / [D, C] with the matmul's output).
     B, D, C = xf.shape[0], xf.shape[1], wf.shape[1]
-    w_hat = wf * rw
+    rw_c = rw.t()
+    w_hat = _gemm_layout(wf * rw).t()  # [C, D]
     ag = a * (rx * g)
-    dx = ag @ w_hat.t()
+    dx = ag @ w_hat
     k = (ag * cos).sum(1, keepdim=True) * rx if C < D else (dx * xf).sum(1, keepdim=True) * (rx * rx)
     if xscale is not None:  # ASoftmax: + dL/d|x| x_hat
         k = k - xscale * g
     dx.addcmul_(xf, k, value=-1.0)
-    nw = xf.t() @ ag
+    nw = ag.t() @ xf  # [C, D]
     if B < D:
-        csum = ((ag * cos).t() @ torch.where(rx > 0, 1.0 / rx, 0.0)).t()  # a' |x| = a g on rows of nonzero norm
+        csum = (ag * cos).t() @ torch.where(rx > 0, 1.0 / rx, 0.0)  # a' |x| = a g on rows of nonzero norm
     else:
-        csum = (nw * w_hat).sum(0, keepdim=True)
-    dw = nw.mul_(rw).addcmul_(w_hat, csum * rw, value=-1.0)
-    return dx, dw, None
+        csum = (nw * w_hat).sum(1, keepdim=True)
+    dw = nw.mul_(rw_c).addcmul_(w_hat, csum * rw_c, value=-1.0)
+    return dx, dw.t(), None
 
 
 def _finish(ctx, p, rows, row_w, xf, wf, bias, cos, dcos, rx, rw, xscale, dtypes):
