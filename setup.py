@@ -8,9 +8,14 @@ setup(
     long_description_content_type="text/markdown",
     packages=find_packages(include=["deepfense", "deepfense.*"]),
     python_requires=">=3.10",
-    # A range, so a GPU user keeps the torch build they have. Tested: 2.11 (CUDA) to 2.13 (CPU); the upper bound also
+    # A range, so a GPU user keeps the torch build they have (tested on 2.13 CPU; the GPU machines carry 2.11); the bound
     # keeps a fresh install on these machines on the local 2.13 CPU wheel instead of a multi-GB CUDA download.
     install_requires=["torch>=2.4,<2.14", "pyyaml>=5.1"],
-    extras_require={"dev": ["triton>=3.6,<3.10", "pytest>=7", "pytest-benchmark>=4"]},
+    extras_require={
+        "dev": ["triton>=3.6,<3.10", "pytest>=7", "pytest-benchmark>=4"],
+        # peers the benchmark compares against where they install (pytorch-metric-learning's CosFace/SphereFace), and
+        # the plot of time against B and C
+        "bench": ["pytorch-metric-learning>=2.0", "matplotlib>=3.5"],
+    },
     entry_points={"console_scripts": ["deepfense=deepfense.__main__:main"]},
 )
