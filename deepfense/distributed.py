@@ -8,8 +8,8 @@ Layout:
       ``class_weights``, when given, is the full [C] vector on every rank.
 
 Algorithm: embeddings and targets are all-gathered (sizes first, then padded to the largest batch); each rank computes
-the logits of the whole gathered batch against its class slice with the torch backend's helpers (`_cosines`,
-`_target_logit`); the row max is combined by an all-reduce MAX and sum-exp, the target logit (from the rank that owns
+the softmax statistics of the whole gathered batch against its class slice (fused kernels, or the torch backend's
+helpers `_cosines`, `_target_logit`); the row max is combined by an all-reduce MAX and sum-exp, the target logit (from the rank that owns
 the target) and the label-smoothing sum by one all-reduce SUM. Backward turns the local dL/dlogits into the rank's dW
 slice and a partial dX for every gathered row; a reduce-scatter sums the partial dX and hands each rank its own rows.
 
@@ -27,8 +27,10 @@ Gradient convention:
 
 Costs: per step, all-gathers of B x D embeddings and the targets, two all-reduces of [B_total] / [B_total, 2..3] row
 statistics, a reduce-scatter of B_total x D in backward; batch sizes are exchanged with one small all-gather and a host
-sync. The per-rank work runs these torch ops on CPU and on CUDA alike: the fused Triton kernels are not used here,
-because they finish the softmax inside one pass over the classes and keep no hook for a cross-rank LSE.
+sync. With backend 'triton' (what 'auto' picks for CUDA inputs) each rank's share runs on the fused kernels: their
+forward returns the rows' partial softmax statistics over the rank's classes (`kernels.ops.partial_row_stats`), which
+the collectives merge, and their backward recomputes the logit tiles from the merged LSE, so no rank holds the
+[B_total, C_r] logits. Otherwise the share runs as torch ops (`_local_logits`).
 
 Partial FC (`sample_rate` < 1): each rank keeps every class of its slice that is a target in the gathered batch, plus
 random others up to ceil(sample_rate * C_r) columns; the softmax then runs over the kept classes only. This is an
@@ -98,47 +100,57 @@ class ShardedMarginLossFunction(torch.autograd.Function):
     Inputs: x [B_r, D] local embeddings; w [D, C_r] local columns; bias [C_r] or None; tg [world * bmax] gathered
     targets in this softmax's class space (pads are ignore_index); row_w [world * bmax] row weights (0 for ignored and
     pad rows); cw [C_r] class weights of the local columns; cw_total: 0-dim sum of all C class weights; lam: ASoftmax
-    lambda; p: options; lay: `_Layout`.
+    lambda; p: options; lay: `_Layout`; kernels: run the per-rank work on the fused Triton kernels (else torch ops).
     """
 
     @staticmethod
-    def forward(ctx, x, w, bias, tg, row_w, cw, cw_total, lam, p: LossParams, lay: _Layout):
+    def forward(ctx, x, w, bias, tg, row_w, cw, cw_total, lam, p: LossParams, lay: _Layout, kernels: bool):
         dt = _compute_dtype(x, w)
-        xg, wf = _gather_rows(x.detach().to(dt), lay), w.to(dt)
-        n_local = wf.shape[1]
+        ctx.p, ctx.lay, ctx.dtypes, ctx.has_bias, ctx.kernels = p, lay, (x.dtype, w.dtype), bias is not None, kernels
         valid = tg != p.ignore_index
-        owned = valid & (tg >= lay.c0) & (tg < lay.c0 + n_local)  # this rank holds the row's target column
-        tcol = (tg - lay.c0).clamp(0, n_local - 1)[:, None]
-        cos = xnorm = rx = rw = cos_y = lam_t = None
-        if p.margin == Margin.NONE:
-            logits = torch.addmm(bias.to(dt), xg, wf) if bias is not None else xg @ wf
+        if kernels:  # local (max, sum-exp, target logit, smoothing sum) from the fused forward, no [B, C_r] logits
+            from .kernels import ops
+            xg = _gather_rows(x.detach(), lay)
+            lam_k = torch.as_tensor(lam, dtype=torch.float32, device=x.device).reshape(1) if lam is not None else None
+            ctx.op_args = ops.op_params(p, lay.n_classes, lay.c0)
+            part = ops.partial_row_stats(xg, w, bias, tg, cw, lam_k, *ctx.op_args).to(dt)
+            gmax = part[0].clone()
+            dist.all_reduce(gmax, op=dist.ReduceOp.MAX, group=lay.group)
+            cols = [part[1] * torch.exp(part[0] - gmax), part[2], part[3]]
         else:
-            cos, xnorm, rx, rw = _cosines(xg, wf)
-            cos_y = cos.gather(1, tcol)
-            lam_t = torch.as_tensor(lam, dtype=dt, device=x.device) if p.margin == Margin.ANGULAR else None
-            logits = cos * (p.s if p.margin == Margin.ADDITIVE else xnorm)
-            logits.scatter_(1, tcol, torch.where(owned[:, None], _target_logit(cos_y, xnorm, lam_t, p),
-                                                 logits.gather(1, tcol)))
-        # row statistics over all ranks: max, then one SUM of [sum-exp, target logit (owner only), smoothing sum]
-        gmax = logits.amax(1)
-        dist.all_reduce(gmax, op=dist.ReduceOp.MAX, group=lay.group)
-        eps = p.label_smoothing
-        cols = [torch.exp(logits - gmax[:, None]).sum(1), torch.where(owned, logits.gather(1, tcol)[:, 0], 0.0)]
-        if eps:
-            cols.append(logits @ cw)
-        stats = torch.stack(cols, 1)
+            xg, wf = _gather_rows(x.detach().to(dt), lay), w.to(dt)
+            logits, cos, xnorm, rx, rw, cos_y, lam_t, tcol, owned = _local_logits(xg, wf, bias, tg, valid, lam, p, lay)
+            gmax = logits.amax(1)
+            dist.all_reduce(gmax, op=dist.ReduceOp.MAX, group=lay.group)
+            cols = [torch.exp(logits - gmax[:, None]).sum(1), torch.where(owned, logits.gather(1, tcol)[:, 0], 0.0)]
+            if p.label_smoothing:
+                cols.append(logits @ cw)
+        # one SUM over ranks of [sum-exp, target logit (owner only), smoothing sum]
+        stats = torch.stack(cols[:3] if p.label_smoothing else cols[:2], 1)
         dist.all_reduce(stats, group=lay.group)
         lse = gmax + torch.log(stats[:, 0])
         nll = lse - stats[:, 1]
         coef_t = row_w
         if p.margin == Margin.ANGULAR and p.gamma:
             coef_t = row_w * (1.0 - torch.exp(-nll)).clamp_min(0.0) ** p.gamma  # global p_y: focal factor, constant
+        eps = p.label_smoothing
         coef_t = (1.0 - eps) * coef_t if eps else coef_t
         rows, coef_p = coef_t * nll, coef_t
+        smooth = eps / lay.n_classes * valid.to(dt)
         if eps:
-            smooth = eps / lay.n_classes * valid.to(dt)
             rows = rows - smooth * (stats[:, 2] - lse * cw_total)  # sum_c cw_c log p_c = sum_c cw_c l_c - lse sum cw
             coef_p = coef_p + smooth * cw_total
+        if p.reduction == "none":
+            out, scale = rows[lay.mine()], torch.ones((), dtype=dt, device=x.device)
+        elif p.reduction == "sum":
+            out, scale = rows.sum(), torch.ones((), dtype=dt, device=x.device)
+        else:  # mean over the class weights of all ranks' kept rows; 0, not NaN, when none are kept
+            den = row_w.sum()
+            scale = torch.where(den > 0, 1.0 / den, 0.0)
+            out = rows.sum() * scale
+        if kernels:  # backward recomputes the logit tiles from the global LSE and coefficients
+            ctx.save_for_backward(xg, w, bias, tg, cw, lam_k, torch.stack([lse, coef_p, coef_t]), scale)
+            return out
         # dL/dlogit_c = coef_p * p_c - coef_t * [c == y] - smooth * cw_c, p_c from the global LSE
         dlogits = torch.exp(logits - lse[:, None]).mul_(coef_p[:, None])
         dlogits.scatter_add_(1, tcol, torch.where(owned, -coef_t, 0.0)[:, None])
@@ -149,32 +161,51 @@ class ShardedMarginLossFunction(torch.autograd.Function):
             tgrad = (torch.where(owned[:, None], _target_logit_grad(cos_y, xnorm, lam_t, p), xnorm)
                      if p.margin == Margin.ANGULAR else None)
             xscale = _dlogits_to_dcos(dlogits, logits, xnorm, rx, tcol, tgrad, p)
-        if p.reduction == "none":
-            out, scale = rows[lay.mine()], torch.ones((), dtype=dt, device=x.device)
-        elif p.reduction == "sum":
-            out, scale = rows.sum(), torch.ones((), dtype=dt, device=x.device)
-        else:  # mean over the class weights of all ranks' kept rows; 0, not NaN, when none are kept
-            scale = 1.0 / row_w.sum().clamp_min(torch.finfo(dt).tiny)
-            out = rows.sum() * scale
         ctx.save_for_backward(xg, wf, cos, dlogits, rx, rw, xscale, scale)
-        ctx.p, ctx.lay, ctx.dtypes, ctx.has_bias = p, lay, (x.dtype, w.dtype), bias is not None
         return out
 
     @staticmethod
     def backward(ctx, grad):
         p, lay = ctx.p, ctx.lay
-        xg, wf, cos, dlogits, rx, rw, xscale, scale = ctx.saved_tensors
+        scale = ctx.saved_tensors[-1]
         if p.reduction == "none":
-            g = _gather_rows(grad.to(scale.dtype), lay)[:, None] * scale  # every rank's upstream rows
+            g = _gather_rows(grad.to(scale.dtype), lay) * scale  # every rank's upstream rows
         else:
-            g = grad * scale
-        dx_all, dw, db = _project_grad(xg, wf, cos, dlogits * g, rx, rw, None if xscale is None else xscale * g,
-                                       ctx.has_bias)
+            g = (grad * scale).expand(lay.world * lay.bmax)
+        if ctx.kernels:
+            from .kernels import ops
+            xg, w, bias, tg, cw, lam_k, row_stats, _ = ctx.saved_tensors
+            stats = torch.zeros(ops.N_STATS, xg.shape[0], dtype=row_stats.dtype, device=xg.device)
+            stats[2:] = row_stats  # LSE, COEF_P, COEF_T rows (margin_ce's STAT_* order)
+            dx_all, dw, db = ops.margin_ce_bwd(xg, w, bias, tg, cw, lam_k, stats, g.to(stats.dtype), *ctx.op_args,
+                                               True, True)
+            db = db if ctx.has_bias else None
+        else:
+            xg, wf, cos, dlogits, rx, rw, xscale, _ = ctx.saved_tensors
+            dx_all, dw, db = _project_grad(xg, wf, cos, dlogits, rx, rw, xscale, ctx.has_bias, row_scale=g[:, None])
         dx = torch.empty((lay.bmax, dx_all.shape[1]), dtype=dx_all.dtype, device=dx_all.device)
-        dist.reduce_scatter(dx, list(dx_all.chunk(lay.world)), group=lay.group)  # sum of every rank's partial dX
+        dist.reduce_scatter(dx, list(dx_all.contiguous().chunk(lay.world)), group=lay.group)  # sum of partial dX
         dx = dx[: lay.sizes[lay.rank]]
         x_dtype, w_dtype = ctx.dtypes
-        return dx.to(x_dtype), dw.to(w_dtype), db, None, None, None, None, None, None, None
+        return dx.to(x_dtype), dw.to(w_dtype), db, None, None, None, None, None, None, None, None
+
+
+def _local_logits(xg, wf, bias, tg, valid, lam, p: LossParams, lay: _Layout):
+    """Logits [B_total, C_r] of the gathered rows against this rank's classes (torch ops), margin on owned targets."""
+    n_local = wf.shape[1]
+    owned = valid & (tg >= lay.c0) & (tg < lay.c0 + n_local)  # this rank holds the row's target column
+    tcol = (tg - lay.c0).clamp(0, n_local - 1)[:, None]
+    cos = xnorm = rx = rw = cos_y = lam_t = None
+    if p.margin == Margin.NONE:
+        logits = torch.addmm(bias.to(xg.dtype), xg, wf) if bias is not None else xg @ wf
+    else:
+        cos, xnorm, rx, rw = _cosines(xg, wf)
+        cos_y = cos.gather(1, tcol)
+        lam_t = torch.as_tensor(lam, dtype=xg.dtype, device=xg.device) if p.margin == Margin.ANGULAR else None
+        logits = cos * (p.s if p.margin == Margin.ADDITIVE else xnorm)
+        logits.scatter_(1, tcol, torch.where(owned[:, None], _target_logit(cos_y, xnorm, lam_t, p),
+                                             logits.gather(1, tcol)))
+    return logits, cos, xnorm, rx, rw, cos_y, lam_t, tcol, owned
 
 
 def _sample(tg, valid, lay: _Layout, n_local, sample_rate, generator):
@@ -209,7 +240,7 @@ def _sample(tg, valid, lay: _Layout, n_local, sample_rate, generator):
 
 
 def sharded_margin_loss(x, w_dc, bias, targets, class_weights, lam, p: LossParams, group, *,
-                        sample_rate: float = 1.0, generator: Optional[torch.Generator] = None):
+                        sample_rate: float = 1.0, generator: Optional[torch.Generator] = None, backend: str = "auto"):
     """Class-parallel AMSoftmax / ASoftmax / CrossEntropy loss; `functional.*_loss(..., process_group=group)` lands here.
 
     Args:
@@ -220,6 +251,8 @@ def sharded_margin_loss(x, w_dc, bias, targets, class_weights, lam, p: LossParam
         p: options (OCSoftmax is not shardable: it has one class). group: the process group (dist.group.WORLD for all).
         sample_rate: Partial FC keep ratio in (0, 1]; 1 is the exact loss. generator: seeds the class sampling
             (e.g. `torch.Generator().manual_seed(seed + step)`); the same seed on every rank is fine.
+        backend: 'triton' (what 'auto' picks for CUDA inputs) runs each rank's share on the fused kernels, which
+            merge their per-rank log-sum-exp across ranks and never hold the [B_total, C_r] logits; else torch ops.
 
     Returns:
         The loss per `p.reduction` (a scalar equal on every rank, or [B_r] for 'none'), float32 (float64 for float64
@@ -265,7 +298,10 @@ def sharded_margin_loss(x, w_dc, bias, targets, class_weights, lam, p: LossParam
         bias = bias[idx] if bias is not None else None
         cw_total = cw.sum()
         dist.all_reduce(cw_total, group=group)
-    loss = ShardedMarginLossFunction.apply(x, w_dc, bias, tg, row_w, cw, cw_total, lam, p, lay)
+    from .functional import resolve_backend
+    kernels = resolve_backend(backend, x.device) == "triton"
+    cw_cols = cw if (class_weights is not None or not kernels) else None  # the kernels take none as all ones
+    loss = ShardedMarginLossFunction.apply(x, w_dc, bias, tg, row_w, cw_cols, cw_total, lam, p, lay, kernels)
     if validate:
         _check_finite(loss, x, w_dc, bias)
     return loss

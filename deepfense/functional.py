@@ -103,7 +103,7 @@ def _check_finite(loss, x, w_dc, bias):
 def _dispatch(p: LossParams, x, w_dc, bias, targets, class_weights, lam, backend, process_group=None):
     if process_group is not None:  # class-parallel: w_dc is this rank's class slice (see deepfense.distributed)
         from .distributed import sharded_margin_loss
-        return sharded_margin_loss(x, w_dc, bias, targets, class_weights, lam, p, process_group)
+        return sharded_margin_loss(x, w_dc, bias, targets, class_weights, lam, p, process_group, backend=backend)
     n_classes = w_dc.shape[1]
     n_targets = 2 if p.margin == Margin.ONE_CLASS else n_classes
     _check_tensors(x, w_dc, bias, targets, class_weights, n_targets)

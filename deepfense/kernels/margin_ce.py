@@ -161,11 +161,14 @@ def _focal(nll, gamma):
 
 
 @triton.jit
-def _row_targets(T_ptr, CW_ptr, rows, row_mask, ignore_index, n_targets, HAS_CW: tl.constexpr):
-    """Targets made safe (-1 matches no column), the kept-row mask and each row's class weight (0 if dropped)."""
+def _row_targets(T_ptr, CW_ptr, rows, row_mask, ignore_index, c_offset, n_targets, HAS_CW: tl.constexpr):
+    """Targets as column indices of this weight (-1 matches no column: ignored, out of range, or, when the classes are
+    sharded, held by another rank; `c_offset` is this weight's first class), the kept-row mask, and each row's class
+    weight (0 if dropped; CW indexed like the columns)."""
     t = tl.load(T_ptr + rows, mask=row_mask, other=ignore_index)
     valid = row_mask & (t != ignore_index)
-    t_safe = tl.where(valid & (t >= 0) & (t < n_targets), t, -1)
+    t_local = t - c_offset
+    t_safe = tl.where(valid & (t_local >= 0) & (t_local < n_targets), t_local, -1)
     if HAS_CW:
         row_w = tl.load(CW_ptr + t_safe, mask=t_safe >= 0, other=0.0)
     else:
@@ -243,7 +246,7 @@ def _softmax_epilogue(m_i, l_i, tgt, smooth_sum, total_cw, row_w, valid, eps, ga
 @triton.jit
 def _margin_ce_fwd_kernel(
         X_ptr, W_ptr, BIAS_ptr, T_ptr, CW_ptr, LAM_ptr, STATS_ptr, PART_ptr, DX_ptr, DWP_ptr,
-        B, D, C, n_targets, tiles_per_split, stride_x_row, stride_x_col, stride_w_d, stride_w_c,
+        B, D, C, n_targets, c_offset, tiles_per_split, stride_x_row, stride_x_col, stride_w_d, stride_w_c,
         s, m, gamma, m_real, m_fake, alpha, eps, ignore_index, bonafide,
         MARGIN: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_CW: tl.constexpr, SPLIT: tl.constexpr,
         FUSE_DX: tl.constexpr, FUSE_DW: tl.constexpr, DOT_DTYPE: tl.constexpr, ACC_DTYPE: tl.constexpr,
@@ -259,7 +262,7 @@ def _margin_ce_fwd_kernel(
     pid = tl.program_id(0).to(tl.int64)  # 64-bit offsets: rows * stride can pass 2^31
     rows = pid * BLOCK_B + tl.arange(0, BLOCK_B)
     row_mask = rows < B
-    t_safe, valid, row_w = _row_targets(T_ptr, CW_ptr, rows, row_mask, ignore_index, n_targets, HAS_CW)
+    t_safe, valid, row_w = _row_targets(T_ptr, CW_ptr, rows, row_mask, ignore_index, c_offset, n_targets, HAS_CW)
     lam = tl.load(LAM_ptr).to(ACC_DTYPE) if MARGIN == MARGIN_ANGULAR else 0.0
     if MARGIN == MARGIN_ONE_CLASS:
         cols = tl.arange(0, BLOCK_C)
@@ -318,13 +321,14 @@ def _margin_ce_fwd_kernel(
 
 
 @triton.jit
-def _margin_ce_combine_kernel(T_ptr, CW_ptr, PART_ptr, STATS_ptr, B, C, n_targets, n_splits, n_part, gamma, eps,
+def _margin_ce_combine_kernel(T_ptr, CW_ptr, PART_ptr, STATS_ptr, B, C, n_targets, c_offset, n_splits, n_part, gamma,
+                              eps,
                               ignore_index, MARGIN: tl.constexpr, HAS_CW: tl.constexpr, ACC_DTYPE: tl.constexpr,
                               BLOCK_B: tl.constexpr):
     """Merge the class splits' statistics PART [5, n_splits, B] (in split order: deterministic) into STATS [5, B]."""
     rows = tl.program_id(0).to(tl.int64) * BLOCK_B + tl.arange(0, BLOCK_B)
     row_mask = rows < B
-    _, valid, row_w = _row_targets(T_ptr, CW_ptr, rows, row_mask, ignore_index, n_targets, HAS_CW)
+    _, valid, row_w = _row_targets(T_ptr, CW_ptr, rows, row_mask, ignore_index, c_offset, n_targets, HAS_CW)
     m_i = tl.full((BLOCK_B,), float("-inf"), ACC_DTYPE)
     l_i = tl.zeros((BLOCK_B,), ACC_DTYPE)
     tgt = tl.zeros((BLOCK_B,), ACC_DTYPE)
@@ -347,11 +351,12 @@ def _margin_ce_combine_kernel(T_ptr, CW_ptr, PART_ptr, STATS_ptr, B, C, n_target
 
 @triton.jit
 def _grad_tile(X_ptr, W_ptr, BIAS_ptr, CW_ptr, rows, row_mask, cols, col_mask, t_safe, valid, lse, coef_p, coef_t,
-               g, lam, D, C, stride_x_row, stride_x_col, stride_w_d, stride_w_c, s, m, eps,
+               g, lam, D, n_smooth, stride_x_row, stride_x_col, stride_w_d, stride_w_c, s, m, eps,
                MARGIN: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_CW: tl.constexpr, DOT_DTYPE: tl.constexpr,
                ACC_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
                BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr):
-    """Recompute one logit tile and return dL/dcos (scaled by g), cos, rx, rw and the rows' sum of dL/dl_c l_c."""
+    """Recompute one logit tile and return dL/dcos (scaled by g), cos, rx, rw and the rows' sum of dL/dl_c l_c.
+    n_smooth: the class count of label smoothing's eps / C (all ranks' classes when they are sharded)."""
     acc, xsq, wsq = _dot_tile(X_ptr, W_ptr, rows, cols, row_mask, col_mask, D, stride_x_row, stride_x_col,
                               stride_w_d, stride_w_c, DOT_DTYPE, ACC_DTYPE, PRECISION, BLOCK_B, BLOCK_C, BLOCK_K)
     bias = _bias(BIAS_ptr, cols, col_mask, HAS_BIAS, ACC_DTYPE, BLOCK_C)
@@ -362,7 +367,7 @@ def _grad_tile(X_ptr, W_ptr, BIAS_ptr, CW_ptr, rows, row_mask, cols, col_mask, t
         xsum = tl.zeros_like(g)
     else:
         cw = _class_weights(CW_ptr, cols, col_mask, HAS_CW).to(ACC_DTYPE)
-        smooth = valid.to(ACC_DTYPE) * eps / C
+        smooth = valid.to(ACC_DTYPE) * eps / n_smooth
         dcos, dl = _dcos_tile(logits, cos, xn, is_target, cw, lse, coef_p, coef_t, smooth, g, lam, s, m, MARGIN)
         xsum = tl.sum(dl * tl.where(col_mask[None, :], logits, 0.0), 1)
     # the dots take dcos in DOT_DTYPE; rounding it once here keeps the cos-correction sums consistent with them
@@ -413,7 +418,8 @@ def _fused_grads(X_ptr, W_ptr, BIAS_ptr, CW_ptr, DX_ptr, DWP_ptr, pid, rows, row
 @triton.jit
 def _margin_ce_bwd_dx_kernel(
         X_ptr, W_ptr, BIAS_ptr, T_ptr, CW_ptr, LAM_ptr, STATS_ptr, G_ptr, DX_ptr,
-        B, D, C, n_targets, stride_x_row, stride_x_col, stride_w_d, stride_w_c, stride_g, tiles_per_split,
+        B, D, C, n_targets, c_offset, n_smooth, stride_x_row, stride_x_col, stride_w_d, stride_w_c, stride_g,
+        tiles_per_split,
         stride_dx_split, stride_dx_row,
         s, m, eps, ignore_index,
         MARGIN: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_CW: tl.constexpr, DOT_DTYPE: tl.constexpr,
@@ -427,7 +433,7 @@ def _margin_ce_bwd_dx_kernel(
     row_mask = rows < B
     ds = tl.program_id(1).to(tl.int64) * BLOCK_DO + tl.arange(0, BLOCK_DO)
     dmask = ds < D
-    t_safe, valid, _ = _row_targets(T_ptr, CW_ptr, rows, row_mask, ignore_index, n_targets, HAS_CW)
+    t_safe, valid, _ = _row_targets(T_ptr, CW_ptr, rows, row_mask, ignore_index, c_offset, n_targets, HAS_CW)
     lam = tl.load(LAM_ptr).to(ACC_DTYPE) if MARGIN == MARGIN_ANGULAR else 0.0
     lse = tl.load(STATS_ptr + STAT_LSE * B + rows, mask=row_mask, other=0.0)
     coef_p = tl.load(STATS_ptr + STAT_COEF_P * B + rows, mask=row_mask, other=0.0)
@@ -442,7 +448,7 @@ def _margin_ce_bwd_dx_kernel(
         cols = c0 + tl.arange(0, BLOCK_C)
         col_mask = cols < C
         dcos, cos, rx, rw, xs = _grad_tile(X_ptr, W_ptr, BIAS_ptr, CW_ptr, rows, row_mask, cols, col_mask, t_safe,
-                                           valid, lse, coef_p, coef_t, g, lam, D, C, stride_x_row, stride_x_col,
+                                           valid, lse, coef_p, coef_t, g, lam, D, n_smooth, stride_x_row, stride_x_col,
                                            stride_w_d, stride_w_c, s, m, eps, MARGIN, HAS_BIAS, HAS_CW, DOT_DTYPE,
                                            ACC_DTYPE, PRECISION, BLOCK_B, BLOCK_C, BLOCK_K)
         ssum += tl.sum(dcos * cos, 1)
@@ -463,7 +469,7 @@ def _margin_ce_bwd_dx_kernel(
 @triton.jit
 def _margin_ce_bwd_dw_kernel(
         X_ptr, W_ptr, BIAS_ptr, T_ptr, CW_ptr, LAM_ptr, STATS_ptr, G_ptr, DW_ptr, DB_ptr,
-        B, D, C, n_targets, stride_x_row, stride_x_col, stride_w_d, stride_w_c, stride_g,
+        B, D, C, n_targets, c_offset, n_smooth, stride_x_row, stride_x_col, stride_w_d, stride_w_c, stride_g,
         stride_dw_d, stride_dw_c, s, m, eps, ignore_index,
         MARGIN: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_CW: tl.constexpr, DOT_DTYPE: tl.constexpr,
         ACC_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
@@ -482,13 +488,13 @@ def _margin_ce_bwd_dw_kernel(
     for r0 in range(0, B, BLOCK_B):
         rows = r0 + tl.arange(0, BLOCK_B).to(tl.int64)
         row_mask = rows < B
-        t_safe, valid, _ = _row_targets(T_ptr, CW_ptr, rows, row_mask, ignore_index, n_targets, HAS_CW)
+        t_safe, valid, _ = _row_targets(T_ptr, CW_ptr, rows, row_mask, ignore_index, c_offset, n_targets, HAS_CW)
         lse = tl.load(STATS_ptr + STAT_LSE * B + rows, mask=row_mask, other=0.0)
         coef_p = tl.load(STATS_ptr + STAT_COEF_P * B + rows, mask=row_mask, other=0.0)
         coef_t = tl.load(STATS_ptr + STAT_COEF_T * B + rows, mask=row_mask, other=0.0)
         g = tl.load(G_ptr + rows * stride_g, mask=row_mask, other=0.0).to(ACC_DTYPE)
         dcos, cos, rx, rw, _ = _grad_tile(X_ptr, W_ptr, BIAS_ptr, CW_ptr, rows, row_mask, cols, col_mask, t_safe,
-                                          valid, lse, coef_p, coef_t, g, lam, D, C, stride_x_row, stride_x_col,
+                                          valid, lse, coef_p, coef_t, g, lam, D, n_smooth, stride_x_row, stride_x_col,
                                           stride_w_d, stride_w_c, s, m, eps, MARGIN, HAS_BIAS, HAS_CW, DOT_DTYPE,
                                           ACC_DTYPE, PRECISION, BLOCK_B, BLOCK_C, BLOCK_K)
         x = tl.load(X_ptr + rows[:, None] * stride_x_row + ds[None, :] * stride_x_col,

@@ -72,15 +72,17 @@ def fuse_plan(D: int, C: int, margin: int, need_dx: bool, need_dw: bool, uniform
     return single and need_dx, single and need_dw and uniform_grad
 
 
-def _params(p: LossParams):
-    return [p.s, p.m, p.gamma, p.m_real, p.m_fake, p.alpha, p.label_smoothing], [int(p.margin), p.ignore_index,
-                                                                                 p.bonafide_label]
+def op_params(p: LossParams, n_classes: int, class_offset: int = 0):
+    """The custom ops' scalar arguments. `class_offset` / `n_classes`: the first class of this weight's columns and
+    the class count of the whole softmax (they differ when the classes are sharded across ranks)."""
+    return ([p.s, p.m, p.gamma, p.m_real, p.m_fake, p.alpha, p.label_smoothing],
+            [int(p.margin), p.ignore_index, p.bonafide_label, class_offset, n_classes])
 
 
 def _unpack(floats: List[float], ints: List[int]):
     s, m, gamma, m_real, m_fake, alpha, eps = floats
-    margin, ignore_index, bonafide = ints
-    return margin, s, m, gamma, m_real, m_fake, alpha, eps, ignore_index, bonafide
+    margin, ignore_index, bonafide, c_offset, n_classes = ints
+    return margin, s, m, gamma, m_real, m_fake, alpha, eps, ignore_index, bonafide, c_offset, n_classes
 
 
 def _common(x, w, bias, targets, class_weights, lam, margin):
@@ -103,7 +105,7 @@ def margin_ce_fwd(x: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor]
     Args: x [B, D], w [D, C] (any strides), bias [C], targets [B] int, class_weights [C] ([2] OCSoftmax), lam [1].
     Returns: stats [5, B] (see margin_ce), dX [B, D] in x's dtype (or [0]), dW with d bias [D + 1, C] fp32 (or [0]).
     """
-    margin, s, m, gamma, m_real, m_fake, alpha, eps, ignore_index, bonafide = _unpack(floats, ints)
+    margin, s, m, gamma, m_real, m_fake, alpha, eps, ignore_index, bonafide, c_offset, _ = _unpack(floats, ints)
     (B, D), C = x.shape, w.shape[1]
     args, meta, acc, n_targets = _common(x, w, bias, targets, class_weights, lam, margin)
     block_b, block_c, block_k, _ = _blocks(D, C, margin)
@@ -115,12 +117,13 @@ def margin_ce_fwd(x: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor]
     dwp = torch.empty((n_prog, D + 1, block_c) if fuse_dw else (0,), dtype=acc, device=x.device)
     if B > 0:
         K._margin_ce_fwd_kernel[(n_prog, n_splits)](
-            *args, stats, part, dx, dwp, B, D, C, n_targets, per_split, x.stride(0), x.stride(1), w.stride(0),
+            *args, stats, part, dx, dwp, B, D, C, n_targets, c_offset, per_split, x.stride(0), x.stride(1), w.stride(0),
             w.stride(1), s, m, gamma, m_real, m_fake, alpha, eps, ignore_index, bonafide, SPLIT=n_splits > 1,
             FUSE_DX=fuse_dx, FUSE_DW=fuse_dw, BLOCK_B=block_b, BLOCK_C=block_c, BLOCK_K=block_k, **meta)
         if n_splits > 1:
             K._margin_ce_combine_kernel[(n_prog,)](
-                targets, args[4], part, stats, B, C, n_targets, n_splits, n_splits * B, gamma, eps, ignore_index,
+                targets, args[4], part, stats, B, C, n_targets, c_offset, n_splits, n_splits * B, gamma, eps,
+                ignore_index,
                 MARGIN=margin, HAS_CW=class_weights is not None, ACC_DTYPE=meta["ACC_DTYPE"], BLOCK_B=block_b)
     dw = dwp.sum(0)[:, :C] if fuse_dw else dwp  # fixed-order sum over programs: deterministic
     if fuse_dw and B == 0:
@@ -146,7 +149,7 @@ def margin_ce_bwd(x: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor]
     Args: as the forward, plus stats [5, B] and grad [B] (the upstream gradient of each row's loss, any stride).
     Returns: dX [B, D] in x's dtype, dW [D, C] in w's dtype (strides of w), d bias [C]; [0] where not needed.
     """
-    margin, s, m, gamma, m_real, m_fake, alpha, eps, ignore_index, bonafide = _unpack(floats, ints)
+    margin, s, m, gamma, m_real, m_fake, alpha, eps, ignore_index, bonafide, c_offset, n_classes = _unpack(floats, ints)
     (B, D), C = x.shape, w.shape[1]
     args, meta, acc, n_targets = _common(x, w, bias, targets, class_weights, lam, margin)
     block_b, block_c, block_k, block_do = _blocks(D, C, margin)
@@ -156,7 +159,8 @@ def margin_ce_bwd(x: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor]
     db = torch.empty(C if need_dw and bias is not None else 0, dtype=acc, device=x.device)
     if B == 0:  # nothing to launch: the gradients of an empty batch are zero
         dw.zero_(), db.zero_()
-    common = (B, D, C, n_targets, x.stride(0), x.stride(1), w.stride(0), w.stride(1), grad.stride(0))
+    common = (B, D, C, n_targets, c_offset, n_classes, x.stride(0), x.stride(1), w.stride(0), w.stride(1),
+              grad.stride(0))
     if B > 0 and need_dx:
         n_splits, per_split = _splits(B, C, block_b, block_c, x.device)
         # several class splits write fp32 partials, summed below in split order (deterministic)
@@ -227,7 +231,7 @@ def margin_loss(x, w_dc, bias, targets, class_weights, lam, p: LossParams):
     need_x, need_w = grad_on and x.requires_grad, grad_on and (w_dc.requires_grad or
                                                               (bias is not None and bias.requires_grad))
     fuse_dx, fuse_dw = fuse_plan(x.shape[1], w_dc.shape[1], int(p.margin), need_x, need_w, p.reduction != "none")
-    floats, ints = _params(p)
+    floats, ints = op_params(p, w_dc.shape[1])
     stats, _, _ = margin_ce_fwd(x, w_dc, bias, targets, class_weights, lam, floats, ints, fuse_dx, fuse_dw)
     rows = stats[int(K.STAT_LOSS)]
     if p.reduction == "none":
@@ -236,3 +240,24 @@ def margin_loss(x, w_dc, bias, targets, class_weights, lam, p: LossParams):
         return rows.sum()
     # mean over the class weights of kept rows; 0, not NaN, when no row is kept (the rows then sum to 0)
     return rows.sum() / stats[int(K.STAT_ROWW)].sum().clamp_min(torch.finfo(rows.dtype).tiny)
+
+
+def partial_row_stats(x, w, bias, targets, class_weights, lam, floats: List[float], ints: List[int]):
+    """Softmax statistics of every row over this weight's classes only, to be merged across ranks by the caller.
+
+    Args: as `margin_ce_fwd`; `ints` from `op_params(p, n_classes, class_offset)` (targets are global class ids;
+    class_weights holds this weight's columns only). Returns [5, B]: running max m, sum of exp(logit - m), the target
+    logit (0 where another rank holds the target), sum_c cw_c logit_c, and sum_c cw_c.
+    """
+    margin, s, m, gamma, m_real, m_fake, alpha, eps, ignore_index, bonafide, c_offset, _ = _unpack(floats, ints)
+    (B, D), C = x.shape, w.shape[1]
+    args, meta, acc, n_targets = _common(x, w, bias, targets, class_weights, lam, margin)
+    block_b, block_c, block_k, _ = _blocks(D, C, margin)
+    part = torch.empty(N_STATS, 1, B, dtype=acc, device=x.device)
+    if B > 0:
+        unused = part
+        K._margin_ce_fwd_kernel[(triton.cdiv(B, block_b), 1)](
+            *args, unused, part, unused, unused, B, D, C, n_targets, c_offset, triton.cdiv(C, block_c), x.stride(0),
+            x.stride(1), w.stride(0), w.stride(1), s, m, gamma, m_real, m_fake, alpha, eps, ignore_index, bonafide,
+            SPLIT=True, FUSE_DX=False, FUSE_DW=False, BLOCK_B=block_b, BLOCK_C=block_c, BLOCK_K=block_k, **meta)
+    return part[:, 0]
