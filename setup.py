@@ -8,8 +8,8 @@ setup(
     long_description_content_type="text/markdown",
     packages=find_packages(include=["deepfense", "deepfense.*"]),
     python_requires=">=3.10",
-    # A range, so a GPU user keeps the torch build they have (tested on 2.13 CPU; the GPU machines carry 2.11); the bound
-    # keeps a fresh install on these machines on the local 2.13 CPU wheel instead of a multi-GB CUDA download.
+    # A range, so a GPU user keeps the torch build they have (tested on 2.13 CPU; the GPU machines carry 2.11);
+    # the bound keeps a fresh install on these machines on the local 2.13 CPU wheel, not a multi-GB CUDA download.
     install_requires=["torch>=2.4,<2.14", "pyyaml>=5.1"],
     extras_require={
         "dev": ["triton>=3.6,<3.10", "pytest>=7", "pytest-benchmark>=4"],

@@ -9,9 +9,10 @@ Layout:
 
 Algorithm: embeddings and targets are all-gathered (sizes first, then padded to the largest batch); each rank computes
 the softmax statistics of the whole gathered batch against its class slice (fused kernels, or the torch backend's
-helpers `_cosines`, `_target_logit`); the row max is combined by an all-reduce MAX and sum-exp, the target logit (from the rank that owns
-the target) and the label-smoothing sum by one all-reduce SUM. Backward turns the local dL/dlogits into the rank's dW
-slice and a partial dX for every gathered row; a reduce-scatter sums the partial dX and hands each rank its own rows.
+helpers `_cosines`, `_target_logit`); the row max is combined by an all-reduce MAX and sum-exp, the target logit
+(from the rank that owns the target) and the label-smoothing sum by one all-reduce SUM. Backward turns the local
+dL/dlogits into the rank's dW slice and a partial dX for every gathered row; a reduce-scatter sums the partial dX and
+hands each rank its own rows.
 
 Gradient convention:
     * ``reduction='mean'|'sum'``: the returned scalar is the same on every rank, the loss of the concatenated batch
@@ -241,7 +242,7 @@ def _sample(tg, valid, lay: _Layout, n_local, sample_rate, generator):
 
 def sharded_margin_loss(x, w_dc, bias, targets, class_weights, lam, p: LossParams, group, *,
                         sample_rate: float = 1.0, generator: Optional[torch.Generator] = None, backend: str = "auto"):
-    """Class-parallel AMSoftmax / ASoftmax / CrossEntropy loss; `functional.*_loss(..., process_group=group)` lands here.
+    """Class-parallel AMSoftmax / ASoftmax / CrossEntropy; `functional.*_loss(..., process_group=group)` lands here.
 
     Args:
         x: [B_r, D] this rank's embeddings (B_r may differ between ranks, 0 included).

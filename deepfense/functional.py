@@ -74,7 +74,8 @@ def _check_tensors(x, w_dc, bias, targets, class_weights, n_weights):
     if bias is not None and tuple(bias.shape) != (w_dc.shape[1],):
         raise ValueError(f"bias must have shape ({w_dc.shape[1]},), got {tuple(bias.shape)}")
     if class_weights is not None and tuple(class_weights.shape) != (n_weights,):
-        raise ValueError(f"class_weights must have {n_weights} entries (one per class), got {tuple(class_weights.shape)}")
+        raise ValueError(f"class_weights must have {n_weights} entries (one per class), "
+                         f"got {tuple(class_weights.shape)}")
 
 
 def _validating(targets) -> bool:

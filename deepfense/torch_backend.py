@@ -162,7 +162,8 @@ def _project_grad(xf, wf, cos, a, rx, rw, xscale, has_bias, row_scale=None):
         ag = a * g
         return ag @ _gemm_layout(wf).t(), (ag.t() @ xf).t(), ag.sum(0) if has_bias else None
     # d cos_c/dx = rx (w_hat_c - cos_c x_hat) and d cos_c/dw_c = rw_c (x_hat - cos_c w_hat_c), so with a' = a rx g:
-    #   dx = a' @ W_hat^T - (sum_c a'_c cos_c) x_hat,    dw_c = rw_c (X^T a')_c - (sum_i a'_ic |x_i| cos_ic) rw_c w_hat_c.
+    #   dx = a' @ W_hat^T - (sum_c a'_c cos_c) x_hat,
+    #   dw_c = rw_c (X^T a')_c - (sum_i a'_ic |x_i| cos_ic) rw_c w_hat_c.
     # Since cos_c = x_hat . w_hat_c, each correction sum is also a projection of the matmul it corrects; every sum is
     # taken over whichever side is smaller ([B, C] with cos, or [B, D] / [D, C] with the matmul's output).
     B, D, C = xf.shape[0], xf.shape[1], wf.shape[1]

@@ -35,7 +35,8 @@ def _parser():
     b.add_argument("--providers", help="comma list of provider names (default: all; see `list`)")
     b.add_argument("--quick", action="store_true", help="a handful of small shapes, no torch.compile, few reps")
     b.add_argument("--compile", choices=["anchors", "all", "none"], default=None,
-                   help="which shapes get torch.compile(reference): anchors (default), all, none (default with --quick)")
+                   help="which shapes get torch.compile(reference): anchors (default), all, "
+                         "none (default with --quick)")
     b.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda if available")
     b.add_argument("--out", default=os.path.join("bench", "results"), help="results folder (default bench/results)")
     b.add_argument("--reps", type=int, default=None, help="max timed iterations per measurement")

@@ -16,6 +16,7 @@ import triton.language as tl
 
 from ..params import LossParams, Margin
 from . import margin_ce as K
+from .tiles import N_STATS, STAT_LOSS, STAT_ROWW
 
 # triton.jit reads TRITON_INTERPRET when the kernels are decorated; this launcher follows the same switch.
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -25,7 +26,6 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 FP32_PRECISION = "ieee"
 
 _TL = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32, torch.float64: tl.float64}
-N_STATS = K.N_STATS
 
 
 def _dtypes(x: torch.Tensor, w: torch.Tensor):
@@ -195,7 +195,7 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad_stats, _grad_dx, _grad_dw):
     x, w, bias, targets, class_weights, lam, stats, dx_unit, dw_unit = ctx.saved_tensors
-    g = grad_stats[int(K.STAT_LOSS)]  # only the per-row loss is differentiable; the other stats are saved values
+    g = grad_stats[int(STAT_LOSS)]  # only the per-row loss is differentiable; the other stats are saved values
     need_x, need_w, need_b = ctx.needs_input_grad[:3]
     dx, dw, db = margin_ce_bwd(x, w, bias, targets, class_weights, lam, stats, g, ctx.floats, ctx.ints,
                                need_x and not ctx.fuse_dx, (need_w or need_b) and not ctx.fuse_dw)
@@ -220,7 +220,8 @@ def margin_loss(x, w_dc, bias, targets, class_weights, lam, p: LossParams):
                            f"to run the kernels on CPU in the interpreter); got tensors on {x.device}. "
                            "Use backend='torch' or 'auto' on this device.")
     if x.dtype not in _TL or w_dc.dtype not in _TL:
-        raise ValueError(f"backend='triton' supports float16, bfloat16, float32 and float64, got {x.dtype}/{w_dc.dtype}")
+        raise ValueError("backend='triton' supports float16, bfloat16, float32 and float64, "
+                         f"got {x.dtype}/{w_dc.dtype}")
     if p.margin == Margin.ANGULAR:
         lam = torch.as_tensor(lam, dtype=torch.float32, device=x.device).reshape(1)
     else:
@@ -233,13 +234,13 @@ def margin_loss(x, w_dc, bias, targets, class_weights, lam, p: LossParams):
     fuse_dx, fuse_dw = fuse_plan(x.shape[1], w_dc.shape[1], int(p.margin), need_x, need_w, p.reduction != "none")
     floats, ints = op_params(p, w_dc.shape[1])
     stats, _, _ = margin_ce_fwd(x, w_dc, bias, targets, class_weights, lam, floats, ints, fuse_dx, fuse_dw)
-    rows = stats[int(K.STAT_LOSS)]
+    rows = stats[int(STAT_LOSS)]
     if p.reduction == "none":
         return rows
     if p.reduction == "sum":
         return rows.sum()
     # mean over the class weights of kept rows; 0, not NaN, when no row is kept (the rows then sum to 0)
-    return rows.sum() / stats[int(K.STAT_ROWW)].sum().clamp_min(torch.finfo(rows.dtype).tiny)
+    return rows.sum() / stats[int(STAT_ROWW)].sum().clamp_min(torch.finfo(rows.dtype).tiny)
 
 
 def partial_row_stats(x, w, bias, targets, class_weights, lam, floats: List[float], ints: List[int]):

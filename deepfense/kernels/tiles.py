@@ -1,0 +1,261 @@
+"""Tile-level Triton helpers of the fused loss kernels (`margin_ce.py`): the cosine tile, the per-loss target-logit
+maths and its derivative, the log-sum-exp epilogue and the gradient of one recomputed tile.
+
+Notation and the per-row statistics are described in `margin_ce`.
+"""
+
+import triton
+import triton.language as tl
+
+from ..params import Margin
+
+STAT_LOSS: tl.constexpr = tl.constexpr(0)
+STAT_ROWW: tl.constexpr = tl.constexpr(1)
+STAT_LSE: tl.constexpr = tl.constexpr(2)
+STAT_COEF_P: tl.constexpr = tl.constexpr(3)
+STAT_COEF_T: tl.constexpr = tl.constexpr(4)
+N_STATS = 5
+
+MARGIN_NONE: tl.constexpr = tl.constexpr(int(Margin.NONE))
+MARGIN_ADDITIVE: tl.constexpr = tl.constexpr(int(Margin.ADDITIVE))
+MARGIN_ANGULAR: tl.constexpr = tl.constexpr(int(Margin.ANGULAR))
+MARGIN_ONE_CLASS: tl.constexpr = tl.constexpr(int(Margin.ONE_CLASS))
+PI: tl.constexpr = tl.constexpr(3.141592653589793)
+
+
+@triton.jit
+def _dot_tile(X_ptr, W_ptr, rows, cols, row_mask, col_mask, D, stride_x_row, stride_x_col, stride_w_d, stride_w_c,
+              DOT_DTYPE: tl.constexpr, ACC_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+              BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr):
+    """x_tile @ w_tile over all of D, with the squared norms of the rows and the columns read on the way.
+
+    Returns acc [BLOCK_B, BLOCK_C], xsq [BLOCK_B], wsq [BLOCK_C], all ACC_DTYPE.
+    """
+    acc = tl.zeros((BLOCK_B, BLOCK_C), dtype=ACC_DTYPE)
+    xsq = tl.zeros((BLOCK_B,), dtype=ACC_DTYPE)
+    wsq = tl.zeros((BLOCK_C,), dtype=ACC_DTYPE)
+    for k0 in range(0, D, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        kmask = ks < D
+        x = tl.load(X_ptr + rows[:, None] * stride_x_row + ks[None, :] * stride_x_col,
+                    mask=row_mask[:, None] & kmask[None, :], other=0.0)
+        w = tl.load(W_ptr + ks[:, None] * stride_w_d + cols[None, :] * stride_w_c,
+                    mask=kmask[:, None] & col_mask[None, :], other=0.0)
+        acc = tl.dot(x.to(DOT_DTYPE), w.to(DOT_DTYPE), acc, input_precision=PRECISION, out_dtype=ACC_DTYPE)
+        xf = x.to(ACC_DTYPE)
+        wf = w.to(ACC_DTYPE)
+        xsq += tl.sum(xf * xf, axis=1)
+        wsq += tl.sum(wf * wf, axis=0)
+    return acc, xsq, wsq
+
+
+@triton.jit
+def _recip_norm(sq):
+    """1/sqrt(sq), 0 for a zero vector (it normalises to zero with zero gradient, never NaN)."""
+    return tl.where(sq > 0, 1.0 / tl.sqrt(tl.where(sq > 0, sq, 1.0)), 0.0)
+
+
+@triton.jit
+def _sphereface_psi(cos, m):
+    """psi = (-1)^k T_m(cos) - 2k and d psi / d cos, k = floor(m acos(cos) / pi) counted from thresholds cos(j pi / m).
+
+    T_m by the Chebyshev recurrence, T_m' = m U_{m-1}; m is a runtime integer in 1..5.
+    """
+    k = tl.zeros_like(cos)
+    t_prev = tl.full(cos.shape, 1.0, cos.dtype)  # T_0
+    t_cur = cos  # T_1
+    u_prev = tl.zeros_like(cos)  # U_{-1}
+    u_cur = tl.full(cos.shape, 1.0, cos.dtype)  # U_0
+    t_m = cos
+    u_m1 = u_cur
+    for j in tl.static_range(1, 6):
+        threshold = tl.cos(j * PI / m)
+        k += tl.where((j <= m) & (cos <= threshold), 1.0, 0.0)
+        t_m = tl.where(j == m, t_cur, t_m)
+        u_m1 = tl.where(j == m, u_cur, u_m1)
+        t_prev, t_cur = t_cur, 2.0 * cos * t_cur - t_prev
+        u_prev, u_cur = u_cur, 2.0 * cos * u_cur - u_prev
+    sign = 1.0 - 2.0 * (k - 2.0 * tl.floor(k * 0.5))
+    return sign * t_m - 2.0 * k, sign * m * u_m1
+
+
+@triton.jit
+def _target_logit(cos, xn, lam, s, m, MARGIN: tl.constexpr):
+    """The target column's logit from its cosine: AMSoftmax s (cos - m); ASoftmax |x| (lam cos + psi) / (1 + lam)."""
+    if MARGIN == MARGIN_ADDITIVE:
+        return s * (cos - m)
+    else:
+        psi, _ = _sphereface_psi(cos, m)
+        return xn * (lam * cos + psi) / (1.0 + lam)
+
+
+@triton.jit
+def _target_logit_grad(cos, xn, lam, m):
+    """ASoftmax's d(target logit)/d cos at fixed |x|: |x| (lam + psi') / (1 + lam), k held constant.
+    (AMSoftmax's is s, the same as every other column's, so it needs no helper.)"""
+    _, dpsi = _sphereface_psi(cos, m)
+    return xn * (lam + dpsi) / (1.0 + lam)
+
+
+@triton.jit
+def _logit_tile(acc, xsq, wsq, bias, is_target, col_mask, lam, s, m, MARGIN: tl.constexpr):
+    """Logits of one [BLOCK_B, BLOCK_C] tile (padded columns -inf) and what their gradient needs.
+
+    Returns logits, cos (the linear logits for CrossEntropy), |x| [BLOCK_B], rx [BLOCK_B], rw [BLOCK_C].
+    """
+    rx = _recip_norm(xsq)
+    rw = _recip_norm(wsq)
+    xn = tl.sqrt(xsq)
+    if MARGIN == MARGIN_NONE:
+        cos = acc + bias[None, :]
+        logits = cos
+    else:
+        cos = tl.minimum(tl.maximum(acc * rx[:, None] * rw[None, :], -1.0), 1.0)
+        if MARGIN == MARGIN_ONE_CLASS:
+            logits = cos
+        else:
+            logits = xn[:, None] * cos if MARGIN == MARGIN_ANGULAR else s * cos
+            cos_y = tl.sum(tl.where(is_target, cos, 0.0), 1)  # the margin maths runs on one column, not the tile
+            logits = tl.where(is_target, _target_logit(cos_y, xn, lam, s, m, MARGIN)[:, None], logits)
+    return tl.where(col_mask[None, :], logits, float("-inf")), cos, xn, rx, rw
+
+
+@triton.jit
+def _dcos_tile(logits, cos, xn, is_target, cw, lse, coef_p, coef_t, smooth, g, lam, s, m, MARGIN: tl.constexpr):
+    """dL/dcos (dL/dlogit for CrossEntropy) of a tile, scaled by the per-row upstream gradient g, and dL/dlogit.
+
+    dL/dlogit_c = coef_p p_c - coef_t [c == y] - smooth cw_c   (p_c = exp(logit_c - lse)).
+    """
+    prob = tl.exp(logits - lse[:, None])
+    dl = coef_p[:, None] * prob - tl.where(is_target, coef_t[:, None], 0.0) - smooth[:, None] * cw[None, :]
+    dl = dl * g[:, None]
+    if MARGIN == MARGIN_NONE:
+        dcos = dl
+    elif MARGIN == MARGIN_ADDITIVE:
+        dcos = s * dl  # every logit, the target's too, is s cos + const
+    else:
+        cos_y = tl.sum(tl.where(is_target, cos, 0.0), 1)
+        dcos = dl * tl.where(is_target, _target_logit_grad(cos_y, xn, lam, m)[:, None], xn[:, None])
+    return dcos, dl
+
+
+@triton.jit
+def _softplus(z):
+    """log(1 + e^z) without overflow: max(z, 0) + log(1 + e^-|z|)."""
+    return tl.maximum(z, 0.0) + tl.log(1.0 + tl.exp(-tl.abs(z)))
+
+
+@triton.jit
+def _focal(nll, gamma):
+    """(1 - p_y)^gamma with p_y = e^-nll; 0^0 = 1."""
+    q = tl.maximum(1.0 - tl.exp(-nll), 0.0)
+    return tl.where(q > 0, tl.exp(gamma * tl.log(tl.where(q > 0, q, 1.0))), tl.where(gamma == 0, 1.0, 0.0))
+
+
+@triton.jit
+def _row_targets(T_ptr, CW_ptr, rows, row_mask, ignore_index, c_offset, n_targets, HAS_CW: tl.constexpr):
+    """Targets as column indices of this weight (-1 matches no column: ignored, out of range, or, when the classes are
+    sharded, held by another rank; `c_offset` is this weight's first class), the kept-row mask, and each row's class
+    weight (0 if dropped; CW indexed like the columns)."""
+    t = tl.load(T_ptr + rows, mask=row_mask, other=ignore_index)
+    valid = row_mask & (t != ignore_index)
+    t_local = t - c_offset
+    t_safe = tl.where(valid & (t_local >= 0) & (t_local < n_targets), t_local, -1)
+    if HAS_CW:
+        row_w = tl.load(CW_ptr + t_safe, mask=t_safe >= 0, other=0.0)
+    else:
+        row_w = tl.where(t_safe >= 0, 1.0, 0.0)
+    return t_safe, valid, row_w
+
+
+@triton.jit
+def _bias(BIAS_ptr, cols, col_mask, HAS_BIAS: tl.constexpr, ACC_DTYPE: tl.constexpr, BLOCK_C: tl.constexpr):
+    if HAS_BIAS:
+        return tl.load(BIAS_ptr + cols, mask=col_mask, other=0.0).to(ACC_DTYPE)
+    else:
+        return tl.zeros((BLOCK_C,), ACC_DTYPE)
+
+
+@triton.jit
+def _class_weights(CW_ptr, cols, col_mask, HAS_CW: tl.constexpr):
+    if HAS_CW:
+        return tl.load(CW_ptr + cols, mask=col_mask, other=0.0)
+    else:
+        return tl.where(col_mask, 1.0, 0.0)
+
+
+@triton.jit
+def _dw_finish(acc_w, csum, rw, w, MARGIN: tl.constexpr):
+    """dW_c = rw_c (x_hat^T dcos)_c - (sum_i dcos_ic cos_ic) rw_c^2 w_c,
+    from d cos/d w_c = rw_c (x_hat - cos_c w_hat_c).
+
+    CrossEntropy's logits are linear: dW = x^T dlogits as accumulated.
+    """
+    if MARGIN == MARGIN_NONE:
+        return acc_w
+    else:
+        return acc_w * rw[None, :] - (csum * rw * rw)[None, :] * w
+
+
+@triton.jit
+def _dx_finish(acc_x, x, rx, ssum, xsum, MARGIN: tl.constexpr):
+    """dx = rx dcos @ W_hat^T - (sum_c dcos_c cos_c) rx^2 x, from d cos_c/dx = rx (w_hat_c - cos_c x_hat);
+    ASoftmax adds (sum_c dL/dl_c l_c) rx^2 x since its logits scale with |x| and d|x|/dx = x rx."""
+    if MARGIN == MARGIN_NONE:
+        return acc_x
+    else:
+        coef = (xsum - ssum) * rx * rx if MARGIN == MARGIN_ANGULAR else -ssum * rx * rx
+        return acc_x * rx[:, None] + coef[:, None] * x
+
+
+@triton.jit
+def _store_stats(STATS_ptr, rows, row_mask, B, loss, row_w, lse, coef_p, coef_t):
+    tl.store(STATS_ptr + STAT_LOSS * B + rows, loss, mask=row_mask)
+    tl.store(STATS_ptr + STAT_ROWW * B + rows, row_w, mask=row_mask)
+    tl.store(STATS_ptr + STAT_LSE * B + rows, lse, mask=row_mask)
+    tl.store(STATS_ptr + STAT_COEF_P * B + rows, coef_p, mask=row_mask)
+    tl.store(STATS_ptr + STAT_COEF_T * B + rows, coef_t, mask=row_mask)
+
+
+@triton.jit
+def _softmax_epilogue(m_i, l_i, tgt, smooth_sum, total_cw, row_w, valid, eps, gamma, C, MARGIN: tl.constexpr,
+                      ACC_DTYPE: tl.constexpr):
+    """Row loss, log-sum-exp and gradient coefficients from a row's softmax statistics over all C classes.
+
+    m_i, l_i: running max and sum of exp(logit - m_i); tgt: the target logit; smooth_sum: sum_c cw_c logit_c;
+    total_cw: sum_c cw_c. Returns loss, lse, coef_p, coef_t (see the module docstring).
+    """
+    lse = m_i + tl.log(l_i)
+    nll = lse - tgt
+    coef_t = (1.0 - eps) * row_w
+    if MARGIN == MARGIN_ANGULAR:
+        coef_t = coef_t * _focal(nll, gamma)  # the focal factor carries no gradient
+    smooth = valid.to(ACC_DTYPE) * eps / C
+    # torch's smoothing: eps/C sum_c cw_c (-log p_c) = eps/C (sum_c cw_c lse - sum_c cw_c logit_c)
+    loss = coef_t * nll + smooth * (total_cw * lse - smooth_sum)
+    return loss, lse, coef_t + smooth * total_cw, coef_t
+
+
+@triton.jit
+def _grad_tile(X_ptr, W_ptr, BIAS_ptr, CW_ptr, rows, row_mask, cols, col_mask, t_safe, valid, lse, coef_p, coef_t,
+               g, lam, D, n_smooth, stride_x_row, stride_x_col, stride_w_d, stride_w_c, s, m, eps,
+               MARGIN: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_CW: tl.constexpr, DOT_DTYPE: tl.constexpr,
+               ACC_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+               BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Recompute one logit tile and return dL/dcos (scaled by g), cos, rx, rw and the rows' sum of dL/dl_c l_c.
+    n_smooth: the class count of label smoothing's eps / C (all ranks' classes when they are sharded)."""
+    acc, xsq, wsq = _dot_tile(X_ptr, W_ptr, rows, cols, row_mask, col_mask, D, stride_x_row, stride_x_col,
+                              stride_w_d, stride_w_c, DOT_DTYPE, ACC_DTYPE, PRECISION, BLOCK_B, BLOCK_C, BLOCK_K)
+    bias = _bias(BIAS_ptr, cols, col_mask, HAS_BIAS, ACC_DTYPE, BLOCK_C)
+    is_target = cols[None, :] == t_safe[:, None]
+    logits, cos, xn, rx, rw = _logit_tile(acc, xsq, wsq, bias, is_target, col_mask, lam, s, m, MARGIN)
+    if MARGIN == MARGIN_ONE_CLASS:
+        dcos = tl.where(col_mask[None, :], (coef_t * g)[:, None], 0.0)
+        xsum = tl.zeros_like(g)
+    else:
+        cw = _class_weights(CW_ptr, cols, col_mask, HAS_CW).to(ACC_DTYPE)
+        smooth = valid.to(ACC_DTYPE) * eps / n_smooth
+        dcos, dl = _dcos_tile(logits, cos, xn, is_target, cw, lse, coef_p, coef_t, smooth, g, lam, s, m, MARGIN)
+        xsum = tl.sum(dl * tl.where(col_mask[None, :], logits, 0.0), 1)
+    # the dots take dcos in DOT_DTYPE; rounding it once here keeps the cos-correction sums consistent with them
+    return dcos.to(DOT_DTYPE).to(ACC_DTYPE), cos, rx, rw, xsum
