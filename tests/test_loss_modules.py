@@ -227,6 +227,8 @@ BAD_INPUTS = {
     "embeddings-inf": (lambda: torch.tensor([[math.inf] + [0.0] * (D - 1), [1.0] * D]), lambda: torch.tensor([0, 1]),
                        "Inf"),
     "embeddings-int": (lambda: torch.ones(2, D, dtype=torch.int64), lambda: torch.tensor([0, 1]), "floating"),
+    # a device mix (CPU weights, embeddings elsewhere); 'meta' stands in for CUDA on a machine without one
+    "device-mix": (lambda: torch.randn(2, D, device="meta"), lambda: torch.tensor([0, 1]), "one device"),
 }
 
 
