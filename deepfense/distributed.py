@@ -120,7 +120,8 @@ class ShardedMarginLossFunction(torch.autograd.Function):
             cols = [part[1] * torch.exp(part[0] - gmax), part[2], part[3]]
         else:
             xg, wf = _gather_rows(x.detach().to(dt), lay), w.to(dt)
-            logits, cos, xnorm, rx, rw, cos_y, lam_t, tcol, owned = _local_logits(xg, wf, bias, tg, valid, lam, p, lay)
+            logits, cos, xnorm, rx, rw, cos_y, lam_t, tcol, owned, wf = _local_logits(xg, wf, bias, tg, valid, lam, p,
+                                                                                      lay)
             gmax = logits.amax(1)
             dist.all_reduce(gmax, op=dist.ReduceOp.MAX, group=lay.group)
             cols = [torch.exp(logits - gmax[:, None]).sum(1), torch.where(owned, logits.gather(1, tcol)[:, 0], 0.0)]
@@ -192,7 +193,8 @@ class ShardedMarginLossFunction(torch.autograd.Function):
 
 
 def _local_logits(xg, wf, bias, tg, valid, lam, p: LossParams, lay: _Layout):
-    """Logits [B_total, C_r] of the gathered rows against this rank's classes (torch ops), margin on owned targets."""
+    """Logits [B_total, C_r] of the gathered rows against this rank's classes (torch ops), margin on owned targets,
+    with what backward needs; the last value is the weight `_project_grad` takes (normalised for the cosine losses)."""
     n_local = wf.shape[1]
     owned = valid & (tg >= lay.c0) & (tg < lay.c0 + n_local)  # this rank holds the row's target column
     tcol = (tg - lay.c0).clamp(0, n_local - 1)[:, None]
@@ -200,13 +202,13 @@ def _local_logits(xg, wf, bias, tg, valid, lam, p: LossParams, lay: _Layout):
     if p.margin == Margin.NONE:
         logits = torch.addmm(bias.to(xg.dtype), xg, wf) if bias is not None else xg @ wf
     else:
-        cos, xnorm, rx, rw = _cosines(xg, wf)
+        cos, xnorm, rx, rw, wf = _cosines(xg, wf)
         cos_y = cos.gather(1, tcol)
         lam_t = torch.as_tensor(lam, dtype=xg.dtype, device=xg.device) if p.margin == Margin.ANGULAR else None
         logits = cos * (p.s if p.margin == Margin.ADDITIVE else xnorm)
         logits.scatter_(1, tcol, torch.where(owned[:, None], _target_logit(cos_y, xnorm, lam_t, p),
                                              logits.gather(1, tcol)))
-    return logits, cos, xnorm, rx, rw, cos_y, lam_t, tcol, owned
+    return logits, cos, xnorm, rx, rw, cos_y, lam_t, tcol, owned, wf
 
 
 def _sample(tg, valid, lay: _Layout, n_local, sample_rate, generator):
