@@ -80,7 +80,8 @@ class MarginLossFunction(torch.autograd.Function):
         n_classes = wf.shape[1]
         valid = targets != p.ignore_index
         n_targets = 2 if p.margin == Margin.ONE_CLASS else n_classes
-        safe = torch.where(valid, targets, 0).clamp_(0, n_targets - 1)[:, None]
+        # any in-range index serves an ignored row: its row weight and coefficients are 0
+        safe = targets.clamp(0, n_targets - 1)[:, None]
         row_w = valid.to(dt) if class_weights is None else class_weights.to(dt)[safe[:, 0]] * valid
         rx = rw = xnorm = cos = None
         if p.margin == Margin.NONE:
