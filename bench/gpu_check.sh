@@ -3,11 +3,12 @@
 #
 # For a CUDA machine with no network (torch + triton preinstalled, e.g. torch 2.11 / triton 3.6, Python 3.12).
 # Run from the repository root:   OUT=/some/dir bash bench/gpu_check.sh
-# Writes at most 7 files, none deeper than $OUT/results/FILE:
+# Writes at most 8 files, none deeper than $OUT/results/FILE:
 #   $OUT/env.txt  (GPU name from nvidia-smi, driver, library versions)   $OUT/tests.log   $OUT/check.log
-#   $OUT/bench.log (progress + final table)   $OUT/results/<device>_<date>.{json,md,png}
-# Budget: under 8 minutes in all (tests 180 s, check 40 s, bench 230 s, each under `timeout`); the bench starts no
-# new shape after 170 s and writes its partial results after every shape, so a cut-short run still reports.
+#   $OUT/bench.log (progress + final table)   $OUT/results/<device>_<date>.{json,md,png}   $OUT/fuse_dx.log
+# Budget: under 8 minutes in all (tests 180 s, check 40 s, bench 200 s, FUSE_DX comparison 50 s, each under
+# `timeout`); the bench starts no new shape after 145 s and writes its partial results after every shape, so a
+# cut-short run still reports.
 #
 # Optional peers (pytorch-metric-learning, liger-kernel, cut-cross-entropy) can travel as wheels in .whl/ at the
 # repository root (see the device notes: `pip download --no-deps --only-binary=:all: --python-version 3.12 ...`);
@@ -52,7 +53,17 @@ timeout 40 "$PY" -m deepfense check --device cuda > "$OUT/check.log" 2>&1
 rc=$?; cat "$OUT/check.log"; echo "check rc=$rc"; [ $rc -eq 0 ] || status=1
 
 echo "== bench (GPU default sweep)"
-timeout 230 "$PY" -m deepfense bench --device cuda --time-limit 170 --out "$OUT/results" > "$OUT/bench.log" 2>&1
+timeout 200 "$PY" -m deepfense bench --device cuda --time-limit 145 --out "$OUT/results" > "$OUT/bench.log" 2>&1
 rc=$?; echo "bench rc=$rc"; [ $rc -eq 0 ] || status=1
+
+# dX computed in the forward for one-tile heads is opt-in (deepfense/kernels/ops.py FUSE_DX): time it against the
+# default on the deepfake heads, so the choice can be made on measurements
+echo "== bench: DEEPFENSE_FUSE_DX=1 vs default, deepfake heads"
+for fuse in 0 1; do
+    DEEPFENSE_FUSE_DX=$fuse timeout 25 "$PY" -m deepfense bench --device cuda --losses AMSoftmax,OCSoftmax \
+        --B 4096,65536 --D 1024 --C 2 --dtypes bf16 --providers deepfense --compile none --no-errors \
+        --out /tmp/fuse_dx_$fuse 2>&1 | grep -E "^\| (AM|OC)" | sed "s/^/FUSE_DX=$fuse /"
+done > "$OUT/fuse_dx.log"
+cat "$OUT/fuse_dx.log"
 ls -la "$OUT" "$OUT/results"
 exit $status

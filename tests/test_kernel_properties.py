@@ -161,12 +161,15 @@ def test_training_tracks_reference(loss, C):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("C,reduction,expected", [
-    (40, "mean", 3),  # several class tiles: forward, then the dX and the dW kernels
-    (3, "mean", 1),  # one class tile: the forward kernel also writes dX and dW; backward only scales them
-    (3, "none", 2),  # per-row upstream gradients: dW cannot be summed before they are known, so its kernel runs
+@pytest.mark.parametrize("C,reduction,fuse_dx,expected", [
+    (40, "mean", False, 3),  # several class tiles: forward, then the dX and the dW kernels
+    (3, "mean", False, 2),  # one class tile: the forward also sums dW; backward recomputes dX
+    (3, "mean", True, 1),  # DEEPFENSE_FUSE_DX=1: the forward writes dX too; backward only scales
+    (3, "none", True, 2),  # per-row upstream gradients: dW cannot be summed before they are known
 ])
-def test_kernel_launches_per_training_step(monkeypatch, C, reduction, expected):
+def test_kernel_launches_per_training_step(monkeypatch, C, reduction, fuse_dx, expected):
+    from deepfense.kernels import ops
+    monkeypatch.setattr(ops, "FUSE_DX", fuse_dx)
     from deepfense.kernels import margin_ce as K
 
     launches = []
@@ -220,3 +223,16 @@ def test_class_splits_match_reference(monkeypatch, loss, reduction, splits):
     monkeypatch.setattr(ops, "FORCE_SPLITS", splits)
     case = make_case(loss, 20, 18, 73, torch.float32, seed=splits, class_weights=True, ignore_some=True)
     assert_close_to_gold(loss, case, "triton", options(loss, reduction=reduction, smoothing=0.1), torch.float32)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("loss", LOSSES)
+def test_dx_fused_into_the_forward_matches_reference(monkeypatch, loss, dtype, reduction):
+    """The opt-in path (DEEPFENSE_FUSE_DX=1) where a one-tile forward also writes the unit-gradient dX."""
+    from backend_cases import assert_close_to_gold
+    from deepfense.kernels import ops
+
+    monkeypatch.setattr(ops, "FUSE_DX", True)
+    case = make_case(loss, 21, 19, 3, dtype, seed=13, class_weights=True, ignore_some=True)
+    assert_close_to_gold(loss, case, "triton", options(loss, reduction=reduction, smoothing=0.1), dtype)

@@ -65,11 +65,18 @@ def _splits(B: int, C: int, block_b: int, block_c: int, device: torch.device) ->
     return triton.cdiv(n_tiles, per_split), per_split
 
 
+# dX in the forward (C in one tile) reads x once, but it must write a unit-gradient dX (fp32, so that the result is
+# rounded once) that backward reads again to scale by the upstream gradient: more memory traffic than reading x a
+# second time when backward recomputes dX once the upstream gradient is known. So it is opt-in (DEEPFENSE_FUSE_DX=1); bench/gpu_check.sh times both.
+# dW partials are always fused for one-tile heads: they need no extra pass over x.
+FUSE_DX = os.environ.get("DEEPFENSE_FUSE_DX", "0") == "1"
+
+
 def fuse_plan(D: int, C: int, margin: int, need_dx: bool, need_dw: bool, uniform_grad: bool) -> Tuple[bool, bool]:
     """Whether the forward also writes dX and dW: only when all classes fit one tile. dW needs the same upstream
     gradient on every row (reduction 'mean' or 'sum'), since it sums over rows before that gradient is known."""
     single = C <= _blocks(D, C, margin)[1]
-    return single and need_dx, single and need_dw and uniform_grad
+    return single and need_dx and FUSE_DX, single and need_dw and uniform_grad
 
 
 def op_params(p: LossParams, n_classes: int, class_offset: int = 0):
@@ -103,7 +110,8 @@ def margin_ce_fwd(x: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor]
     """Forward launcher.
 
     Args: x [B, D], w [D, C] (any strides), bias [C], targets [B] int, class_weights [C] ([2] OCSoftmax), lam [1].
-    Returns: stats [5, B] (see margin_ce), dX [B, D] in x's dtype (or [0]), dW with d bias [D + 1, C] fp32 (or [0]).
+    Returns: stats [5, B] (see margin_ce), unit-gradient dX [B, D] fp32 (or [0]), dW with d bias [D + 1, C] fp32
+    (or [0]).
     """
     margin, s, m, gamma, m_real, m_fake, alpha, eps, ignore_index, bonafide, c_offset, _ = _unpack(floats, ints)
     (B, D), C = x.shape, w.shape[1]
@@ -113,7 +121,7 @@ def margin_ce_fwd(x: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor]
     n_splits, per_split = (1, 1) if fuse_dx or fuse_dw else _splits(B, C, block_b, block_c, x.device)
     stats = torch.empty(N_STATS, B, dtype=acc, device=x.device)
     part = torch.empty((N_STATS, n_splits, B) if n_splits > 1 else (0,), dtype=acc, device=x.device)
-    dx = torch.empty((B, D) if fuse_dx else (0,), dtype=x.dtype, device=x.device)
+    dx = torch.empty((B, D) if fuse_dx else (0,), dtype=acc, device=x.device)  # fp32: rounded once, after g
     dwp = torch.empty((n_prog, D + 1, block_c) if fuse_dw else (0,), dtype=acc, device=x.device)
     if B > 0:
         K._margin_ce_fwd_kernel[(n_prog, n_splits)](
@@ -135,7 +143,7 @@ def margin_ce_fwd(x: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor]
 def _(x, w, bias, targets, class_weights, lam, floats, ints, fuse_dx, fuse_dw):
     (B, D), C = x.shape, w.shape[1]
     acc = _dtypes(x, w)[1]
-    return (x.new_empty((N_STATS, B), dtype=acc), x.new_empty((B, D) if fuse_dx else (0,)),
+    return (x.new_empty((N_STATS, B), dtype=acc), x.new_empty((B, D) if fuse_dx else (0,), dtype=acc),
             x.new_empty((D + 1, C) if fuse_dw else (0,), dtype=acc))
 
 
@@ -200,7 +208,7 @@ def _backward(ctx, grad_stats, _grad_dx, _grad_dw):
     dx, dw, db = margin_ce_bwd(x, w, bias, targets, class_weights, lam, stats, g, ctx.floats, ctx.ints,
                                need_x and not ctx.fuse_dx, (need_w or need_b) and not ctx.fuse_dw)
     if ctx.fuse_dx:
-        dx = (dx_unit * g[:, None].to(dx_unit.dtype)) if need_x else None
+        dx = (dx_unit * g[:, None].to(dx_unit.dtype)).to(x.dtype) if need_x else None
     if ctx.fuse_dw:  # the forward fused dW only when every row has the same upstream gradient
         gw = g[:1].to(dw_unit.dtype) if g.shape[0] else dw_unit.new_zeros(1)
         dw, db = dw_unit[:-1] * gw, dw_unit[-1] * gw
