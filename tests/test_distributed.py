@@ -8,6 +8,7 @@ concatenated batch with the full weight matrix within 1e-10 relative.
 from __future__ import annotations
 
 import datetime
+import gc
 import math
 
 import pytest
@@ -201,6 +202,10 @@ def _ddp_cases(rank, world, device):
         factor = 1.0 if hook is not None else 1.0 / world
         _close(bb.module.weight.grad, factor * gold_bb.weight.grad, f"backbone grad, hook {hook}, rank {rank}")
         _close(w_loc.grad, w_full.grad[:, c0:c1], f"sharded head grad under DDP backbone, rank {rank}")
+    # DDP objects sit in reference cycles: free them while the process group lives, or a garbage collection after
+    # destroy_process_group can tear down their gloo work and abort the process
+    del ddp, bb
+    gc.collect()
 
 
 def _module_cases(rank, world, device):
