@@ -20,8 +20,20 @@ from .tiles import (STAT_LSE, STAT_COEF_P, STAT_COEF_T, MARGIN_NONE, MARGIN_ANGU
                     _class_weights, _dot_tile, _dw_finish, _dx_finish, _grad_tile, _logit_tile,
                     _recip_norm, _row_targets, _softmax_epilogue, _softplus, _store_stats)
 
+# Batch sizes change from step to step (the last batch of an epoch, uneven shards): a row count or index that
+# Triton specialised on (== 1, divisible by 16) would recompile the kernels; D, C and the strides stay specialised,
+# since their divisibility lets the loads vectorise.
+_ROW_ARGS = ["B", "n_targets", "c_offset", "tiles_per_split", "ignore_index", "bonafide", "n_smooth", "n_splits",
+             "n_part"]
 
-@triton.jit
+
+def _jit_rows(fn):
+    """triton.jit, leaving the row-count and index arguments unspecialised (see _ROW_ARGS)."""
+    names = fn.__code__.co_varnames[:fn.__code__.co_argcount]
+    return triton.jit(do_not_specialize=[a for a in _ROW_ARGS if a in names])(fn)
+
+
+@_jit_rows
 def _margin_ce_fwd_kernel(
         X_ptr, W_ptr, BIAS_ptr, T_ptr, CW_ptr, LAM_ptr, STATS_ptr, PART_ptr, DX_ptr, DWP_ptr,
         B, D, C, n_targets, c_offset, tiles_per_split, stride_x_row, stride_x_col, stride_w_d, stride_w_c,
@@ -98,7 +110,7 @@ def _margin_ce_fwd_kernel(
                      BLOCK_B, BLOCK_C, BLOCK_K)
 
 
-@triton.jit
+@_jit_rows
 def _margin_ce_combine_kernel(T_ptr, CW_ptr, PART_ptr, STATS_ptr, B, C, n_targets, c_offset, n_splits, n_part, gamma,
                               eps,
                               ignore_index, MARGIN: tl.constexpr, HAS_CW: tl.constexpr, ACC_DTYPE: tl.constexpr,
@@ -168,7 +180,7 @@ def _fused_grads(X_ptr, W_ptr, BIAS_ptr, CW_ptr, DX_ptr, DWP_ptr, pid, rows, row
         tl.store(DWP_ptr + D * BLOCK_C + cols, csum)
 
 
-@triton.jit
+@_jit_rows
 def _margin_ce_bwd_dx_kernel(
         X_ptr, W_ptr, BIAS_ptr, T_ptr, CW_ptr, LAM_ptr, STATS_ptr, G_ptr, DX_ptr,
         B, D, C, n_targets, c_offset, n_smooth, stride_x_row, stride_x_col, stride_w_d, stride_w_c, stride_g,
@@ -219,7 +231,7 @@ def _margin_ce_bwd_dx_kernel(
              mask=row_mask[:, None] & dmask[None, :])
 
 
-@triton.jit
+@_jit_rows
 def _margin_ce_bwd_dw_kernel(
         X_ptr, W_ptr, BIAS_ptr, T_ptr, CW_ptr, LAM_ptr, STATS_ptr, G_ptr, DW_ptr, DB_ptr,
         B, D, C, n_targets, c_offset, n_smooth, stride_x_row, stride_x_col, stride_w_d, stride_w_c, stride_g,
