@@ -8,8 +8,7 @@
 #   $OUT/bench.log (progress + final table)   $OUT/results/<device>_<date>.{json,md,png}   $OUT/fuse_dx.log
 # Budget: under 8 minutes in all (tests 270 s: a fresh machine compiles every kernel variant; check 30 s, bench
 # 130 s, FUSE_DX comparison 40 s, each under `timeout`); the bench starts no new shape after 90 s and writes its
-# partial results after every shape, so a
-# cut-short run still reports.
+# partial results after every shape, so a cut-short run still reports.
 #
 # Optional peers (pytorch-metric-learning, liger-kernel, cut-cross-entropy) can travel as wheels in .whl/ at the
 # repository root (see the device notes: `pip download --no-deps --only-binary=:all: --python-version 3.12 ...`);
