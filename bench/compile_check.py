@@ -76,11 +76,12 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--arch", type=int, default=90, help="compute capability x10 (90: H100/H200)")
     ap.add_argument("--only", default="", help="substring filter on the variant labels")
+    ap.add_argument("--num-warps", type=int, default=4, help="warps per program (the launchers use Triton's 4)")
     args = ap.parse_args(argv)
     target = GPUTarget("cuda", args.arch, 32)
     cuobjdump = os.path.join(os.path.dirname(triton.backends.nvidia.__file__), "bin", "cuobjdump")
     failures = 0
-    print(f"triton {triton.__version__}, target sm_{args.arch}")
+    print(f"triton {triton.__version__}, target sm_{args.arch}, {args.num_warps} warps")
     for label, kernel, constexprs, x_ty, w_ty, dx_ty in variants():
         if args.only not in label:
             continue
@@ -88,7 +89,7 @@ def main(argv=None) -> int:
         try:
             src = ASTSource(fn=kernel, signature=_signature(kernel, constexprs, x_ty, w_ty, dx_ty),
                             constexprs=constexprs)
-            compiled = triton.compile(src, target=target, options={"num_warps": 4, "num_stages": 3})
+            compiled = triton.compile(src, target=target, options={"num_warps": args.num_warps, "num_stages": 3})
             usage = _resource_usage(cuobjdump, compiled.asm["cubin"])
             print(f"ok    {label:28s} {time.perf_counter() - t0:5.1f} s  {usage}", flush=True)
         except Exception as exc:  # report every variant, then fail
