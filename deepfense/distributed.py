@@ -47,6 +47,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+from .inputs import check_finite, check_targets, check_tensors, resolve_backend, validating
 from .params import LossParams, Margin
 from .torch_backend import (_compute_dtype, _cosines, _dlogits_to_dcos, _project_grad, _target_logit,
                             _target_logit_grad)
@@ -261,8 +262,6 @@ def sharded_margin_loss(x, w_dc, bias, targets, class_weights, lam, p: LossParam
         The loss per `p.reduction` (a scalar equal on every rank, or [B_r] for 'none'), float32 (float64 for float64
         inputs). Gradient convention: see the module docstring.
     """
-    from .functional import _check_finite, _check_targets, _check_tensors, _validating
-
     if p.margin == Margin.ONE_CLASS:
         raise ValueError("process_group does not apply to OCSoftmax: it has a single class centre, nothing to shard")
     if not 0.0 < sample_rate <= 1.0:
@@ -282,12 +281,12 @@ def sharded_margin_loss(x, w_dc, bias, targets, class_weights, lam, p: LossParam
     if list(widths) != [b - a for a, b in expected]:
         raise ValueError(f"each rank must hold its torch.tensor_split slice of the {n_classes} classes: expected "
                          f"widths {[b - a for a, b in expected]}, got {list(widths)}")
-    _check_tensors(x, w_dc, bias, targets, class_weights, n_classes)
+    check_tensors(x, w_dc, bias, targets, class_weights, n_classes)
     lay = _Layout(group, rank, world, tuple(sizes), expected[rank][0], n_classes)
     tg = _gather_rows(targets, lay, fill=p.ignore_index)
-    validate = _validating(tg)
+    validate = validating(tg)
     if validate:
-        _check_targets(tg, n_classes, p)  # on the gathered targets, so every rank raises together
+        check_targets(tg, n_classes, p)  # on the gathered targets, so every rank raises together
     dt = _compute_dtype(x, w_dc)
     valid = tg != p.ignore_index
     safe = torch.where(valid, tg, 0).clamp(0, n_classes - 1)
@@ -301,12 +300,11 @@ def sharded_margin_loss(x, w_dc, bias, targets, class_weights, lam, p: LossParam
         bias = bias[idx] if bias is not None else None
         cw_total = cw.sum()
         dist.all_reduce(cw_total, group=group)
-    from .functional import resolve_backend
     kernels = resolve_backend(backend, x.device) == "triton"
     cw_cols = cw if (class_weights is not None or not kernels) else None  # the kernels take none as all ones
     loss = ShardedMarginLossFunction.apply(x, w_dc, bias, tg, row_w, cw_cols, cw_total, lam, p, lay, kernels)
     if validate:
-        _check_finite(loss, x, w_dc, bias)
+        check_finite(loss, x, w_dc, bias)
     return loss
 
 

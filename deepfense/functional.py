@@ -12,93 +12,14 @@ two small host syncs; they run in eager mode and are skipped while torch.compile
 
 from __future__ import annotations
 
-import functools
-import os
-
 import torch
 
 from . import reference
+from .inputs import BACKENDS, check_finite, check_targets, check_tensors, resolve_backend, validating
 from .params import Margin, LossParams
-
-BACKENDS = ("auto", "torch", "triton", "reference")
 
 __all__ = ["am_softmax_loss", "a_softmax_loss", "oc_softmax_loss", "cross_entropy_loss", "resolve_backend",
            "BACKENDS"]
-
-
-@functools.lru_cache(maxsize=None)
-def _triton_importable() -> bool:
-    try:
-        import triton  # noqa: F401
-    except Exception:  # any failure to import (missing, broken CUDA libs) means: no Triton
-        return False
-    return True
-
-
-def resolve_backend(backend: str, device: torch.device) -> str:
-    """Turn 'auto' (or DEEPFENSE_BACKEND) into a concrete backend name for tensors on `device`."""
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if backend == "auto":
-        backend = os.environ.get("DEEPFENSE_BACKEND", "auto") or "auto"
-        if backend not in BACKENDS:
-            raise ValueError(f"DEEPFENSE_BACKEND must be one of {BACKENDS}, got {backend!r}")
-    if backend == "auto":
-        backend = "triton" if device.type == "cuda" and _triton_importable() else "torch"
-    return backend
-
-
-def _check_tensors(x, w_dc, bias, targets, class_weights, n_weights):
-    """Raise a ValueError naming the problem for bad shapes, dtypes or devices. w_dc is the [D, C] view."""
-    if not isinstance(x, torch.Tensor) or x.dim() != 2:
-        raise ValueError(f"embeddings must be a 2-D tensor [batch, embedding_dim], got "
-                         f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
-    if not x.is_floating_point():
-        raise ValueError(f"embeddings must be floating point, got {x.dtype}")
-    if not isinstance(targets, torch.Tensor) or targets.dim() != 1:
-        raise ValueError(f"targets must be a 1-D tensor [batch] of class indices, got "
-                         f"{tuple(targets.shape) if isinstance(targets, torch.Tensor) else type(targets).__name__}")
-    if targets.is_floating_point() or targets.is_complex() or targets.dtype == torch.bool:
-        raise ValueError(f"targets must be an integer tensor of class indices, got {targets.dtype}")
-    if targets.shape[0] != x.shape[0]:
-        raise ValueError(f"batch size mismatch: embeddings have {x.shape[0]} rows, targets {targets.shape[0]}")
-    if not isinstance(w_dc, torch.Tensor) or w_dc.dim() != 2 or not w_dc.is_floating_point():
-        raise ValueError("weight must be a 2-D floating-point tensor")
-    if w_dc.shape[0] != x.shape[1]:
-        raise ValueError(f"embedding_dim mismatch: embeddings have {x.shape[1]} features, the weight expects "
-                         f"{w_dc.shape[0]}")
-    named = {"weight": w_dc, "targets": targets, "bias": bias, "class_weights": class_weights}
-    for name, t in named.items():
-        if t is not None and t.device != x.device:
-            raise ValueError(f"{name} is on {t.device} but embeddings are on {x.device}; move them to one device")
-    if bias is not None and tuple(bias.shape) != (w_dc.shape[1],):
-        raise ValueError(f"bias must have shape ({w_dc.shape[1]},), got {tuple(bias.shape)}")
-    if class_weights is not None and tuple(class_weights.shape) != (n_weights,):
-        raise ValueError(f"class_weights must have {n_weights} entries (one per class), "
-                         f"got {tuple(class_weights.shape)}")
-
-
-def _validating(targets) -> bool:
-    return not (torch.compiler.is_compiling() or os.environ.get("DEEPFENSE_VALIDATE", "1") == "0"
-                or targets.numel() == 0)
-
-
-def _check_targets(targets, n_targets, p: LossParams):
-    """Host sync: every target is in [0, n_targets) or ignore_index."""
-    bad = (targets != p.ignore_index) & ((targets < 0) | (targets >= n_targets))
-    if bad.any():
-        raise ValueError(f"target {targets[bad][0].item()} is out of range: targets must be in [0, {n_targets}) or "
-                         f"ignore_index ({p.ignore_index})")
-
-
-def _check_finite(loss, x, w_dc, bias):
-    """Host sync on the (small) loss; only when it is not finite are the inputs scanned to name the culprit."""
-    if torch.isfinite(loss.detach()).all():
-        return
-    for name, t in (("embeddings", x), ("weight", w_dc), ("bias", bias)):
-        if t is not None and not torch.isfinite(t.detach()).all():
-            raise ValueError(f"{name} contain NaN or Inf values")
-    raise ValueError("the loss is not finite although the inputs are; check the scale parameters (s, alpha, lam)")
 
 
 def _dispatch(p: LossParams, x, w_dc, bias, targets, class_weights, lam, backend, process_group=None):
@@ -107,13 +28,13 @@ def _dispatch(p: LossParams, x, w_dc, bias, targets, class_weights, lam, backend
         return sharded_margin_loss(x, w_dc, bias, targets, class_weights, lam, p, process_group, backend=backend)
     n_classes = w_dc.shape[1]
     n_targets = 2 if p.margin == Margin.ONE_CLASS else n_classes
-    _check_tensors(x, w_dc, bias, targets, class_weights, n_targets)
+    check_tensors(x, w_dc, bias, targets, class_weights, n_targets)
     if p.margin == Margin.ONE_CLASS and n_classes != 1:
         raise ValueError(f"OCSoftmax weight must have shape [embedding_dim, 1], got {tuple(w_dc.shape)}")
     name = resolve_backend(backend, x.device)
-    validate = _validating(targets)
+    validate = validating(targets)
     if validate:
-        _check_targets(targets, n_targets, p)
+        check_targets(targets, n_targets, p)
     if name == "reference":
         loss = _reference(p, x, w_dc, bias, targets, class_weights, lam)
     elif name == "torch":
@@ -123,7 +44,7 @@ def _dispatch(p: LossParams, x, w_dc, bias, targets, class_weights, lam, backend
         from .kernels import margin_loss
         loss = margin_loss(x, w_dc, bias, targets, class_weights, lam, p)
     if validate:
-        _check_finite(loss, x, w_dc, bias)
+        check_finite(loss, x, w_dc, bias)
     return loss
 
 

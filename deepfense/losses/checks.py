@@ -12,7 +12,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from ..functional import BACKENDS
+from ..inputs import BACKENDS
 from ..params import REDUCTIONS
 
 
