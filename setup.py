@@ -1,4 +1,4 @@
-from setuptools import find_packages, setup
+from setuptools import find_namespace_packages, setup
 
 setup(
     name="deepfense-losses",
@@ -6,16 +6,23 @@ setup(
     description="Fused Triton margin-softmax loss heads (AMSoftmax, ASoftmax, OCSoftmax, CrossEntropy) for PyTorch",
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
-    packages=find_packages(include=["deepfense", "deepfense.*"]),
+    # `deepfense` is an implicit namespace package (no __init__.py of ours), so it merges with the DeepFense
+    # framework's `deepfense` package in one environment. Only our sub-packages: never DeepFense's (cli, config, data,
+    # models, training, utils), even from a tree that holds them.
+    packages=find_namespace_packages(include=["deepfense", "deepfense.benchmark*", "deepfense.kernels*",
+                                              "deepfense.losses*"]),
     python_requires=">=3.10",
-    # A range, so a GPU user keeps the torch build they have (tested on 2.13 CPU; the GPU machines carry 2.11);
-    # the bound keeps a fresh install on these machines on the local 2.13 CPU wheel, not a multi-GB CUDA download.
-    install_requires=["torch>=2.4,<2.14", "pyyaml>=5.1"],
+    # No upper bound: a cap would make pip replace a user's newer torch. CI and the Quick start pin the local CPU
+    # build with constraints-cpu.txt instead.
+    install_requires=["torch>=2.4", "pyyaml>=5.1"],
     extras_require={
-        "dev": ["triton>=3.6,<3.10", "pytest>=7", "pytest-benchmark>=4"],
+        # triton 3.4/3.5 are what torch 2.8/2.9 pin (DeepFense caps torch at 2.9); tests pass there except the fp64
+        # tl.dot paths triton 3.4 cannot compile, which are skipped with that reason.
+        "dev": ["triton>=3.4", "pytest>=7", "pytest-benchmark>=4"],
         # peers the benchmark compares against where they install (pytorch-metric-learning's CosFace/SphereFace), and
         # the plot of time against B and C
         "bench": ["pytorch-metric-learning>=2.0", "matplotlib>=3.5"],
     },
-    entry_points={"console_scripts": ["deepfense=deepfense.__main__:main"]},
+    # Not `deepfense`: that command belongs to the DeepFense framework.
+    entry_points={"console_scripts": ["deepfense-losses=deepfense.benchmark.cli:main"]},
 )

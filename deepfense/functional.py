@@ -23,6 +23,8 @@ __all__ = ["am_softmax_loss", "a_softmax_loss", "oc_softmax_loss", "cross_entrop
 
 
 def _dispatch(p: LossParams, x, w_dc, bias, targets, class_weights, lam, backend, process_group=None):
+    if isinstance(targets, torch.Tensor) and targets.dtype in (torch.uint8, torch.int8, torch.int16):
+        targets = targets.long()  # torch's gather/scatter index with int32/int64 only; Triton takes any: alike on all
     if process_group is not None:  # class-parallel: w_dc is this rank's class slice (see deepfense.distributed)
         from .distributed import sharded_margin_loss
         return sharded_margin_loss(x, w_dc, bias, targets, class_weights, lam, p, process_group, backend=backend)

@@ -87,5 +87,5 @@ def check_finite(loss, x, w_dc, bias):
         return
     for name, t in (("embeddings", x), ("weight", w_dc), ("bias", bias)):
         if t is not None and not torch.isfinite(t.detach()).all():
-            raise ValueError(f"{name} contain NaN or Inf values")
+            raise ValueError(f"{name} {'contain' if name.endswith('s') else 'contains'} NaN or Inf values")
     raise ValueError("the loss is not finite although the inputs are; check the scale parameters (s, alpha, lam)")

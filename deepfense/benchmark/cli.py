@@ -1,17 +1,34 @@
-"""Command line: `python -m deepfense bench | check | list`."""
+"""Command line: `deepfense-losses bench | check | list` (also `python -m deepfense` / `python -m deepfense.losses`).
+
+torch, triton and the measuring modules are imported inside the commands that use them, so `--help` and `list`
+answer without the ~1.5 s torch import.
+"""
 
 from __future__ import annotations
 
 import argparse
 import datetime
-import inspect
 import os
 import sys
 
-import torch
-
-from . import measure, report, runner
-from .cases import DTYPES, LOSSES, custom_cases, default_cases, parse_shapes
+# Names for --help and `list` without importing torch; tests/test_benchmark_cli.py checks them against cases.py and
+# the loss registry.
+LOSS_NAMES = ("AMSoftmax", "ASoftmax", "OCSoftmax", "CrossEntropy")
+DTYPE_NAMES = ("fp32", "fp16", "bf16", "fp64")
+# The config keys each loss takes (constructor keywords less process_group, a runtime object, and label_smoothing
+# where the loss rejects it), with their defaults; ... marks a required key.
+LOSS_KEYS = {
+    "AMSoftmax": dict(embedding_dim=..., n_classes=2, m=0.3, s=30.0, weight=1.0, class_weights=None,
+                      reduction="mean", ignore_index=-100, label_smoothing=0.0, bonafide_label=1, backend="auto"),
+    "ASoftmax": dict(embedding_dim=..., n_classes=2, m=4, gamma=0.5, lambda_min=5.0, lambda_max=1500.0, weight=1.0,
+                     class_weights=None, reduction="mean", ignore_index=-100, bonafide_label=1, backend="auto"),
+    "OCSoftmax": dict(embedding_dim=..., m_real=0.5, m_fake=0.2, alpha=20.0, weight=1.0, class_weights=None,
+                      reduction="mean", ignore_index=-100, bonafide_label=1, backend="auto", w_posi=None, w_nega=None,
+                      r_real=None, r_fake=None),
+    "CrossEntropy": dict(embedding_dim=..., n_classes=2, weight=1.0, class_weights=None, reduction="mean",
+                         ignore_index=-100, label_smoothing=0.0, bonafide_label=1, backend="auto"),
+}
+DEFAULT_OUT = "deepfense-bench-results"  # under the current folder; bench/results/ keeps the committed reference run
 
 
 def _csv(text):
@@ -23,22 +40,23 @@ def _ints(text):
 
 
 def _parser():
-    p = argparse.ArgumentParser(prog="python -m deepfense", description=__doc__)
+    p = argparse.ArgumentParser(prog="deepfense-losses", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
     b = sub.add_parser("bench", help="benchmark every loss against eager, torch.compile and the installed peers")
-    b.add_argument("--losses", help=f"comma list from {list(LOSSES)} (default: all)")
+    b.add_argument("--losses", help=f"comma list from {list(LOSS_NAMES)} (default: all)")
     b.add_argument("--shapes", help="comma list of BxDxC, e.g. 256x192x2,128x192x5994 (replaces the sweep)")
     b.add_argument("--B", help="comma list of batch sizes (with --D and --C, replaces the sweep)")
     b.add_argument("--D", help="comma list of embedding dims")
     b.add_argument("--C", help="comma list of class counts")
-    b.add_argument("--dtypes", help=f"comma list from {list(DTYPES)} (default: fp32 on CPU, bf16,fp32 on CUDA)")
+    b.add_argument("--dtypes", help=f"comma list from {list(DTYPE_NAMES)} (default: fp32 on CPU, bf16,fp32 on CUDA)")
     b.add_argument("--providers", help="comma list of provider names (default: all; see `list`)")
     b.add_argument("--quick", action="store_true", help="a handful of small shapes, no torch.compile, few reps")
     b.add_argument("--compile", choices=["anchors", "all", "none"], default=None,
                    help="which shapes get torch.compile(reference): anchors (default), all, "
                          "none (default with --quick)")
     b.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda if available")
-    b.add_argument("--out", default=os.path.join("bench", "results"), help="results folder (default bench/results)")
+    b.add_argument("--out", default=DEFAULT_OUT,
+                   help=f"results folder (default ./{DEFAULT_OUT}, created in the current folder)")
     b.add_argument("--reps", type=int, default=None, help="max timed iterations per measurement")
     b.add_argument("--time-limit", type=float, help="start no new case after this many seconds")
     b.add_argument("--no-errors", action="store_true", help="skip the float64 reference errors")
@@ -48,11 +66,14 @@ def _parser():
     c.add_argument("--device", choices=["cpu", "cuda"])
     c.add_argument("--backend", default="auto", choices=["auto", "torch", "triton", "reference"])
     c.add_argument("--no-interpreter", action="store_true", help="on CPU, skip the Triton-interpreter child run")
-    sub.add_parser("list", help="registered losses with their parameters, and the benchmark providers")
+    li = sub.add_parser("list", help="the losses with their config keys (--providers: also the benchmark providers)")
+    li.add_argument("--providers", action="store_true",
+                    help="also probe which benchmark providers run here (imports torch and the peers: a few seconds)")
     return p
 
 
 def _device(name):
+    import torch
     return name or ("cuda" if torch.cuda.is_available() else "cpu")
 
 
@@ -71,6 +92,10 @@ def cmd_bench(a) -> int:
 
 
 def _bench(a) -> int:
+    import torch
+
+    from . import measure, report, runner
+    from .cases import DTYPES, LOSSES, custom_cases, default_cases, parse_shapes
     from .providers import select
     device = _device(a.device)
     losses = _csv(a.losses) or list(LOSSES)
@@ -120,32 +145,20 @@ def _bench(a) -> int:
     return 0
 
 
-def _signature_lines():
-    """Registered losses and parameters: from deepfense.losses when it has them, else the functional API."""
-    try:
-        from ..losses import list_losses, loss_signature
-        out = []
-        for name in list_losses():
-            sig = loss_signature(name)
-            if isinstance(sig, dict):
-                sig = ", ".join(k if repr(v) == "<required>" else f"{k}={v!r}" for k, v in sig.items())
-            out.append(f"{name}({sig})")
-        return out
-    except Exception:  # deepfense.losses not built yet (or lacks the registry): describe the functional API
-        out = []
-        for name, spec in LOSSES.items():
-            params = [str(p) for p in inspect.signature(spec.functional).parameters.values()
-                      if p.kind == p.KEYWORD_ONLY]
-            out.append(f"{name}: {spec.functional.__name__}({', '.join(params)})")
-        return out
+def _key_text(key, default) -> str:
+    return key if default is ... else f"{key}={default!r}"
 
 
 def cmd_list(a) -> int:
+    print("Losses (config keys with defaults; YAML: {type: NAME, args: {...}} or DeepFense's flat form):")
+    for name, keys in LOSS_KEYS.items():
+        print(f"  {name}({', '.join(_key_text(k, v) for k, v in keys.items())})")
+    if not a.providers:
+        print("Benchmark providers: `list --providers` probes which run on this machine (imports torch).")
+        return 0
+    from .cases import default_cases
     from .providers import PROVIDERS, display_name
     device = _device(None)
-    print("Losses:")
-    for line in _signature_lines():
-        print("  " + line)
     print(f"Benchmark providers on {device}:")
     for p in PROVIDERS:
         reasons = {p.absent(c, device) for c in default_cases(device, quick=True)}

@@ -13,7 +13,7 @@ import time
 
 import torch
 
-from .. import __version__
+from .._version import version as package_version
 from . import measure
 from .cases import Case, traffic
 from .providers import Provider, display_name
@@ -33,7 +33,7 @@ def device_name(device: str) -> str:
 
 
 def versions() -> dict:
-    out = {"python": platform.python_version(), "torch": torch.__version__, "deepfense": __version__}
+    out = {"python": platform.python_version(), "torch": torch.__version__, "deepfense": package_version()}
     for name, mod in (("triton", "triton"), ("pytorch-metric-learning", "pytorch_metric_learning"),
                       ("liger-kernel", "liger_kernel"), ("cut-cross-entropy", "cut_cross_entropy")):
         try:

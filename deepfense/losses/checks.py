@@ -6,6 +6,8 @@ TypeError where that is the natural kind, so callers may catch either the specif
 
 from __future__ import annotations
 
+import difflib
+import inspect
 import math
 import numbers
 from typing import Optional, Sequence
@@ -124,3 +126,34 @@ def check_label_smoothing(owner: str, value, *, allowed: bool) -> float:
         raise LossConfigError(f"{_where(owner)}'label_smoothing' is not supported by this loss (only CrossEntropy "
                               f"and AMSoftmax take it), got {value}", "label_smoothing")
     return value
+
+
+def constructor_keys(cls: type) -> dict:
+    """Keyword parameters of cls.__init__ (without self, *args, **kwargs), in signature order."""
+    params = inspect.signature(cls.__init__).parameters
+    return {k: p for i, (k, p) in enumerate(params.items())
+            if i > 0 and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+
+
+def check_unknown_keys(cls: type, keys, siblings=(), also=()) -> None:
+    """Raise UnknownKeyError for a key `cls` does not take; the same message for direct construction and YAML.
+
+    A key another loss in `siblings` takes (OCSoftmax's 'n_classes') is named as theirs; any other unknown key gets
+    the nearest valid one ("did you mean"). Keys in `also` are accepted besides the constructor's.
+    """
+    params = constructor_keys(cls)
+    if any(p.kind == p.VAR_KEYWORD for p in inspect.signature(cls.__init__).parameters.values()):
+        return
+    name = cls.__name__
+    for key in keys:
+        if not isinstance(key, str):
+            raise WrongTypeError(f"{name}: config keys must be strings, got {key!r}", str(key))
+        if key in params or key in also:
+            continue
+        owners = [c.__name__ for c in siblings if c is not cls and key in constructor_keys(c)]
+        if owners:
+            hint = f" ({', '.join(owners)} take{'s' if len(owners) == 1 else ''} it; {name} does not)"
+        else:
+            close = difflib.get_close_matches(key, list(params), n=1, cutoff=0.6)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise UnknownKeyError(f"{name}: unknown key {key!r}{hint}; valid keys: {', '.join(params)}", key)

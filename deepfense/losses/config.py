@@ -147,15 +147,8 @@ def _split_entry(entry: Mapping):
 
 
 def _check_keys(name: str, cls: type, kwargs: dict) -> None:
-    params = _parameters(cls)
-    takes_any = any(p.kind == p.VAR_KEYWORD for p in inspect.signature(cls.__init__).parameters.values())
-    for key in kwargs:
-        if not isinstance(key, str):
-            raise WrongTypeError(f"{name}: config keys must be strings, got {key!r}", str(key))
-        if key not in params and not takes_any and key != "weight":
-            raise UnknownKeyError(f"{name}: unknown key {key!r}{_suggest(key, params)}; valid keys: "
-                                  f"{', '.join(params)}", key)
-    for key, p in params.items():
+    checks.check_unknown_keys(cls, kwargs, siblings=[_REGISTRY[n] for n in list_losses()], also=("weight",))
+    for key, p in _parameters(cls).items():
         if p.default is p.empty and key not in kwargs:
             raise MissingKeyError(f"{name}: missing required key {key!r}", key)
 

@@ -34,6 +34,12 @@ _CLASS_WEIGHT_KEYS = ("class_weights", "m_loss.weight", "criterion.weight")
 class _LossHead(nn.Module):
     """Shared options, checks, scores and state-dict compatibility of the four heads."""
 
+    def __new__(cls, *args, **kwargs):
+        # an unknown keyword gets build_loss's error (naming the loss that takes it, or the nearest key), not
+        # Python's bare "unexpected keyword argument"
+        checks.check_unknown_keys(cls, kwargs, siblings=_LossHead.__subclasses__())
+        return super().__new__(cls)
+
     def _init_common(self, embedding_dim, n_weights, *, class_weights, reduction, ignore_index, label_smoothing,
                      smoothing_allowed, bonafide_label, weight, backend):
         name = type(self).__name__
