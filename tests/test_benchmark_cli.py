@@ -70,3 +70,32 @@ def test_bench_restores_validation_setting(tmp_path, monkeypatch):
     cli.main(["bench", "--shapes", "4x4x2", "--losses", "CrossEntropy", "--providers", "eager", "--compile", "none",
               "--reps", "3", "--no-errors", "--out", str(tmp_path), "--device", "cpu"])
     assert "DEEPFENSE_VALIDATE" not in os.environ
+
+
+def test_cli_names_and_keys_match_the_code():
+    """`--help` and `list` use static names (no torch import); they must match cases.py and the loss registry."""
+    from deepfense.benchmark.cases import DTYPES, LOSSES
+    from deepfense.losses import REQUIRED, LossConfigError, get_loss_class, list_losses, loss_signature
+    assert cli.LOSS_NAMES == tuple(LOSSES) and cli.DTYPE_NAMES == tuple(DTYPES)
+    assert sorted(cli.LOSS_KEYS) == list_losses()
+    for name in list_losses():
+        keys = {k: (... if v is REQUIRED else v) for k, v in loss_signature(name).items() if k != "process_group"}
+        try:
+            get_loss_class(name)(embedding_dim=4, label_smoothing=0.1)
+        except LossConfigError:  # the loss rejects label smoothing: `list` must not offer it
+            keys.pop("label_smoothing")
+        assert cli.LOSS_KEYS[name] == keys, name
+
+
+def test_help_and_list_import_no_torch():
+    import subprocess
+    import sys
+    code = ("import sys; from deepfense.benchmark import cli; cli.main(['list']); "
+            "assert 'torch' not in sys.modules and 'triton' not in sys.modules, 'torch imported'")
+    subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)
+    help_code = code.replace("cli.main(['list'])", "cli._parser().format_help()")
+    subprocess.run([sys.executable, "-c", help_code], check=True, capture_output=True)
+
+
+def test_bench_default_out_is_untracked():
+    assert cli._parser().parse_args(["bench"]).out == "deepfense-bench-results"
