@@ -40,3 +40,17 @@ def test_non_finite_weight_message_grammar():
     x[0, 0] = float("inf")
     with pytest.raises(ValueError, match="^embeddings contain NaN or Inf values$"):
         F.am_softmax_loss(x, torch.randn(4, 3), torch.tensor([0, 1]), backend="torch")
+
+
+def test_install_requires_leave_torch_open():
+    """A cap on torch makes pip replace a user's newer torch; CI pins the CPU build with constraints-cpu.txt."""
+    import ast
+    import pathlib
+    root = pathlib.Path(__file__).resolve().parent.parent
+    call = next(n for n in ast.walk(ast.parse((root / "setup.py").read_text())) if isinstance(n, ast.Call)
+                and getattr(n.func, "id", "") == "setup")
+    reqs = ast.literal_eval(next(k.value for k in call.keywords if k.arg == "install_requires"))
+    torch_req = next(r for r in reqs if r.startswith("torch"))
+    assert "<" not in torch_req and "~=" not in torch_req and "==" not in torch_req, torch_req
+    assert "torch==" in (root / "constraints-cpu.txt").read_text()
+    assert "-c constraints-cpu.txt" in (root / ".ci" / "run").read_text()
