@@ -6,6 +6,7 @@ Slow (a venv with torch, ~1-2 min) and needs the package registry (pip), so it c
 pytest's tmp folder, pip runs with --no-cache-dir: nothing is cached outside the run.
 """
 
+import importlib.util
 import json
 import os
 import shutil
@@ -62,13 +63,12 @@ class Venv:
 def venv(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("coinstall")
     src = tmp / "src"  # build from a copy, so the checkout gets no build/ or egg-info
-    files = _run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT).split("\n")
-    for name in filter(None, files):
-        if (ROOT / name).is_file():
-            (src / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(ROOT / name, src / name)
-    _run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-cache-dir", "-w",
-          tmp / "dist", src])
+    shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(".git", "build", "dist", "*.egg-info", "__pycache__",
+                                                             ".pytest_cache", ".benchmarks", ".venv*", "bench",
+                                                             "deepfense-bench-results"))
+    # the running python's setuptools when it has one; else pip fetches one into an isolated build env
+    isolation = ["--no-build-isolation"] if importlib.util.find_spec("setuptools") else []
+    _run([sys.executable, "-m", "pip", "wheel", "--no-deps", *isolation, "--no-cache-dir", "-w", tmp / "dist", src])
     _run([sys.executable, "-m", "venv", tmp / "venv"])
     env = Venv(tmp / "venv", tmp)
     # the running torch build (a local wheel on the CI machines), numpy and einops for DeepFense's model package
