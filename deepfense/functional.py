@@ -7,14 +7,16 @@ Backends:
     'auto'      -- 'triton' for CUDA inputs when Triton imports, else 'torch'. DEEPFENSE_BACKEND overrides it.
 
 Input checks: shapes, dtypes and devices are always checked. Value checks (targets in range, a non-finite loss) need
-two small host syncs; they run in eager mode and are skipped while torch.compile traces or when DEEPFENSE_VALIDATE=0.
+small host syncs: by default they run for CPU tensors and not for CUDA tensors, where a bad target or a NaN/Inf input
+shows up as a NaN loss instead; `validate=True` / `False` (or DEEPFENSE_VALIDATE=1 / 0) turns them on or off
+everywhere. They never run while torch.compile traces. See `deepfense.inputs` for the table.
 """
 
 from __future__ import annotations
 
 import torch
 
-from . import reference
+from . import reference, torch_plain
 from .inputs import BACKENDS, check_finite, check_targets, check_tensors, resolve_backend, validating
 from .params import Margin, LossParams
 
@@ -22,21 +24,23 @@ __all__ = ["am_softmax_loss", "a_softmax_loss", "oc_softmax_loss", "cross_entrop
            "BACKENDS"]
 
 
-def _dispatch(p: LossParams, x, w_dc, bias, targets, class_weights, lam, backend, process_group=None):
+def _dispatch(p: LossParams, x, w_dc, bias, targets, class_weights, lam, backend, process_group=None, validate=None):
     if process_group is not None:  # class-parallel: w_dc is this rank's class slice (see deepfense.distributed)
         from .distributed import sharded_margin_loss
-        return sharded_margin_loss(x, w_dc, bias, targets, class_weights, lam, p, process_group, backend=backend)
+        return sharded_margin_loss(x, w_dc, bias, targets, class_weights, lam, p, process_group, backend=backend,
+                                   validate=validate)
     n_classes = w_dc.shape[1]
     n_targets = 2 if p.margin == Margin.ONE_CLASS else n_classes
     check_tensors(x, w_dc, bias, targets, class_weights, n_targets)
     if p.margin == Margin.ONE_CLASS and n_classes != 1:
         raise ValueError(f"OCSoftmax weight must have shape [embedding_dim, 1], got {tuple(w_dc.shape)}")
     name = resolve_backend(backend, x.device)
-    validate = validating(targets)
-    if validate:
-        check_targets(targets, n_targets, p)
+    validate = validating(targets, validate)
+    clean = validate and check_targets(targets, n_targets, p)  # in range, none ignored: the plain path may serve
     if name == "reference":
         loss = _reference(p, x, w_dc, bias, targets, class_weights, lam)
+    elif name == "torch" and torch_plain.applies(p, x, w_dc, bias, class_weights, clean):
+        loss = torch_plain.margin_loss(x, w_dc, bias, targets, p)
     elif name == "torch":
         from .torch_backend import margin_loss
         loss = margin_loss(x, w_dc, bias, targets, class_weights, lam, p)
@@ -61,7 +65,7 @@ def _reference(p: LossParams, x, w_dc, bias, targets, class_weights, lam):
 
 
 def am_softmax_loss(embeddings, weight, targets, *, m=0.3, s=30.0, class_weights=None, ignore_index=-100,
-                    label_smoothing=0.0, reduction="mean", backend="auto", process_group=None):
+                    label_smoothing=0.0, reduction="mean", backend="auto", process_group=None, validate=None):
     """AMSoftmax loss.
 
     Args:
@@ -72,55 +76,58 @@ def am_softmax_loss(embeddings, weight, targets, *, m=0.3, s=30.0, class_weights
         reduction: 'mean' | 'sum' | 'none'. backend: see module docstring.
         process_group: a torch.distributed group to split the classes over: `weight` is then this rank's slice
             [D, C_r] and targets are global (see `deepfense.distributed`; the sharded path runs torch ops).
+        validate: None (default: value checks on for CPU tensors, off for CUDA ones, or DEEPFENSE_VALIDATE), True or
+            False; see the module docstring.
 
     Returns:
         float32 (float64 for float64 inputs) loss: a scalar, or [B] for reduction='none'.
     """
     p = LossParams(Margin.ADDITIVE, s=float(s), m=float(m), ignore_index=ignore_index,
                    label_smoothing=float(label_smoothing), reduction=reduction)
-    return _dispatch(p, embeddings, weight, None, targets, class_weights, None, backend, process_group)
+    return _dispatch(p, embeddings, weight, None, targets, class_weights, None, backend, process_group, validate)
 
 
 def a_softmax_loss(embeddings, weight, targets, *, m=4, lam=5.0, gamma=0.5, class_weights=None, ignore_index=-100,
-                   reduction="mean", backend="auto", process_group=None):
+                   reduction="mean", backend="auto", process_group=None, validate=None):
     """ASoftmax (SphereFace) loss with lambda blending and focal factor.
 
     Args:
         embeddings: [B, D]; weight: [D, C]; targets: [B].
         m: integer angular margin 1..5. lam: the current lambda, a float or a 0-dim tensor (a tensor keeps an annealed
             lambda free of host syncs and recompiles). gamma: focal exponent (no gradient through the factor).
-        process_group: class-parallel group, as in `am_softmax_loss`.
+        process_group, validate: as in `am_softmax_loss`.
 
     Returns:
         float32 (float64 for float64 inputs) loss: a scalar, or [B] for reduction='none'.
     """
     p = LossParams(Margin.ANGULAR, m=float(m), gamma=float(gamma), ignore_index=ignore_index, reduction=reduction)
-    return _dispatch(p, embeddings, weight, None, targets, class_weights, lam, backend, process_group)
+    return _dispatch(p, embeddings, weight, None, targets, class_weights, lam, backend, process_group, validate)
 
 
 def oc_softmax_loss(embeddings, weight, targets, *, m_real=0.5, m_fake=0.2, alpha=20.0, bonafide_label=1,
-                    class_weights=None, ignore_index=-100, reduction="mean", backend="auto"):
+                    class_weights=None, ignore_index=-100, reduction="mean", backend="auto", validate=None):
     """OCSoftmax (one-class) loss.
 
     Args:
         embeddings: [B, D]; weight: [D, 1] the bonafide centre; targets: [B] in {0, 1} or `ignore_index`.
-        class_weights: [2] indexed by target, or None.
+        class_weights: [2] indexed by target, or None. validate: as in `am_softmax_loss`.
 
     Returns:
         float32 (float64 for float64 inputs) loss: a scalar, or [B] for reduction='none'.
     """
     p = LossParams(Margin.ONE_CLASS, m_real=float(m_real), m_fake=float(m_fake), alpha=float(alpha),
                    bonafide_label=int(bonafide_label), ignore_index=ignore_index, reduction=reduction)
-    return _dispatch(p, embeddings, weight, None, targets, class_weights, None, backend)
+    return _dispatch(p, embeddings, weight, None, targets, class_weights, None, backend, validate=validate)
 
 
 def cross_entropy_loss(embeddings, weight, targets, *, bias=None, class_weights=None, ignore_index=-100,
-                       label_smoothing=0.0, reduction="mean", backend="auto", process_group=None):
+                       label_smoothing=0.0, reduction="mean", backend="auto", process_group=None, validate=None):
     """Linear projection + softmax cross-entropy.
 
     Args:
         embeddings: [B, D]; weight: [C, D] (`fc.weight`); bias: [C] or None; targets: [B].
-        process_group: class-parallel group, as in `am_softmax_loss` (weight [C_r, D], bias [C_r]).
+        process_group: class-parallel group, as in `am_softmax_loss` (weight [C_r, D], bias [C_r]). validate: as
+            in `am_softmax_loss`.
 
     Returns:
         float32 (float64 for float64 inputs) loss: a scalar, or [B] for reduction='none'.
@@ -129,4 +136,4 @@ def cross_entropy_loss(embeddings, weight, targets, *, bias=None, class_weights=
         raise ValueError("weight must be a 2-D tensor [n_classes, embedding_dim]")
     p = LossParams(Margin.NONE, ignore_index=ignore_index, label_smoothing=float(label_smoothing),
                    reduction=reduction)
-    return _dispatch(p, embeddings, weight.t(), bias, targets, class_weights, None, backend, process_group)
+    return _dispatch(p, embeddings, weight.t(), bias, targets, class_weights, None, backend, process_group, validate)

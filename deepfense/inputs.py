@@ -1,12 +1,22 @@
 """Input checks and backend resolution, shared by the functional API and the class-parallel path.
 
-Shapes, dtypes and devices are always checked. Value checks (targets in range, a non-finite loss) need small host
-syncs; `validating` says when they run.
+Shapes, dtypes and devices are always checked (on the host, no tensor op). Value checks (targets in range, a
+non-finite loss) read tensor values, so they need host syncs; `validating` says when they run:
+
+    asked                                   CPU tensors   CUDA (and other device) tensors
+    default                                 on            off: a bad target or a NaN/Inf input gives a NaN loss
+    DEEPFENSE_VALIDATE=1 or validate=True   on            on (two small host syncs per call)
+    DEEPFENSE_VALIDATE=0 or validate=False  off           off
+    while torch.compile traces              off           off
+
+`validate=` (functional API and modules) wins over the variable. Tests force the CUDA column on CPU tensors by
+setting `POLICY_DEVICE = "cuda"` (internal, for tests only).
 """
 
 from __future__ import annotations
 
 import functools
+import math
 import os
 
 import torch
@@ -68,22 +78,42 @@ def check_tensors(x, w_dc, bias, targets, class_weights, n_weights):
                          f"got {tuple(class_weights.shape)}")
 
 
-def validating(targets) -> bool:
-    return not (torch.compiler.is_compiling() or os.environ.get("DEEPFENSE_VALIDATE", "1") == "0"
-                or targets.numel() == 0)
+# Tests only: the device type whose check policy applies ("cuda" makes CPU tensors follow the CUDA column); None:
+# the tensors' own device.
+POLICY_DEVICE = None
 
 
-def check_targets(targets, n_targets, p: LossParams):
-    """Host sync: every target is in [0, n_targets) or ignore_index."""
+def validating(targets, validate=None) -> bool:
+    """Whether the value checks run for a call on `targets`' device (see the module docstring's table)."""
+    if targets.numel() == 0 or torch.compiler.is_compiling():
+        return False
+    if validate is None:
+        env = os.environ.get("DEEPFENSE_VALIDATE", "")
+        if env:
+            return env != "0"
+        return (POLICY_DEVICE or targets.device.type) == "cpu"
+    return bool(validate)
+
+
+def check_targets(targets, n_targets, p: LossParams) -> bool:
+    """Raise unless every target is in [0, n_targets) or ignore_index. One host sync (a min and a max) in the common
+    case; the full scan runs only when some target lies outside [0, n_targets).
+
+    Returns True when every target is in range and none can be ignore_index (so no row is ignored), False otherwise.
+    """
+    lo, hi = (int(v) for v in torch.aminmax(targets))
+    if lo >= 0 and hi < n_targets:
+        return not lo <= p.ignore_index <= hi
     bad = (targets != p.ignore_index) & ((targets < 0) | (targets >= n_targets))
     if bad.any():
         raise ValueError(f"target {targets[bad][0].item()} is out of range: targets must be in [0, {n_targets}) or "
                          f"ignore_index ({p.ignore_index})")
+    return False
 
 
 def check_finite(loss, x, w_dc, bias):
     """Host sync on the (small) loss; only when it is not finite are the inputs scanned to name the culprit."""
-    if torch.isfinite(loss.detach()).all():
+    if math.isfinite(loss.item()) if loss.dim() == 0 else bool(torch.isfinite(loss.detach()).all()):
         return
     for name, t in (("embeddings", x), ("weight", w_dc), ("bias", bias)):
         if t is not None and not torch.isfinite(t.detach()).all():

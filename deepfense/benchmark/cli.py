@@ -11,7 +11,7 @@ import sys
 import torch
 
 from . import measure, report, runner
-from .cases import DTYPES, LOSSES, custom_cases, default_cases, parse_shapes
+from .cases import DTYPES, LOSSES, SUITES, custom_cases, default_cases, parse_shapes, suite_cases
 
 
 def _csv(text):
@@ -33,6 +33,10 @@ def _parser():
     b.add_argument("--C", help="comma list of class counts")
     b.add_argument("--dtypes", help=f"comma list from {list(DTYPES)} (default: fp32 on CPU, bf16,fp32 on CUDA)")
     b.add_argument("--providers", help="comma list of provider names (default: all; see `list`)")
+    b.add_argument("--suite", choices=sorted(SUITES),
+                   help="a named sweep: 'deepfense' = every loss at B 8/32/256, D 160/1024, C 2 against DeepFense "
+                        "0.2.2's modules (providers deepfense,deepfense-0.2.2 unless --providers), with the value "
+                        "checks at the library default")
     b.add_argument("--quick", action="store_true", help="a handful of small shapes, no torch.compile, few reps")
     b.add_argument("--compile", choices=["anchors", "all", "none"], default=None,
                    help="which shapes get torch.compile(reference): anchors (default), all, "
@@ -43,7 +47,8 @@ def _parser():
     b.add_argument("--time-limit", type=float, help="start no new case after this many seconds")
     b.add_argument("--no-errors", action="store_true", help="skip the float64 reference errors")
     b.add_argument("--validate", action="store_true",
-                   help="keep deepfense's input value checks on (one host sync per call; off by default)")
+                   help="force deepfense's synchronous value checks on (DEEPFENSE_VALIDATE=1; off by default, "
+                        "library default with --suite)")
     c = sub.add_parser("check", help="the fused path against the float64 reference: PASS/FAIL per loss")
     c.add_argument("--device", choices=["cpu", "cuda"])
     c.add_argument("--backend", default="auto", choices=["auto", "torch", "triton", "reference"])
@@ -57,9 +62,12 @@ def _device(name):
 
 
 def cmd_bench(a) -> int:
-    """Run the benchmark; deepfense's per-call value checks are off meanwhile unless --validate (restored after)."""
+    """Run the benchmark; deepfense's per-call value checks are off meanwhile (DEEPFENSE_VALIDATE=0), at the library
+    default with --suite, and forced on with --validate; the setting is restored after."""
     saved = os.environ.get("DEEPFENSE_VALIDATE")
-    if not a.validate:
+    if a.validate:
+        os.environ["DEEPFENSE_VALIDATE"] = "1"
+    elif not a.suite:
         os.environ["DEEPFENSE_VALIDATE"] = "0"
     try:
         return _bench(a)
@@ -84,23 +92,25 @@ def _bench(a) -> int:
     if a.B or a.D or a.C:
         shapes = (shapes or []) + [(b, d, c) for b in _ints(a.B) or [256] for d in _ints(a.D) or [192]
                                    for c in _ints(a.C) or [2]]
-    if shapes:
+    if a.suite:
+        cases = [c for c in suite_cases(a.suite, dtypes) if c.loss in losses]
+    elif shapes:
         cases = custom_cases(losses, shapes, dtypes or (["bf16"] if device == "cuda" else ["fp32"]))
     else:
         cases = [c for c in default_cases(device, a.quick, dtypes) if c.loss in losses]
     compile_mode = a.compile or ("none" if a.quick else "anchors")
-    reps = a.reps or (10 if a.quick else 30 if device == "cpu" else 50)
+    reps = a.reps or (10 if a.quick else 200 if a.suite else 30 if device == "cpu" else 50)
     budget = 0.15 if a.quick else (0.4 if device == "cpu" else 0.1)
-    providers = select(_csv(a.providers))
+    providers = select(_csv(a.providers) or (["deepfense", "deepfense-0.2.2"] if a.suite else None))
     runner.log(f"deepfense bench on {runner.device_name(device)}: {len(cases)} cases x {len(providers)} providers")
     ceil = measure.ceilings(device, sorted({c.dtype for c in cases}))
     runner.log(f"ceilings: copy {ceil['copy_GBps']:.3g} GB/s, matmul TFLOP/s {ceil['matmul_TFLOPs']}")
     meta = {"device": device, "device_name": runner.device_name(device), "date": datetime.date.today().isoformat(),
             "versions": runner.versions(), "threads": torch.get_num_threads(), "ceilings": ceil,
             "load_start": os.getloadavg()[0], "cpus": os.cpu_count(),
-            "settings": f"{'quick' if a.quick else 'default' if not shapes else 'custom'} sweep, compile="
+            "settings": f"{a.suite or ('quick' if a.quick else 'default' if not shapes else 'custom')} sweep, compile="
                         f"{compile_mode}, reps<={reps}, time budget {budget}s/measurement, DEEPFENSE_VALIDATE="
-                        f"{os.environ.get('DEEPFENSE_VALIDATE', '1')}"}
+                        f"{os.environ.get('DEEPFENSE_VALIDATE', 'unset (library default)')}"}
     stem = runner.file_stem(meta["device_name"], a.quick)
 
     def finish(rows, final=False):
