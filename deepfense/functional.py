@@ -14,6 +14,9 @@ everywhere. They never run while torch.compile traces. See `deepfense.inputs` fo
 
 from __future__ import annotations
 
+import functools
+import math
+
 import torch
 
 from . import reference, torch_plain
@@ -24,23 +27,34 @@ __all__ = ["am_softmax_loss", "a_softmax_loss", "oc_softmax_loss", "cross_entrop
            "BACKENDS"]
 
 
-def _dispatch(p: LossParams, x, w_dc, bias, targets, class_weights, lam, backend, process_group=None, validate=None):
-    if process_group is not None:  # class-parallel: w_dc is this rank's class slice (see deepfense.distributed)
+# LossParams validates its fields on construction (~5 us); a training loop passes the same options every step
+_params = functools.lru_cache(maxsize=256)(LossParams)
+
+
+def _dispatch(p: LossParams, x, w, bias, targets, class_weights, lam, backend, process_group=None, validate=None):
+    """w: the [D, C] weight, or for CrossEntropy (p.margin NONE) fc.weight [C, D] as given (its [D, C] view is made
+    only for the paths that take it, so the plain path's graph has no transpose node)."""
+    ce = p.margin == Margin.NONE
+    if process_group is not None:  # class-parallel: w is this rank's class slice (see deepfense.distributed)
         from .distributed import sharded_margin_loss
-        return sharded_margin_loss(x, w_dc, bias, targets, class_weights, lam, p, process_group, backend=backend,
-                                   validate=validate)
-    n_classes = w_dc.shape[1]
+        return sharded_margin_loss(x, w.t() if ce else w, bias, targets, class_weights, lam, p, process_group,
+                                   backend=backend, validate=validate)
+    n_classes = w.shape[0] if ce else w.shape[1]
     n_targets = 2 if p.margin == Margin.ONE_CLASS else n_classes
-    check_tensors(x, w_dc, bias, targets, class_weights, n_targets)
+    check_tensors(x, w, bias, targets, class_weights, n_targets, classes_first=ce)
     if p.margin == Margin.ONE_CLASS and n_classes != 1:
-        raise ValueError(f"OCSoftmax weight must have shape [embedding_dim, 1], got {tuple(w_dc.shape)}")
+        raise ValueError(f"OCSoftmax weight must have shape [embedding_dim, 1], got {tuple(w.shape)}")
     name = resolve_backend(backend, x.device)
     validate = validating(targets, validate)
-    clean = validate and check_targets(targets, n_targets, p)  # in range, none ignored: the plain path may serve
+    if name == "torch" and validate and torch_plain.applies(p, x, n_classes, bias, class_weights, w.dtype):
+        loss = _plain(p, x, w, bias, targets, n_targets)
+        if loss is not None:
+            return loss
+    w_dc = w.t() if ce else w
+    if validate:
+        check_targets(targets, n_targets, p)
     if name == "reference":
         loss = _reference(p, x, w_dc, bias, targets, class_weights, lam)
-    elif name == "torch" and torch_plain.applies(p, x, w_dc, bias, class_weights, clean):
-        loss = torch_plain.margin_loss(x, w_dc, bias, targets, p)
     elif name == "torch":
         from .torch_backend import margin_loss
         loss = margin_loss(x, w_dc, bias, targets, class_weights, lam, p)
@@ -50,6 +64,20 @@ def _dispatch(p: LossParams, x, w_dc, bias, targets, class_weights, lam, backend
     if validate:
         check_finite(loss, x, w_dc, bias)
     return loss
+
+
+def _plain(p: LossParams, x, w, bias, targets, n_targets):
+    """The small-batch plain-autograd loss (`deepfense.torch_plain`) with its value checks, or None where the general
+    path must answer: some OCSoftmax row ignored, or a loss that is not finite (every CrossEntropy row ignored, where
+    torch's mean is NaN and ours 0, or NaN/Inf inputs, which the general path then names)."""
+    if p.margin == Margin.ONE_CLASS and not check_targets(targets, n_targets, p):
+        return None
+    try:
+        loss = torch_plain.margin_loss(x, w, bias, targets, p)
+    except IndexError:  # torch's cross_entropy checks CrossEntropy targets itself; say it in our words
+        check_targets(targets, n_targets, p)
+        raise
+    return loss if (math.isfinite(loss.item()) if loss.dim() == 0 else bool(torch.isfinite(loss).all())) else None
 
 
 def _reference(p: LossParams, x, w_dc, bias, targets, class_weights, lam):
@@ -82,7 +110,7 @@ def am_softmax_loss(embeddings, weight, targets, *, m=0.3, s=30.0, class_weights
     Returns:
         float32 (float64 for float64 inputs) loss: a scalar, or [B] for reduction='none'.
     """
-    p = LossParams(Margin.ADDITIVE, s=float(s), m=float(m), ignore_index=ignore_index,
+    p = _params(Margin.ADDITIVE, s=float(s), m=float(m), ignore_index=ignore_index,
                    label_smoothing=float(label_smoothing), reduction=reduction)
     return _dispatch(p, embeddings, weight, None, targets, class_weights, None, backend, process_group, validate)
 
@@ -100,7 +128,7 @@ def a_softmax_loss(embeddings, weight, targets, *, m=4, lam=5.0, gamma=0.5, clas
     Returns:
         float32 (float64 for float64 inputs) loss: a scalar, or [B] for reduction='none'.
     """
-    p = LossParams(Margin.ANGULAR, m=float(m), gamma=float(gamma), ignore_index=ignore_index, reduction=reduction)
+    p = _params(Margin.ANGULAR, m=float(m), gamma=float(gamma), ignore_index=ignore_index, reduction=reduction)
     return _dispatch(p, embeddings, weight, None, targets, class_weights, lam, backend, process_group, validate)
 
 
@@ -115,7 +143,7 @@ def oc_softmax_loss(embeddings, weight, targets, *, m_real=0.5, m_fake=0.2, alph
     Returns:
         float32 (float64 for float64 inputs) loss: a scalar, or [B] for reduction='none'.
     """
-    p = LossParams(Margin.ONE_CLASS, m_real=float(m_real), m_fake=float(m_fake), alpha=float(alpha),
+    p = _params(Margin.ONE_CLASS, m_real=float(m_real), m_fake=float(m_fake), alpha=float(alpha),
                    bonafide_label=int(bonafide_label), ignore_index=ignore_index, reduction=reduction)
     return _dispatch(p, embeddings, weight, None, targets, class_weights, None, backend, validate=validate)
 
@@ -134,6 +162,5 @@ def cross_entropy_loss(embeddings, weight, targets, *, bias=None, class_weights=
     """
     if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
         raise ValueError("weight must be a 2-D tensor [n_classes, embedding_dim]")
-    p = LossParams(Margin.NONE, ignore_index=ignore_index, label_smoothing=float(label_smoothing),
-                   reduction=reduction)
-    return _dispatch(p, embeddings, weight.t(), bias, targets, class_weights, None, backend, process_group, validate)
+    p = _params(Margin.NONE, ignore_index=ignore_index, label_smoothing=float(label_smoothing), reduction=reduction)
+    return _dispatch(p, embeddings, weight, bias, targets, class_weights, None, backend, process_group, validate)

@@ -48,8 +48,9 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     return backend
 
 
-def check_tensors(x, w_dc, bias, targets, class_weights, n_weights):
-    """Raise a ValueError naming the problem for bad shapes, dtypes or devices. w_dc is the [D, C] view."""
+def check_tensors(x, w_dc, bias, targets, class_weights, n_weights, *, classes_first=False):
+    """Raise a ValueError naming the problem for bad shapes, dtypes or devices. w_dc is the [D, C] view, or with
+    `classes_first` the [C, D] weight itself (CrossEntropy's fc.weight). Host-side only: no tensor op."""
     if not isinstance(x, torch.Tensor) or x.dim() != 2:
         raise ValueError(f"embeddings must be a 2-D tensor [batch, embedding_dim], got "
                          f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
@@ -64,15 +65,15 @@ def check_tensors(x, w_dc, bias, targets, class_weights, n_weights):
         raise ValueError(f"batch size mismatch: embeddings have {x.shape[0]} rows, targets {targets.shape[0]}")
     if not isinstance(w_dc, torch.Tensor) or w_dc.dim() != 2 or not w_dc.is_floating_point():
         raise ValueError("weight must be a 2-D floating-point tensor")
-    if w_dc.shape[0] != x.shape[1]:
-        raise ValueError(f"embedding_dim mismatch: embeddings have {x.shape[1]} features, the weight expects "
-                         f"{w_dc.shape[0]}")
-    named = {"weight": w_dc, "targets": targets, "bias": bias, "class_weights": class_weights}
-    for name, t in named.items():
-        if t is not None and t.device != x.device:
-            raise ValueError(f"{name} is on {t.device} but embeddings are on {x.device}; move them to one device")
-    if bias is not None and tuple(bias.shape) != (w_dc.shape[1],):
-        raise ValueError(f"bias must have shape ({w_dc.shape[1]},), got {tuple(bias.shape)}")
+    dim, n_classes = (w_dc.shape[1], w_dc.shape[0]) if classes_first else w_dc.shape
+    if dim != x.shape[1]:
+        raise ValueError(f"embedding_dim mismatch: embeddings have {x.shape[1]} features, the weight expects {dim}")
+    device = x.device
+    for name, t in (("weight", w_dc), ("targets", targets), ("bias", bias), ("class_weights", class_weights)):
+        if t is not None and t.device != device:
+            raise ValueError(f"{name} is on {t.device} but embeddings are on {device}; move them to one device")
+    if bias is not None and tuple(bias.shape) != (n_classes,):
+        raise ValueError(f"bias must have shape ({n_classes},), got {tuple(bias.shape)}")
     if class_weights is not None and tuple(class_weights.shape) != (n_weights,):
         raise ValueError(f"class_weights must have {n_weights} entries (one per class), "
                          f"got {tuple(class_weights.shape)}")

@@ -2,10 +2,11 @@
 
 At DeepFense's sizes (B = 1..256, C = 2) a loss costs the dispatch of its small ops, not arithmetic, so the fewest ops
 win: torch's fused `linear` + `cross_entropy`, and OCSoftmax in 15 ops with autograd's own backward, beat the
-closed-form Function (`deepfense.torch_backend`) that pays off at large B. The caller takes this path only when its
-value check has seen every target in range and none ignored (`applies`), so the semantics the Function keeps for those
-cases (a NaN row for an out-of-range target with the checks off, ignored rows, 0 for a mean over no rows) never arise
-here. What this path keeps itself: a NaN or Inf in a row's inputs gives that row a NaN loss, and an exact zero vector
+closed-form Function (`deepfense.torch_backend`) that pays off at large B. The caller (`deepfense.functional._plain`)
+takes this path only while the value checks run, so an out-of-range target raises (torch's cross_entropy checks its
+targets; OCSoftmax's are checked first, and a batch with ignored rows goes to the Function), and a non-finite result
+(CrossEntropy with every row ignored: torch's mean is NaN where ours is 0) is recomputed by the Function. What this path
+keeps itself: a NaN or Inf in a row's inputs gives that row a NaN loss, and an exact zero vector
 has cosine 0 and a zero gradient. `deepfense.reference` stays the oracle it is tested against.
 """
 
@@ -22,28 +23,28 @@ MAX_ROWS = {Margin.NONE: 4096, Margin.ONE_CLASS: 1024}
 MAX_CLASSES = 16  # heads this narrow: the [B, C] logits are no bigger than the [B] statistics
 
 
-def applies(p: LossParams, x, w_dc, bias, class_weights, targets_clean: bool) -> bool:
-    """Whether `margin_loss` may serve this call: checked targets with no ignored row, a small CrossEntropy or
-    OCSoftmax head without class weights, and one floating dtype (fp32 or fp64) for every input."""
+def applies(p: LossParams, x, n_classes: int, bias, class_weights, w_dtype: torch.dtype) -> bool:
+    """Whether `margin_loss` may serve this call: a small CrossEntropy or OCSoftmax head without class weights, and one
+    floating dtype (fp32 or fp64) for every input. The caller checks the targets (see the module docstring)."""
     rows = MAX_ROWS.get(p.margin)
-    if not targets_clean or rows is None or class_weights is not None or not 0 < x.shape[0] <= rows:
+    if rows is None or class_weights is not None or not 0 < x.shape[0] <= rows:
         return False
-    if w_dc.shape[1] > MAX_CLASSES or x.dtype not in (torch.float32, torch.float64) or w_dc.dtype != x.dtype:
+    if n_classes > MAX_CLASSES or x.dtype not in (torch.float32, torch.float64) or w_dtype != x.dtype:
         return False
     return bias is None or bias.dtype == x.dtype
 
 
-def margin_loss(x, w_dc, bias, targets, p: LossParams):
-    """The loss on `x` [B, D], `w_dc` [D, C] (CrossEntropy: fc.weight.t(); OCSoftmax: [D, 1]), `bias` [C] or None,
-    `targets` [B] all in range; reduced per `p.reduction`, in x's dtype."""
+def margin_loss(x, w, bias, targets, p: LossParams):
+    """The loss on `x` [B, D], `w` (CrossEntropy: fc.weight [C, D]; OCSoftmax: [D, 1]), `bias` [C] or None, `targets`
+    [B] all in range; reduced per `p.reduction`, in x's dtype."""
     if p.margin == Margin.NONE:
-        logits = F.linear(x, w_dc.t(), bias)
+        logits = F.linear(x, w, bias)
         return F.cross_entropy(logits, targets, reduction=p.reduction, label_smoothing=p.label_smoothing)
-    norm = torch.linalg.vector_norm(x, dim=1, keepdim=True) * torch.linalg.vector_norm(w_dc)
+    norm = torch.linalg.vector_norm(x, dim=1, keepdim=True) * torch.linalg.vector_norm(w)
     # 1/|x||w|, and 0 for a zero vector: 1/inf is 0 with a zero gradient, where 1/0 would make the gradient NaN; a
     # NaN norm is not > 0 either, and 0 times the row's NaN dot product stays NaN
     inv = torch.where(norm > 0, norm, torch.inf).reciprocal()
-    cos = ((x @ w_dc) * inv).clamp(-1.0, 1.0)[:, 0]
+    cos = ((x @ w) * inv).clamp(-1.0, 1.0)[:, 0]
     bona = targets == p.bonafide_label  # z = alpha (m_real - cos) if bonafide, else alpha (cos - m_fake)
     slope = torch.where(bona, -p.alpha, p.alpha).to(cos.dtype)
     offset = torch.where(bona, p.alpha * p.m_real, -p.alpha * p.m_fake).to(cos.dtype)

@@ -43,6 +43,8 @@ def _parser():
                          "none (default with --quick)")
     b.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda if available")
     b.add_argument("--out", default=os.path.join("bench", "results"), help="results folder (default bench/results)")
+    b.add_argument("--threads", type=int, help="torch CPU threads for the run (default: torch's; 1 keeps a shared "
+                                                "machine's load from stalling the intra-op thread pool)")
     b.add_argument("--reps", type=int, default=None, help="max timed iterations per measurement")
     b.add_argument("--time-limit", type=float, help="start no new case after this many seconds")
     b.add_argument("--no-errors", action="store_true", help="skip the float64 reference errors")
@@ -81,6 +83,8 @@ def cmd_bench(a) -> int:
 def _bench(a) -> int:
     from .providers import select
     device = _device(a.device)
+    if a.threads:
+        torch.set_num_threads(a.threads)
     losses = _csv(a.losses) or list(LOSSES)
     bad = [n for n in losses if n not in LOSSES]
     if bad:
