@@ -28,7 +28,13 @@ __all__ = ["am_softmax_loss", "a_softmax_loss", "oc_softmax_loss", "cross_entrop
 
 
 # LossParams validates its fields on construction (~5 us); a training loop passes the same options every step
-_params = functools.lru_cache(maxsize=256)(LossParams)
+_cached_params = functools.lru_cache(maxsize=256)(LossParams)
+
+
+def _params(margin: Margin, **options) -> LossParams:
+    if torch.compiler.is_compiling():  # dynamo cannot trace an lru_cache call (graph break); it folds this anyway
+        return LossParams(margin, **options)
+    return _cached_params(margin, **options)
 
 
 def _dispatch(p: LossParams, x, w, bias, targets, class_weights, lam, backend, process_group=None, validate=None):
