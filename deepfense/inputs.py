@@ -25,6 +25,18 @@ from .params import LossParams
 
 BACKENDS = ("auto", "torch", "triton", "reference")
 
+# os.environ.get of an unset name raises and catches a KeyError inside (~2 us, twice per loss call); on POSIX the
+# mapping's bytes dict answers the same question without it
+_ENV_BYTES = getattr(os.environ, "_data", None) if os.name == "posix" else None
+
+
+def _getenv(name: str) -> str:
+    """The environment variable's value, or '' when unset."""
+    if _ENV_BYTES is None:
+        return os.environ.get(name, "")
+    value = _ENV_BYTES.get(name.encode())
+    return "" if value is None else os.fsdecode(value)
+
 
 @functools.lru_cache(maxsize=None)
 def _triton_importable() -> bool:
@@ -40,7 +52,7 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
-        backend = os.environ.get("DEEPFENSE_BACKEND", "auto") or "auto"
+        backend = _getenv("DEEPFENSE_BACKEND") or "auto"
         if backend not in BACKENDS:
             raise ValueError(f"DEEPFENSE_BACKEND must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
@@ -59,7 +71,7 @@ def check_tensors(x, w_dc, bias, targets, class_weights, n_weights, *, classes_f
     if not isinstance(targets, torch.Tensor) or targets.dim() != 1:
         raise ValueError(f"targets must be a 1-D tensor [batch] of class indices, got "
                          f"{tuple(targets.shape) if isinstance(targets, torch.Tensor) else type(targets).__name__}")
-    if targets.is_floating_point() or targets.is_complex() or targets.dtype == torch.bool:
+    if targets.dtype.is_floating_point or targets.dtype.is_complex or targets.dtype == torch.bool:
         raise ValueError(f"targets must be an integer tensor of class indices, got {targets.dtype}")
     if targets.shape[0] != x.shape[0]:
         raise ValueError(f"batch size mismatch: embeddings have {x.shape[0]} rows, targets {targets.shape[0]}")
@@ -89,7 +101,7 @@ def validating(targets, validate=None) -> bool:
     if targets.numel() == 0 or torch.compiler.is_compiling():
         return False
     if validate is None:
-        env = os.environ.get("DEEPFENSE_VALIDATE", "")
+        env = _getenv("DEEPFENSE_VALIDATE")
         if env:
             return env != "0"
         return (POLICY_DEVICE or targets.device.type) == "cpu"
