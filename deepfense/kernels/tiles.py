@@ -51,8 +51,16 @@ def _dot_tile(X_ptr, W_ptr, rows, cols, row_mask, col_mask, D, stride_x_row, str
 
 @triton.jit
 def _recip_norm(sq):
-    """1/sqrt(sq), 0 for a zero vector (it normalises to zero with zero gradient, never NaN)."""
-    return tl.where(sq > 0, 1.0 / tl.sqrt(tl.where(sq > 0, sq, 1.0)), 0.0)
+    """1/sqrt(sq), 0 for an exact zero vector (it normalises to zero with zero gradient); NaN stays NaN, and an Inf
+    row's 0 times its Inf dot products makes NaN cosines, so a non-finite input never passes as a zero vector."""
+    return tl.where(sq == 0, 0.0, 1.0 / tl.sqrt(tl.where(sq == 0, 1.0, sq)))
+
+
+@triton.jit
+def _clamp_cos(cos):
+    """clamp(cos, -1, 1), keeping NaN (the GPU's default min/max, and the interpreter's, return the other operand)."""
+    return tl.minimum(tl.maximum(cos, -1.0, propagate_nan=tl.PropagateNan.ALL), 1.0,
+                      propagate_nan=tl.PropagateNan.ALL)
 
 
 @triton.jit
@@ -110,7 +118,7 @@ def _logit_tile(acc, xsq, wsq, bias, is_target, col_mask, lam, s, m, MARGIN: tl.
         cos = acc + bias[None, :]
         logits = cos
     else:
-        cos = tl.minimum(tl.maximum(acc * rx[:, None] * rw[None, :], -1.0), 1.0)
+        cos = _clamp_cos(acc * rx[:, None] * rw[None, :])
         if MARGIN == MARGIN_ONE_CLASS:
             logits = cos
         else:
@@ -153,10 +161,12 @@ def _focal(nll, gamma):
 
 
 @triton.jit
-def _row_targets(T_ptr, CW_ptr, rows, row_mask, ignore_index, c_offset, n_targets, HAS_CW: tl.constexpr):
+def _row_targets(T_ptr, CW_ptr, rows, row_mask, ignore_index, c_offset, n_targets, n_total, HAS_CW: tl.constexpr):
     """Targets as column indices of this weight (-1 matches no column: ignored, out of range, or, when the classes are
     sharded, held by another rank; `c_offset` is this weight's first class), the kept-row mask, and each row's class
-    weight (0 if dropped; CW indexed like the columns)."""
+    weight (0 if ignored; CW indexed like the columns). A target outside [0, n_total) (all ranks' classes) that is not
+    ignore_index gets a NaN row weight, so its row's loss is NaN when value checks are off: no sync, no device assert.
+    """
     t = tl.load(T_ptr + rows, mask=row_mask, other=ignore_index)
     valid = row_mask & (t != ignore_index)
     t_local = t - c_offset
@@ -165,7 +175,7 @@ def _row_targets(T_ptr, CW_ptr, rows, row_mask, ignore_index, c_offset, n_target
         row_w = tl.load(CW_ptr + t_safe, mask=t_safe >= 0, other=0.0)
     else:
         row_w = tl.where(t_safe >= 0, 1.0, 0.0)
-    return t_safe, valid, row_w
+    return t_safe, valid, tl.where(valid & ((t < 0) | (t >= n_total)), float("nan"), row_w)
 
 
 @triton.jit
