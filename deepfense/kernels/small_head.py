@@ -32,7 +32,7 @@ def plan_small(margin, B: int, D: int, C: int, x_dtype: torch.dtype, w_dtype: to
 
     Args: margin (`Margin`, unused by the tiles today), B, D, C (<= 16) the shapes, x/w dtypes, n_sm the device's
     multiprocessors. gpu=False gives small interpreter tiles, so small tests run several row blocks and K chunks.
-    Forward: one program per BLOCK_B rows, K chunks of BLOCK_K (<= 32: x rows read in 64-byte pieces for 16-bit x).
+    Forward: one program per BLOCK_B rows (one row per thread), K chunks of BLOCK_K.
     Backward: about 2 x n_sm persistent programs (fewer when their dW partials would pass 1/16 of x's bytes), K chunks
     of up to 256 so the per-row coefficients it re-reads once per chunk stay a few % of x.
     """
@@ -41,10 +41,11 @@ def plan_small(margin, B: int, D: int, C: int, x_dtype: torch.dtype, w_dtype: to
     acc_bytes = 8 if torch.float64 in (x_dtype, w_dtype) else 4
     if gpu:
         elems = _TILE_ELEMS[acc_bytes]
-        bk_f = min(triton.next_power_of_2(D), 32)
-        bb_f = min(128, elems // (bk_f * bc))
-        bk_b = min(triton.next_power_of_2(D), 256)
-        bb_b = min(64, max(1, elems // (bk_b * bc)))
+        bk_f = max(1, min(triton.next_power_of_2(D), elems // (bc * 128)))
+        bb_f = 128 if bc < 16 else 64  # one row per thread at 4 warps; 16 classes per row need fewer rows (147 regs)
+        # the backward keeps x, dX and two products per element: half the forward's tile (4096 took 140-250 regs)
+        bk_b = min(triton.next_power_of_2(D), 256, elems // 2 // bc)
+        bb_b = min(64, max(1, elems // 2 // (bk_b * bc)))
         target = 2 * n_sm
         if need_dw:
             x_bytes = B * D * torch.finfo(x_dtype).bits // 8

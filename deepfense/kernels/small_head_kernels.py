@@ -31,22 +31,25 @@ def _row_dot(X_ptr, W_ptr, rows, cols, row_mask, col_mask, D, stride_x_row, stri
              ACC_DTYPE: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr):
     """x_rows . w_cols over all of D by broadcast-multiply and sum (no tl.dot padding), with the squared norms.
 
-    Returns acc [BLOCK_B, BLOCK_C], xsq [BLOCK_B], wsq [BLOCK_C], all ACC_DTYPE.
+    The product tile is [BLOCK_C, BLOCK_K, BLOCK_B] with the rows last: Triton spreads the last dimension over the
+    threads, so each thread sums its own row over K in registers and the per-row epilogue holds one row per thread
+    instead of a copy per K lane (which cost 2-8x the registers). Returns acc [BLOCK_B, BLOCK_C], xsq [BLOCK_B],
+    wsq [BLOCK_C], all ACC_DTYPE.
     """
-    acc = tl.zeros((BLOCK_B, BLOCK_C), dtype=ACC_DTYPE)
+    acc = tl.zeros((BLOCK_C, BLOCK_B), dtype=ACC_DTYPE)
     xsq = tl.zeros((BLOCK_B,), dtype=ACC_DTYPE)
     wsq = tl.zeros((BLOCK_C,), dtype=ACC_DTYPE)
     for k0 in range(0, D, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
         kmask = ks < D
-        x = tl.load(X_ptr + rows[:, None] * stride_x_row + ks[None, :] * stride_x_col,
-                    mask=row_mask[:, None] & kmask[None, :], other=0.0).to(ACC_DTYPE)
-        w = tl.load(W_ptr + ks[:, None] * stride_w_d + cols[None, :] * stride_w_c,
-                    mask=kmask[:, None] & col_mask[None, :], other=0.0).to(ACC_DTYPE)
-        acc += tl.sum(x[:, :, None] * w[None, :, :], 1)
-        xsq += tl.sum(x * x, 1)
-        wsq += tl.sum(w * w, 0)
-    return acc, xsq, wsq
+        x = tl.load(X_ptr + rows[None, :] * stride_x_row + ks[:, None] * stride_x_col,
+                    mask=kmask[:, None] & row_mask[None, :], other=0.0).to(ACC_DTYPE)  # [BLOCK_K, BLOCK_B]
+        w = tl.load(W_ptr + ks[None, :] * stride_w_d + cols[:, None] * stride_w_c,
+                    mask=col_mask[:, None] & kmask[None, :], other=0.0).to(ACC_DTYPE)  # [BLOCK_C, BLOCK_K]
+        acc += tl.sum(w[:, :, None] * x[None, :, :], 1)
+        xsq += tl.sum(x * x, 0)
+        wsq += tl.sum(w * w, 1)
+    return tl.trans(acc), xsq, wsq
 
 
 @_jit
@@ -121,34 +124,36 @@ def _small_head_bwd_kernel(
     col_mask = cols < C
     part = PART_ptr + pid.to(tl.int64) * (D + 1 if HAS_BIAS else D) * C
     db = tl.zeros((BLOCK_C,), ACC_DTYPE)
+    # product tiles [BLOCK_C, BLOCK_B, BLOCK_K], K last (spread over the threads): both sums (over C for dX, over
+    # the rows for P) stay within a thread, and each thread holds distinct x elements
     for k0 in range(0, D, BLOCK_K):  # K outside the rows: this K slice of P stays in registers
         ks = k0 + tl.arange(0, BLOCK_K)
         kmask = ks < D
-        w = tl.load(W_ptr + ks[:, None] * stride_w_d + cols[None, :] * stride_w_c,
-                    mask=kmask[:, None] & col_mask[None, :], other=0.0).to(ACC_DTYPE)
-        p_acc = tl.zeros((BLOCK_K, BLOCK_C), ACC_DTYPE)
+        w = tl.load(W_ptr + ks[None, :] * stride_w_d + cols[:, None] * stride_w_c,
+                    mask=col_mask[:, None] & kmask[None, :], other=0.0).to(ACC_DTYPE)  # [BLOCK_C, BLOCK_K]
+        p_acc = tl.zeros((BLOCK_C, BLOCK_K), ACC_DTYPE)
         db = tl.zeros((BLOCK_C,), ACC_DTYPE)
         for rb in range(rb_begin, rb_end):
             rows = (rb * BLOCK_B + tl.arange(0, BLOCK_B)).to(tl.int64)  # row < B < 2^31; row * stride may not be
             row_mask = rows < B
             g = tl.load(G_ptr + rows * stride_g, mask=row_mask, other=0.0).to(ACC_DTYPE)
             saved = SAVED_ptr + rows * (C + 1)
-            a = tl.load(saved[:, None] + cols[None, :], mask=row_mask[:, None] & col_mask[None, :],
-                        other=0.0) * g[:, None]
+            a = tl.load(saved[None, :] + cols[:, None], mask=col_mask[:, None] & row_mask[None, :],
+                        other=0.0) * g[None, :]  # [BLOCK_C, BLOCK_B]
             xmask = row_mask[:, None] & kmask[None, :]
             if NEED_DW or HAS_XCOEF:
                 x = tl.load(X_ptr + rows[:, None] * stride_x_row + ks[None, :] * stride_x_col, mask=xmask,
                             other=0.0).to(ACC_DTYPE)
             if NEED_DX:
-                dx = tl.sum(a[:, None, :] * w[None, :, :], 2)
+                dx = tl.sum(a[:, :, None] * w[:, None, :], 0)
                 if HAS_XCOEF:
                     dx += (tl.load(saved + C, mask=row_mask, other=0.0) * g)[:, None] * x
                 tl.store(DX_ptr + rows[:, None] * D + ks[None, :], dx.to(DX_ptr.dtype.element_ty), mask=xmask)
             if NEED_DW:
-                p_acc += tl.sum(x[:, :, None] * a[:, None, :], 0)
+                p_acc += tl.sum(a[:, :, None] * x[None, :, :], 1)
                 if HAS_BIAS:
-                    db += tl.sum(a, 0)
+                    db += tl.sum(a, 1)
         if NEED_DW:
-            tl.store(part + ks[:, None] * C + cols[None, :], p_acc, mask=kmask[:, None] & col_mask[None, :])
+            tl.store(part + ks[None, :] * C + cols[:, None], p_acc, mask=col_mask[:, None] & kmask[None, :])
     if NEED_DW and HAS_BIAS:
         tl.store(part + D * C + cols, db, mask=col_mask)
