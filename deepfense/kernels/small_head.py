@@ -14,6 +14,7 @@ import triton
 
 from ..params import LossParams, Margin
 from . import small_head_kernels as K
+from .small_head_kernels import _small_head_bwd_kernel, _small_head_fwd_kernel  # noqa: F401  (plan names: tools look them up here)
 from .ops import _TL, INTERPRET, _unpack, op_params
 from .plan import Launch, gpu_tiles, sm_count
 

@@ -51,8 +51,16 @@ def _dot_tile(X_ptr, W_ptr, rows, cols, row_mask, col_mask, D, stride_x_row, str
 
 @triton.jit
 def _recip_norm(sq):
-    """1/sqrt(sq), 0 for a zero vector (it normalises to zero with zero gradient, never NaN)."""
-    return tl.where(sq > 0, 1.0 / tl.sqrt(tl.where(sq > 0, sq, 1.0)), 0.0)
+    """1/sqrt(sq), 0 for an exact zero vector (it normalises to zero with zero gradient); NaN stays NaN, and an Inf
+    row's 0 times its Inf dot products makes NaN cosines, so a non-finite input never passes as a zero vector."""
+    return tl.where(sq == 0, 0.0, 1.0 / tl.sqrt(tl.where(sq == 0, 1.0, sq)))
+
+
+@triton.jit
+def _clamp_cos(cos):
+    """clamp(cos, -1, 1), keeping NaN (the GPU's default min/max, and the interpreter's, return the other operand)."""
+    return tl.minimum(tl.maximum(cos, -1.0, propagate_nan=tl.PropagateNan.ALL), 1.0,
+                      propagate_nan=tl.PropagateNan.ALL)
 
 
 @triton.jit
@@ -110,7 +118,7 @@ def _logit_tile(acc, xsq, wsq, bias, is_target, col_mask, lam, s, m, MARGIN: tl.
         cos = acc + bias[None, :]
         logits = cos
     else:
-        cos = tl.minimum(tl.maximum(acc * rx[:, None] * rw[None, :], -1.0), 1.0)
+        cos = _clamp_cos(acc * rx[:, None] * rw[None, :])
         if MARGIN == MARGIN_ONE_CLASS:
             logits = cos
         else:
