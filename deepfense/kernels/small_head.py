@@ -42,14 +42,16 @@ def plan_small(margin, B: int, D: int, C: int, x_dtype: torch.dtype, w_dtype: to
     acc_bytes = 8 if torch.float64 in (x_dtype, w_dtype) else 4
     if gpu:
         elems = _TILE_ELEMS[acc_bytes]
-        bk_f = max(1, min(triton.next_power_of_2(D), elems // (bc * 128)))
+        # at most 64 bytes of its row per thread per K step: 32 fp32 values took 130-150 registers
+        x_bytes_el = torch.finfo(x_dtype).bits // 8
+        bk_f = max(1, min(triton.next_power_of_2(D), elems // (bc * 128), 64 // x_bytes_el))
         bb_f = 128 if bc < 16 else 64  # one row per thread at 4 warps; 16 classes per row need fewer rows (147 regs)
         # the backward keeps x, dX and two products per element: half the forward's tile (4096 took 140-250 regs)
         bk_b = min(triton.next_power_of_2(D), 256, elems // 2 // bc)
         bb_b = min(64, max(1, elems // 2 // (bk_b * bc)))
         target = 2 * n_sm
         if need_dw:
-            x_bytes = B * D * torch.finfo(x_dtype).bits // 8
+            x_bytes = B * D * x_bytes_el
             target = min(target, max(1, x_bytes // (_PARTIAL_SHARE * 2 * acc_bytes * (D + 1) * C)))
     else:
         bk_f, bb_f, bk_b, bb_b, target = 4, 4, 8, 2, 3
