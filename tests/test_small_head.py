@@ -201,3 +201,27 @@ def test_plan_h200_deepfake_head():
             assert launch.meta["BLOCK_C"] == 2  # no padding of the two classes to 16
     assert len(plan_small(Margin.NONE, 64, 8, 2, torch.float32, torch.float32, n_sm=132, need_dx=False,
                           need_dw=False)) == 1
+
+
+@pytest.mark.parametrize("loss", ["am", "ce"])
+def test_mixed_dtypes(loss, small):
+    """bf16 embeddings with an fp32 weight (autocast's usual pair): computed in fp32, dX in bf16, dW in fp32."""
+    case = make_case(loss, 11, 9, 2, torch.float32, seed=8, ignore_some=True)
+    case["x"] = case["x"].bfloat16()
+    assert_close_to_gold(loss, case, "triton", options(loss, reduction="none"), torch.bfloat16)
+
+
+@pytest.mark.parametrize("frozen", ["x", "w"])
+@pytest.mark.parametrize("loss", ["a", "ce"])
+def test_one_gradient_only(loss, frozen):
+    """Only dW (a frozen encoder's embeddings) or only dX (a frozen head): the backward launches with NEED_DX or
+    NEED_DW off and gives the same gradient as the full backward."""
+    case = make_case(loss, 9, 7, 3, torch.float32, seed=12)
+    full, x, w, bias = _direct(loss, case)
+    full.sum().backward()
+    x2, w2 = case["x"].clone().requires_grad_(frozen != "x"), case["w"].clone().requires_grad_(frozen != "w")
+    bias2 = case["bias"].clone().requires_grad_(frozen != "w") if "bias" in case else None
+    _loss_fn(loss, case)(x2, w2, bias2).sum().backward()
+    live, kept = (w, w2) if frozen == "x" else (x, x2)
+    assert (x2.grad if frozen == "x" else w2.grad) is None
+    assert torch.equal(live.grad, kept.grad)
