@@ -154,6 +154,14 @@ def _softplus(z):
 
 
 @triton.jit
+def _one_class(cos, bona, row_w, m_real, m_fake, alpha):
+    """OCSoftmax's row loss row_w softplus(z), z = alpha (m_real - cos) for bonafide rows, alpha (cos - m_fake)
+    otherwise, and its dL/dcos (softplus' = sigmoid)."""
+    z = alpha * tl.where(bona, m_real - cos, cos - m_fake)
+    return row_w * _softplus(z), row_w * tl.sigmoid(z) * alpha * tl.where(bona, -1.0, 1.0)
+
+
+@triton.jit
 def _focal(nll, gamma):
     """(1 - p_y)^gamma with p_y = e^-nll; 0^0 = 1."""
     q = tl.maximum(1.0 - tl.exp(-nll), 0.0)
@@ -208,14 +216,23 @@ def _dw_finish(acc_w, csum, rw, w, MARGIN: tl.constexpr):
 
 
 @triton.jit
+def _dx_coef(rx, ssum, xsum, MARGIN: tl.constexpr):
+    """The per-row factor of x in dx (see `_dx_finish`): -(sum_c dcos_c cos_c) rx^2, ASoftmax adding
+    (sum_c dL/dl_c l_c) rx^2."""
+    if MARGIN == MARGIN_ANGULAR:
+        return (xsum - ssum) * rx * rx
+    else:
+        return -ssum * rx * rx
+
+
+@triton.jit
 def _dx_finish(acc_x, x, rx, ssum, xsum, MARGIN: tl.constexpr):
     """dx = rx dcos @ W_hat^T - (sum_c dcos_c cos_c) rx^2 x, from d cos_c/dx = rx (w_hat_c - cos_c x_hat);
     ASoftmax adds (sum_c dL/dl_c l_c) rx^2 x since its logits scale with |x| and d|x|/dx = x rx."""
     if MARGIN == MARGIN_NONE:
         return acc_x
     else:
-        coef = (xsum - ssum) * rx * rx if MARGIN == MARGIN_ANGULAR else -ssum * rx * rx
-        return acc_x * rx[:, None] + coef[:, None] * x
+        return acc_x * rx[:, None] + _dx_coef(rx, ssum, xsum, MARGIN)[:, None] * x
 
 
 @triton.jit
