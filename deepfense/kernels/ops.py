@@ -249,8 +249,9 @@ def margin_loss(x, w_dc, bias, targets, class_weights, lam, p: LossParams):
         return rows
     if p.reduction == "sum":
         return rows.sum()
-    # mean over the class weights of kept rows; 0, not NaN, when no row is kept (the rows then sum to 0)
-    return rows.sum() / stats[int(STAT_ROWW)].sum().clamp_min(torch.finfo(rows.dtype).tiny)
+    # mean over the class weights of kept rows; 0, not NaN, when no row is kept (the rows then sum to 0). The row
+    # weights do not depend on x or w: a detached denominator keeps its ~10 backward ops out of every step (issue 12)
+    return rows.sum() / stats[int(STAT_ROWW)].detach().sum().clamp_min(torch.finfo(rows.dtype).tiny)
 
 
 def partial_row_stats(x, w, bias, targets, class_weights, lam, floats: List[float], ints: List[int]):
