@@ -9,6 +9,7 @@ import contextlib
 
 import pytest
 import torch
+from torch._library.custom_ops import OPDEFS  # the Python bodies of torch.library custom ops, by qualified name
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from backend_cases import DEVICE, FUNCS, make_case, options
@@ -38,7 +39,7 @@ class OpCounter(TorchDispatchMode):
             return func(*args, **kwargs)
         if func.namespace == "deepfense":  # run the launcher's Python body under this mode to see its ops
             with self:
-                return getattr(ops, func._opname)._init_fn(*args, **kwargs)
+                return OPDEFS[f"deepfense::{func._opname}"]._init_fn(*args, **kwargs)
         self.names.append(func.overloadpacket.__name__)
         return func(*args, **kwargs)
 

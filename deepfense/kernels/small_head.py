@@ -198,4 +198,5 @@ def small_head_loss(x, w_dc, bias, targets, class_weights, lam, p: LossParams):
         return rows
     if p.reduction == "sum":
         return rows.sum()
-    return rows.sum() / row_w.sum().clamp_min(torch.finfo(rows.dtype).tiny)
+    # row weights carry no gradient: a detached denominator keeps ~10 backward ops out of every step (issue 12)
+    return rows.sum() / row_w.detach().sum().clamp_min(torch.finfo(rows.dtype).tiny)
