@@ -244,7 +244,8 @@ def _sample(tg, valid, lay: _Layout, n_local, sample_rate, generator):
 
 
 def sharded_margin_loss(x, w_dc, bias, targets, class_weights, lam, p: LossParams, group, *,
-                        sample_rate: float = 1.0, generator: Optional[torch.Generator] = None, backend: str = "auto"):
+                        sample_rate: float = 1.0, generator: Optional[torch.Generator] = None, backend: str = "auto",
+                        validate: Optional[bool] = None):
     """Class-parallel AMSoftmax / ASoftmax / CrossEntropy; `functional.*_loss(..., process_group=group)` lands here.
 
     Args:
@@ -257,6 +258,7 @@ def sharded_margin_loss(x, w_dc, bias, targets, class_weights, lam, p: LossParam
             (e.g. `torch.Generator().manual_seed(seed + step)`); the same seed on every rank is fine.
         backend: 'triton' (what 'auto' picks for CUDA inputs) runs each rank's share on the fused kernels, which
             merge their per-rank log-sum-exp across ranks and never hold the [B_total, C_r] logits; else torch ops.
+        validate: the value checks' switch (`deepfense.inputs.validating`), run on the gathered targets.
 
     Returns:
         The loss per `p.reduction` (a scalar equal on every rank, or [B_r] for 'none'), float32 (float64 for float64
@@ -284,7 +286,7 @@ def sharded_margin_loss(x, w_dc, bias, targets, class_weights, lam, p: LossParam
     check_tensors(x, w_dc, bias, targets, class_weights, n_classes)
     lay = _Layout(group, rank, world, tuple(sizes), expected[rank][0], n_classes)
     tg = _gather_rows(targets, lay, fill=p.ignore_index)
-    validate = validating(tg)
+    validate = validating(tg, validate)
     if validate:
         check_targets(tg, n_classes, p)  # on the gathered targets, so every rank raises together
     dt = _compute_dtype(x, w_dc)

@@ -7,14 +7,19 @@ Backends:
     'auto'      -- 'triton' for CUDA inputs when Triton imports, else 'torch'. DEEPFENSE_BACKEND overrides it.
 
 Input checks: shapes, dtypes and devices are always checked. Value checks (targets in range, a non-finite loss) need
-two small host syncs; they run in eager mode and are skipped while torch.compile traces or when DEEPFENSE_VALIDATE=0.
+small host syncs: by default they run for CPU tensors and not for CUDA tensors, where a bad target or a NaN/Inf input
+shows up as a NaN loss instead; `validate=True` / `False` (or DEEPFENSE_VALIDATE=1 / 0) turns them on or off
+everywhere. They never run while torch.compile traces. See `deepfense.inputs` for the table.
 """
 
 from __future__ import annotations
 
+import functools
+import math
+
 import torch
 
-from . import reference
+from . import reference, torch_plain
 from .inputs import BACKENDS, check_finite, check_targets, check_tensors, resolve_backend, validating
 from .params import Margin, LossParams
 
@@ -22,19 +27,38 @@ __all__ = ["am_softmax_loss", "a_softmax_loss", "oc_softmax_loss", "cross_entrop
            "BACKENDS"]
 
 
-def _dispatch(p: LossParams, x, w_dc, bias, targets, class_weights, lam, backend, process_group=None):
+# LossParams validates its fields on construction (~5 us); a training loop passes the same options every step
+_cached_params = functools.lru_cache(maxsize=256)(LossParams)
+
+
+def _params(margin: Margin, **options) -> LossParams:
+    if torch.compiler.is_compiling():  # dynamo cannot trace an lru_cache call (graph break); it folds this anyway
+        return LossParams(margin, **options)
+    return _cached_params(margin, **options)
+
+
+def _dispatch(p: LossParams, x, w, bias, targets, class_weights, lam, backend, process_group=None, validate=None):
+    """w: the [D, C] weight, or for CrossEntropy (p.margin NONE) fc.weight [C, D] as given (its [D, C] view is made
+    only for the paths that take it, so the plain path's graph has no transpose node)."""
     if isinstance(targets, torch.Tensor) and targets.dtype in (torch.uint8, torch.int8, torch.int16):
         targets = targets.long()  # torch's gather/scatter index with int32/int64 only; Triton takes any: alike on all
-    if process_group is not None:  # class-parallel: w_dc is this rank's class slice (see deepfense.distributed)
+    ce = p.margin == Margin.NONE
+    if process_group is not None:  # class-parallel: w is this rank's class slice (see deepfense.distributed)
         from .distributed import sharded_margin_loss
-        return sharded_margin_loss(x, w_dc, bias, targets, class_weights, lam, p, process_group, backend=backend)
-    n_classes = w_dc.shape[1]
+        return sharded_margin_loss(x, w.t() if ce else w, bias, targets, class_weights, lam, p, process_group,
+                                   backend=backend, validate=validate)
+    n_classes = w.shape[0] if ce else w.shape[1]
     n_targets = 2 if p.margin == Margin.ONE_CLASS else n_classes
-    check_tensors(x, w_dc, bias, targets, class_weights, n_targets)
+    check_tensors(x, w, bias, targets, class_weights, n_targets, classes_first=ce)
     if p.margin == Margin.ONE_CLASS and n_classes != 1:
-        raise ValueError(f"OCSoftmax weight must have shape [embedding_dim, 1], got {tuple(w_dc.shape)}")
+        raise ValueError(f"OCSoftmax weight must have shape [embedding_dim, 1], got {tuple(w.shape)}")
     name = resolve_backend(backend, x.device)
-    validate = validating(targets)
+    validate = validating(targets, validate)
+    if name == "torch" and validate and torch_plain.applies(p, x, n_classes, bias, class_weights, w.dtype):
+        loss = _plain(p, x, w, bias, targets, n_targets)
+        if loss is not None:
+            return loss
+    w_dc = w.t() if ce else w
     if validate:
         check_targets(targets, n_targets, p)
     if name == "reference":
@@ -50,6 +74,20 @@ def _dispatch(p: LossParams, x, w_dc, bias, targets, class_weights, lam, backend
     return loss
 
 
+def _plain(p: LossParams, x, w, bias, targets, n_targets):
+    """The small-batch plain-autograd loss (`deepfense.torch_plain`) with its value checks, or None where the general
+    path must answer: some OCSoftmax row ignored, or a loss that is not finite (every CrossEntropy row ignored, where
+    torch's mean is NaN and ours 0, or NaN/Inf inputs, which the general path then names)."""
+    if p.margin == Margin.ONE_CLASS and not check_targets(targets, n_targets, p):
+        return None
+    try:
+        loss = torch_plain.margin_loss(x, w, bias, targets, p)
+    except IndexError:  # torch's cross_entropy checks CrossEntropy targets itself; say it in our words
+        check_targets(targets, n_targets, p)
+        raise
+    return loss if (math.isfinite(loss.item()) if loss.dim() == 0 else bool(torch.isfinite(loss).all())) else None
+
+
 def _reference(p: LossParams, x, w_dc, bias, targets, class_weights, lam):
     common = dict(class_weights=class_weights, ignore_index=p.ignore_index, reduction=p.reduction)
     if p.margin == Margin.ADDITIVE:
@@ -63,7 +101,7 @@ def _reference(p: LossParams, x, w_dc, bias, targets, class_weights, lam):
 
 
 def am_softmax_loss(embeddings, weight, targets, *, m=0.3, s=30.0, class_weights=None, ignore_index=-100,
-                    label_smoothing=0.0, reduction="mean", backend="auto", process_group=None):
+                    label_smoothing=0.0, reduction="mean", backend="auto", process_group=None, validate=None):
     """AMSoftmax loss.
 
     Args:
@@ -74,61 +112,63 @@ def am_softmax_loss(embeddings, weight, targets, *, m=0.3, s=30.0, class_weights
         reduction: 'mean' | 'sum' | 'none'. backend: see module docstring.
         process_group: a torch.distributed group to split the classes over: `weight` is then this rank's slice
             [D, C_r] and targets are global (see `deepfense.distributed`; the sharded path runs torch ops).
+        validate: None (default: value checks on for CPU tensors, off for CUDA ones, or DEEPFENSE_VALIDATE), True or
+            False; see the module docstring.
 
     Returns:
         float32 (float64 for float64 inputs) loss: a scalar, or [B] for reduction='none'.
     """
-    p = LossParams(Margin.ADDITIVE, s=float(s), m=float(m), ignore_index=ignore_index,
+    p = _params(Margin.ADDITIVE, s=float(s), m=float(m), ignore_index=ignore_index,
                    label_smoothing=float(label_smoothing), reduction=reduction)
-    return _dispatch(p, embeddings, weight, None, targets, class_weights, None, backend, process_group)
+    return _dispatch(p, embeddings, weight, None, targets, class_weights, None, backend, process_group, validate)
 
 
 def a_softmax_loss(embeddings, weight, targets, *, m=4, lam=5.0, gamma=0.5, class_weights=None, ignore_index=-100,
-                   reduction="mean", backend="auto", process_group=None):
+                   reduction="mean", backend="auto", process_group=None, validate=None):
     """ASoftmax (SphereFace) loss with lambda blending and focal factor.
 
     Args:
         embeddings: [B, D]; weight: [D, C]; targets: [B].
         m: integer angular margin 1..5. lam: the current lambda, a float or a 0-dim tensor (a tensor keeps an annealed
             lambda free of host syncs and recompiles). gamma: focal exponent (no gradient through the factor).
-        process_group: class-parallel group, as in `am_softmax_loss`.
+        process_group, validate: as in `am_softmax_loss`.
 
     Returns:
         float32 (float64 for float64 inputs) loss: a scalar, or [B] for reduction='none'.
     """
-    p = LossParams(Margin.ANGULAR, m=float(m), gamma=float(gamma), ignore_index=ignore_index, reduction=reduction)
-    return _dispatch(p, embeddings, weight, None, targets, class_weights, lam, backend, process_group)
+    p = _params(Margin.ANGULAR, m=float(m), gamma=float(gamma), ignore_index=ignore_index, reduction=reduction)
+    return _dispatch(p, embeddings, weight, None, targets, class_weights, lam, backend, process_group, validate)
 
 
 def oc_softmax_loss(embeddings, weight, targets, *, m_real=0.5, m_fake=0.2, alpha=20.0, bonafide_label=1,
-                    class_weights=None, ignore_index=-100, reduction="mean", backend="auto"):
+                    class_weights=None, ignore_index=-100, reduction="mean", backend="auto", validate=None):
     """OCSoftmax (one-class) loss.
 
     Args:
         embeddings: [B, D]; weight: [D, 1] the bonafide centre; targets: [B] in {0, 1} or `ignore_index`.
-        class_weights: [2] indexed by target, or None.
+        class_weights: [2] indexed by target, or None. validate: as in `am_softmax_loss`.
 
     Returns:
         float32 (float64 for float64 inputs) loss: a scalar, or [B] for reduction='none'.
     """
-    p = LossParams(Margin.ONE_CLASS, m_real=float(m_real), m_fake=float(m_fake), alpha=float(alpha),
+    p = _params(Margin.ONE_CLASS, m_real=float(m_real), m_fake=float(m_fake), alpha=float(alpha),
                    bonafide_label=int(bonafide_label), ignore_index=ignore_index, reduction=reduction)
-    return _dispatch(p, embeddings, weight, None, targets, class_weights, None, backend)
+    return _dispatch(p, embeddings, weight, None, targets, class_weights, None, backend, validate=validate)
 
 
 def cross_entropy_loss(embeddings, weight, targets, *, bias=None, class_weights=None, ignore_index=-100,
-                       label_smoothing=0.0, reduction="mean", backend="auto", process_group=None):
+                       label_smoothing=0.0, reduction="mean", backend="auto", process_group=None, validate=None):
     """Linear projection + softmax cross-entropy.
 
     Args:
         embeddings: [B, D]; weight: [C, D] (`fc.weight`); bias: [C] or None; targets: [B].
-        process_group: class-parallel group, as in `am_softmax_loss` (weight [C_r, D], bias [C_r]).
+        process_group: class-parallel group, as in `am_softmax_loss` (weight [C_r, D], bias [C_r]). validate: as
+            in `am_softmax_loss`.
 
     Returns:
         float32 (float64 for float64 inputs) loss: a scalar, or [B] for reduction='none'.
     """
     if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
         raise ValueError("weight must be a 2-D tensor [n_classes, embedding_dim]")
-    p = LossParams(Margin.NONE, ignore_index=ignore_index, label_smoothing=float(label_smoothing),
-                   reduction=reduction)
-    return _dispatch(p, embeddings, weight.t(), bias, targets, class_weights, None, backend, process_group)
+    p = _params(Margin.NONE, ignore_index=ignore_index, label_smoothing=float(label_smoothing), reduction=reduction)
+    return _dispatch(p, embeddings, weight, bias, targets, class_weights, None, backend, process_group, validate)

@@ -76,7 +76,9 @@ def test_cli_names_and_keys_match_the_code():
     """`--help` and `list` use static names (no torch import); they must match cases.py and the loss registry."""
     from deepfense.benchmark.cases import DTYPES, LOSSES
     from deepfense.losses import REQUIRED, LossConfigError, get_loss_class, list_losses, loss_signature
+    from deepfense.benchmark.cases import SUITES
     assert cli.LOSS_NAMES == tuple(LOSSES) and cli.DTYPE_NAMES == tuple(DTYPES)
+    assert cli.SUITE_NAMES == tuple(sorted(SUITES))
     for name in list_losses():
         keys = {k: (... if v is REQUIRED else v) for k, v in loss_signature(name).items() if k != "process_group"}
         try:
@@ -100,3 +102,66 @@ def test_help_and_list_import_no_torch():
 
 def test_bench_default_out_is_untracked():
     assert cli._parser().parse_args(["bench"]).out == "deepfense-bench-results"
+
+
+def test_deepfense_suite_holds_its_shapes():
+    from deepfense.benchmark.cases import suite_cases
+    keys = {c.key[:4] for c in suite_cases("deepfense")}
+    assert len(keys) == 24 and ("OCSoftmax", 8, 160, 1) in keys and ("CrossEntropy", 256, 1024, 2) in keys
+
+
+_FAKE_LOSS = """
+from deepfense.utils.registry import register_loss
+from deepfense.models.base_model import BaseLoss
+
+
+@register_loss("{name}")
+class {cls}(BaseLoss):
+    pass
+"""
+
+
+def test_upstream_loader_leaves_our_package_in_place(tmp_path, monkeypatch):
+    """DeepFense 0.2.2's loss files load from their folder without running its models/__init__.py (torchaudio) and
+    without replacing our `deepfense` in sys.modules (a stand-in tree with its layout; no download in tests)."""
+    import sys
+    from deepfense.benchmark import upstream
+    pkg = tmp_path / "deepfense"
+    (pkg / "models" / "losses").mkdir(parents=True)
+    (pkg / "utils").mkdir()
+    (pkg / "__init__.py").write_text("raise ImportError('the upstream package must not be imported')\n")
+    (pkg / "models" / "__init__.py").write_text("import torchaudio_that_is_not_installed\n")
+    (pkg / "utils" / "registry.py").write_text("def register_loss(name):\n    return lambda cls: cls\n")
+    (pkg / "models" / "base_model.py").write_text("import torch\n\nclass BaseLoss(torch.nn.Module):\n"
+                                                  "    def __init__(self, config):\n        super().__init__()\n")
+    for loss, (fname, cls) in upstream._FILES.items():
+        (pkg / "models" / "losses" / f"{fname}.py").write_text(_FAKE_LOSS.format(name=loss, cls=cls))
+    ours = sys.modules["deepfense"]
+    monkeypatch.setenv("DEEPFENSE_UPSTREAM", str(tmp_path))
+    upstream.loss_classes.cache_clear()
+    try:
+        classes = upstream.loss_classes()
+    finally:
+        upstream.loss_classes.cache_clear()
+    assert {k: v.__name__ for k, v in classes.items()} == {k: v[1] for k, v in upstream._FILES.items()}
+    assert sys.modules["deepfense"] is ours and "deepfense.models" not in sys.modules
+    assert sys.modules["deepfense.benchmark.upstream"] is upstream
+
+
+@pytest.mark.skipif(not os.environ.get("DEEPFENSE_UPSTREAM"), reason="DeepFense 0.2.2 not unpacked (see README)")
+@pytest.mark.parametrize("loss", ["AMSoftmax", "ASoftmax", "OCSoftmax", "CrossEntropy"])
+def test_upstream_provider_computes_our_loss(loss):
+    """DeepFense 0.2.2's module, as the provider sets it up, computes the same loss and gradients as ours."""
+    import torch
+    from deepfense.benchmark.cases import LOSSES, make_inputs
+    case = Case(loss, 9, 16, 1 if loss == "OCSoftmax" else 2)
+    (x, w, t), = make_inputs(case, "cpu")
+    step = REGISTRY["deepfense-0.2.2"].build(case)
+    theirs = step(x, w, t)
+    theirs.backward()
+    got = (theirs.detach(), x.grad.clone(), w.grad.clone())
+    x.grad = w.grad = None
+    ours = LOSSES[loss].functional(x, w, t, **LOSSES[loss].options)
+    ours.backward()
+    for a, b in zip(got, (ours.detach(), x.grad, w.grad)):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)

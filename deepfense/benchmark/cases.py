@@ -101,6 +101,16 @@ ISSUE2 = (("AMSoftmax", 256, 192, 2), ("AMSoftmax", 4096, 192, 2), ("AMSoftmax",
           ("OCSoftmax", 4096, 192, 1))
 
 
+# DeepFense's own training sizes (its recipes: batch 1..32, D = 128..1024, C = 2; issue 12), against its modules.
+DEEPFENSE_SHAPES = tuple((b, d, 2) for d in (160, 1024) for b in (8, 32, 256))
+SUITES = {"deepfense": DEEPFENSE_SHAPES}
+
+
+def suite_cases(name: str, dtypes=None) -> list[Case]:
+    """The named suite's cases (every loss, fp32 unless `dtypes`), none of them compiled."""
+    return _expand(ALL, SUITES[name], dtypes or ["fp32"], name)
+
+
 def default_cases(device: str, quick: bool = False, dtypes=None) -> list[Case]:
     """The embedded sweep: deepfake (C=2, OC C=1), speaker (C=5994/17982) and, on GPU, face heads (C up to 1e6)."""
     if quick:

@@ -19,16 +19,17 @@ DTYPE_NAMES = ("fp32", "fp16", "bf16", "fp64")
 # where the loss rejects it), with their defaults; ... marks a required key.
 LOSS_KEYS = {
     "AMSoftmax": dict(embedding_dim=..., n_classes=2, m=0.3, s=30.0, weight=1.0, class_weights=None,
-                      reduction="mean", ignore_index=-100, label_smoothing=0.0, bonafide_label=1, backend="auto"),
+                      reduction="mean", ignore_index=-100, label_smoothing=0.0, bonafide_label=1, backend="auto", validate=None),
     "ASoftmax": dict(embedding_dim=..., n_classes=2, m=4, gamma=0.5, lambda_min=5.0, lambda_max=1500.0, weight=1.0,
-                     class_weights=None, reduction="mean", ignore_index=-100, bonafide_label=1, backend="auto"),
+                     class_weights=None, reduction="mean", ignore_index=-100, bonafide_label=1, backend="auto", validate=None),
     "OCSoftmax": dict(embedding_dim=..., m_real=0.5, m_fake=0.2, alpha=20.0, weight=1.0, class_weights=None,
-                      reduction="mean", ignore_index=-100, bonafide_label=1, backend="auto", w_posi=None, w_nega=None,
-                      r_real=None, r_fake=None),
+                      reduction="mean", ignore_index=-100, bonafide_label=1, backend="auto", validate=None, w_posi=None,
+                      w_nega=None, r_real=None, r_fake=None),
     "CrossEntropy": dict(embedding_dim=..., n_classes=2, weight=1.0, class_weights=None, reduction="mean",
-                         ignore_index=-100, label_smoothing=0.0, bonafide_label=1, backend="auto"),
+                         ignore_index=-100, label_smoothing=0.0, bonafide_label=1, backend="auto", validate=None),
 }
 DEFAULT_OUT = "deepfense-bench-results"  # under the current folder; bench/results/ keeps the committed reference run
+SUITE_NAMES = ("deepfense",)  # cases.SUITES, named here so --help imports no torch
 
 
 def _csv(text):
@@ -50,6 +51,10 @@ def _parser():
     b.add_argument("--C", help="comma list of class counts")
     b.add_argument("--dtypes", help=f"comma list from {list(DTYPE_NAMES)} (default: fp32 on CPU, bf16,fp32 on CUDA)")
     b.add_argument("--providers", help="comma list of provider names (default: all; see `list`)")
+    b.add_argument("--suite", choices=SUITE_NAMES,
+                   help="a named sweep: 'deepfense' = every loss at B 8/32/256, D 160/1024, C 2 against DeepFense "
+                        "0.2.2's modules (providers deepfense,deepfense-0.2.2 unless --providers), with the value "
+                        "checks at the library default")
     b.add_argument("--quick", action="store_true", help="a handful of small shapes, no torch.compile, few reps")
     b.add_argument("--compile", choices=["anchors", "all", "none"], default=None,
                    help="which shapes get torch.compile(reference): anchors (default), all, "
@@ -57,11 +62,14 @@ def _parser():
     b.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda if available")
     b.add_argument("--out", default=DEFAULT_OUT,
                    help=f"results folder (default ./{DEFAULT_OUT}, created in the current folder)")
+    b.add_argument("--threads", type=int, help="torch CPU threads for the run (default: torch's; 1 keeps a shared "
+                                                "machine's load from stalling the intra-op thread pool)")
     b.add_argument("--reps", type=int, default=None, help="max timed iterations per measurement")
     b.add_argument("--time-limit", type=float, help="start no new case after this many seconds")
     b.add_argument("--no-errors", action="store_true", help="skip the float64 reference errors")
     b.add_argument("--validate", action="store_true",
-                   help="keep deepfense's input value checks on (one host sync per call; off by default)")
+                   help="force deepfense's synchronous value checks on (DEEPFENSE_VALIDATE=1; off by default, "
+                        "library default with --suite)")
     c = sub.add_parser("check", help="the fused path against the float64 reference: PASS/FAIL per loss")
     c.add_argument("--device", choices=["cpu", "cuda"])
     c.add_argument("--backend", default="auto", choices=["auto", "torch", "triton", "reference"])
@@ -78,9 +86,12 @@ def _device(name):
 
 
 def cmd_bench(a) -> int:
-    """Run the benchmark; deepfense's per-call value checks are off meanwhile unless --validate (restored after)."""
+    """Run the benchmark; deepfense's per-call value checks are off meanwhile (DEEPFENSE_VALIDATE=0), at the library
+    default with --suite, and forced on with --validate; the setting is restored after."""
     saved = os.environ.get("DEEPFENSE_VALIDATE")
-    if not a.validate:
+    if a.validate:
+        os.environ["DEEPFENSE_VALIDATE"] = "1"
+    elif not a.suite:
         os.environ["DEEPFENSE_VALIDATE"] = "0"
     try:
         return _bench(a)
@@ -95,9 +106,11 @@ def _bench(a) -> int:
     import torch
 
     from . import measure, report, runner
-    from .cases import DTYPES, LOSSES, custom_cases, default_cases, parse_shapes
+    from .cases import DTYPES, LOSSES, custom_cases, default_cases, parse_shapes, suite_cases
     from .providers import select
     device = _device(a.device)
+    if a.threads:
+        torch.set_num_threads(a.threads)
     losses = _csv(a.losses) or list(LOSSES)
     bad = [n for n in losses if n not in LOSSES]
     if bad:
@@ -109,23 +122,25 @@ def _bench(a) -> int:
     if a.B or a.D or a.C:
         shapes = (shapes or []) + [(b, d, c) for b in _ints(a.B) or [256] for d in _ints(a.D) or [192]
                                    for c in _ints(a.C) or [2]]
-    if shapes:
+    if a.suite:
+        cases = [c for c in suite_cases(a.suite, dtypes) if c.loss in losses]
+    elif shapes:
         cases = custom_cases(losses, shapes, dtypes or (["bf16"] if device == "cuda" else ["fp32"]))
     else:
         cases = [c for c in default_cases(device, a.quick, dtypes) if c.loss in losses]
     compile_mode = a.compile or ("none" if a.quick else "anchors")
-    reps = a.reps or (10 if a.quick else 30 if device == "cpu" else 50)
+    reps = a.reps or (10 if a.quick else 200 if a.suite else 30 if device == "cpu" else 50)
     budget = 0.15 if a.quick else (0.4 if device == "cpu" else 0.1)
-    providers = select(_csv(a.providers))
+    providers = select(_csv(a.providers) or (["deepfense", "deepfense-0.2.2"] if a.suite else None))
     runner.log(f"deepfense bench on {runner.device_name(device)}: {len(cases)} cases x {len(providers)} providers")
     ceil = measure.ceilings(device, sorted({c.dtype for c in cases}))
     runner.log(f"ceilings: copy {ceil['copy_GBps']:.3g} GB/s, matmul TFLOP/s {ceil['matmul_TFLOPs']}")
     meta = {"device": device, "device_name": runner.device_name(device), "date": datetime.date.today().isoformat(),
             "versions": runner.versions(), "threads": torch.get_num_threads(), "ceilings": ceil,
             "load_start": os.getloadavg()[0], "cpus": os.cpu_count(),
-            "settings": f"{'quick' if a.quick else 'default' if not shapes else 'custom'} sweep, compile="
+            "settings": f"{a.suite or ('quick' if a.quick else 'default' if not shapes else 'custom')} sweep, compile="
                         f"{compile_mode}, reps<={reps}, time budget {budget}s/measurement, DEEPFENSE_VALIDATE="
-                        f"{os.environ.get('DEEPFENSE_VALIDATE', '1')}"}
+                        f"{os.environ.get('DEEPFENSE_VALIDATE', 'unset (library default)')}"}
     stem = runner.file_stem(meta["device_name"], a.quick)
 
     def finish(rows, final=False):

@@ -135,11 +135,23 @@ def _pml(cls_name, **map_options):
     return build
 
 
+def _upstream(case):
+    from . import upstream
+    return upstream.build(case.loss, case.D, case.C, LOSSES[case.loss].options)
+
+
+def _upstream_absent(case, device):
+    from . import upstream
+    return None if upstream.loss_classes() else "not found (set DEEPFENSE_UPSTREAM, see README)"
+
+
 PROVIDERS = [
     Provider("deepfense", _deepfense("auto"), _deepfense_absent("auto")),
     Provider("deepfense-torch", _deepfense("torch"), _deepfense_absent("torch")),
     Provider("eager", _eager, _always, baseline="eager"),
     Provider("compile", _compiled, _always, compiled=True, baseline="compile"),
+    # DeepFense 0.2.2's own modules (deepfense/benchmark/upstream.py): the speed a DeepFense user has today
+    Provider("deepfense-0.2.2", _upstream, _upstream_absent),
     Provider("F.linear_cross_entropy", _linear_ce,
              _only("CrossEntropy", check=lambda: hasattr(F, "linear_cross_entropy"))),
     Provider("liger", _liger, _only("CrossEntropy", cuda=True, module="liger_kernel.transformers")),

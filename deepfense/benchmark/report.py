@@ -157,6 +157,18 @@ def busy(meta: dict) -> str:
     return ""
 
 
+def versus_table(rows: list[dict], peer: str = "deepfense-0.2.2") -> str:
+    """Each deepfense provider against `peer` on the same case: fwd+bwd ms and the speed ratio (peer ms / ours)."""
+    peer_ms = {_case_key(r): r["fwdbwd_ms"] for r in rows if r["status"] == "ok" and r["provider"] == peer}
+    lines = [f"| loss | B | D | C | dtype | provider | fwd+bwd ms | {peer} ms | speed vs {peer} |", "|" + "---|" * 9]
+    for r in rows:
+        theirs = peer_ms.get(_case_key(r)) if r["status"] == "ok" else None
+        if theirs and r["provider"].startswith("deepfense["):
+            lines.append(f"| {r['loss']} | {r['B']} | {r['D']} | {r['C']} | {r['dtype']} | {r['provider']} | "
+                         f"{_f(r['fwdbwd_ms'])} | {_f(theirs)} | {theirs / r['fwdbwd_ms']:.2f}x |")
+    return "\n".join(lines) if len(lines) > 2 else ""
+
+
 def markdown(meta: dict, rows: list[dict], fits: list[dict]) -> str:
     ceil = meta["ceilings"]
     mm = ", ".join(f"{k} {v:.3g}" for k, v in ceil["matmul_TFLOPs"].items())
@@ -174,6 +186,9 @@ def markdown(meta: dict, rows: list[dict], fits: list[dict]) -> str:
     i2 = issue2_table(rows, meta["device"])
     if i2:
         parts += ["", "## Issue 2 comparison shapes (fwd+bwd)", "", i2]
+    vs = versus_table(rows)
+    if vs:
+        parts += ["", "## Against DeepFense 0.2.2's modules (fwd+bwd, same run)", "", vs]
     return "\n".join(parts) + "\n"
 
 

@@ -41,7 +41,7 @@ class _LossHead(nn.Module):
         return super().__new__(cls)
 
     def _init_common(self, embedding_dim, n_weights, *, class_weights, reduction, ignore_index, label_smoothing,
-                     smoothing_allowed, bonafide_label, weight, backend):
+                     smoothing_allowed, bonafide_label, weight, backend, validate=None):
         name = type(self).__name__
         self.embedding_dim = checks.check_int(name, "embedding_dim", embedding_dim, low=1)
         self.n_weights = n_weights  # how many class weights the loss takes (n_classes; 2 for OCSoftmax)
@@ -53,11 +53,14 @@ class _LossHead(nn.Module):
         self.spoof_label = 1 - self.bonafide_label
         self.loss_weight = checks.check_float(name, "weight", weight, low=0.0)
         self.backend = checks.check_backend(name, backend)
+        if validate is not None and not isinstance(validate, bool):
+            raise checks.LossConfigError(f"{name}: validate must be None, True or False, got {validate!r}", "validate")
+        self.validate = validate  # value checks: None = the device's default (deepfense.inputs), True / False
 
     def _options(self) -> dict:
         """Keyword arguments every functional loss takes."""
         return dict(class_weights=self.class_weights, ignore_index=self.ignore_index, reduction=self.reduction,
-                    backend=self.backend)
+                    backend=self.backend, validate=self.validate)
 
     def _check_embeddings(self, embeddings: torch.Tensor) -> None:
         if not isinstance(embeddings, torch.Tensor) or embeddings.dim() != 2 or not embeddings.is_floating_point():
@@ -115,11 +118,14 @@ class AMSoftmax(_LossHead):
         bonafide_label: 0 or 1, the bonafide column of two-class scores. backend: 'auto' | 'torch' | 'triton' |
         'reference'. process_group: split the classes over this torch.distributed group (`deepfense.distributed`):
         n_classes stays global, the weight holds this rank's `rank_slice` and get_logits returns those columns.
+        validate: the value checks (targets in range, finite inputs): None = on for CPU tensors, off on CUDA (a NaN
+        loss instead of a host sync; see `deepfense.inputs`), True / False = always / never.
     """
 
     def __init__(self, embedding_dim: int, n_classes: int = 2, m: float = 0.3, s: float = 30.0, weight: float = 1.0,
                  class_weights: Optional[Sequence[float]] = None, reduction: str = "mean", ignore_index: int = -100,
-                 label_smoothing: float = 0.0, bonafide_label: int = 1, backend: str = "auto", process_group=None):
+                 label_smoothing: float = 0.0, bonafide_label: int = 1, backend: str = "auto", process_group=None,
+                 validate: Optional[bool] = None):
         super().__init__()
         name = type(self).__name__
         self.n_classes = checks.check_int(name, "n_classes", n_classes, low=1)
@@ -128,7 +134,7 @@ class AMSoftmax(_LossHead):
         self.s = checks.check_float(name, "s", s, low=0.0, low_open=True)
         self._init_common(embedding_dim, self.n_classes, class_weights=class_weights, reduction=reduction,
                           ignore_index=ignore_index, label_smoothing=label_smoothing, smoothing_allowed=True,
-                          bonafide_label=bonafide_label, weight=weight, backend=backend)
+                          bonafide_label=bonafide_label, weight=weight, backend=backend, validate=validate)
         self.mapper = _Mapper(self.embedding_dim, _local_classes(self.n_classes, process_group))
 
     _repr_keys = ("embedding_dim", "n_classes", "m", "s", "reduction", "backend")
@@ -162,7 +168,8 @@ class ASoftmax(_LossHead):
     def __init__(self, embedding_dim: int, n_classes: int = 2, m: int = 4, gamma: float = 0.5,
                  lambda_min: float = 5.0, lambda_max: float = 1500.0, weight: float = 1.0,
                  class_weights: Optional[Sequence[float]] = None, reduction: str = "mean", ignore_index: int = -100,
-                 label_smoothing: float = 0.0, bonafide_label: int = 1, backend: str = "auto", process_group=None):
+                 label_smoothing: float = 0.0, bonafide_label: int = 1, backend: str = "auto", process_group=None,
+                 validate: Optional[bool] = None):
         super().__init__()
         name = type(self).__name__
         self.n_classes = checks.check_int(name, "n_classes", n_classes, low=1)
@@ -173,7 +180,7 @@ class ASoftmax(_LossHead):
         self.lambda_max = checks.check_float(name, "lambda_max", lambda_max, low=0.0)
         self._init_common(embedding_dim, self.n_classes, class_weights=class_weights, reduction=reduction,
                           ignore_index=ignore_index, label_smoothing=label_smoothing, smoothing_allowed=False,
-                          bonafide_label=bonafide_label, weight=weight, backend=backend)
+                          bonafide_label=bonafide_label, weight=weight, backend=backend, validate=validate)
         self.mapper = _Mapper(self.embedding_dim, _local_classes(self.n_classes, process_group))
         self.register_buffer("step", torch.zeros((), dtype=torch.int64))
 
@@ -216,7 +223,8 @@ class OCSoftmax(_LossHead):
                  alpha: float = 20.0, weight: float = 1.0, class_weights: Optional[Sequence[float]] = None,
                  reduction: str = "mean", ignore_index: int = -100, label_smoothing: float = 0.0,
                  bonafide_label: int = 1, backend: str = "auto", w_posi: Optional[float] = None,
-                 w_nega: Optional[float] = None, r_real: Optional[float] = None, r_fake: Optional[float] = None):
+                 w_nega: Optional[float] = None, r_real: Optional[float] = None, r_fake: Optional[float] = None,
+                 validate: Optional[bool] = None):
         super().__init__()
         name = type(self).__name__
         m_real = _one_of(name, "m_real", m_real, w_posi=w_posi, r_real=r_real)
@@ -228,7 +236,7 @@ class OCSoftmax(_LossHead):
         self.alpha = checks.check_float(name, "alpha", alpha, low=0.0, low_open=True)
         self._init_common(embedding_dim, 2, class_weights=class_weights, reduction=reduction,
                           ignore_index=ignore_index, label_smoothing=label_smoothing, smoothing_allowed=False,
-                          bonafide_label=bonafide_label, weight=weight, backend=backend)
+                          bonafide_label=bonafide_label, weight=weight, backend=backend, validate=validate)
         self.mapper = _Mapper(self.embedding_dim, 1)
 
     _repr_keys = ("embedding_dim", "m_real", "m_fake", "alpha", "bonafide_label", "reduction", "backend")
@@ -267,13 +275,14 @@ class CrossEntropy(_LossHead):
 
     def __init__(self, embedding_dim: int, n_classes: int = 2, weight: float = 1.0,
                  class_weights: Optional[Sequence[float]] = None, reduction: str = "mean", ignore_index: int = -100,
-                 label_smoothing: float = 0.0, bonafide_label: int = 1, backend: str = "auto", process_group=None):
+                 label_smoothing: float = 0.0, bonafide_label: int = 1, backend: str = "auto", process_group=None,
+                 validate: Optional[bool] = None):
         super().__init__()
         self.n_classes = checks.check_int(type(self).__name__, "n_classes", n_classes, low=1)
         self.process_group = process_group
         self._init_common(embedding_dim, self.n_classes, class_weights=class_weights, reduction=reduction,
                           ignore_index=ignore_index, label_smoothing=label_smoothing, smoothing_allowed=True,
-                          bonafide_label=bonafide_label, weight=weight, backend=backend)
+                          bonafide_label=bonafide_label, weight=weight, backend=backend, validate=validate)
         self.fc = nn.Linear(self.embedding_dim, _local_classes(self.n_classes, process_group))
 
     _repr_keys = ("embedding_dim", "n_classes", "reduction", "backend")
