@@ -1,6 +1,7 @@
-"""A small work counter for the Triton interpreter: launches with their grids, bytes each kernel argument's tensor
-had loaded and stored (arguments sharing a storage are one entry, their names joined by '|') (masked-off elements excluded), and elements of 3-D multiplies (the small-head kernels'
-broadcast multiply-adds). Used by tests/test_small_head.py's budget test until the general counter lands."""
+"""A small work counter for the Triton interpreter: launches with their grids, the bytes loaded and stored through
+each kernel argument's tensor (masked-off elements excluded; arguments sharing a storage are one entry, their names
+joined by '|'), and the elements of 3-D multiplies (the small-head kernels' broadcast multiply-adds). Used by
+tests/test_small_head.py's budget tests until the general counter (tests/work_counter.py, k8) lands."""
 
 from __future__ import annotations
 
