@@ -1,7 +1,8 @@
 """Counts the work of Triton launches as the interpreter executes them (TRITON_INTERPRET=1).
 
 Per launch: the kernel, its grid, the `tl.dot` multiply-adds as executed (padding included: M x N x K of every dot
-on every program), and the bytes each pointer argument loads and stores from global memory (masked-off elements
+on every program; a multiply of 3-D tiles counts its elements, which is how the small-head kernels' broadcast row
+reductions do their multiply-adds), and the bytes each pointer argument loads and stores from global memory (masked-off elements
 excluded; a load is attributed to the argument whose storage holds its first unmasked address).
 
     with WorkCounter() as wc:
@@ -65,8 +66,9 @@ class WorkCounter:
     def __enter__(self):
         counter = self
         ge, ib = I.GridExecutor, I.InterpreterBuilder
-        self._saved = (ge.__call__, ge._init_args_hst, ib.create_masked_load, ib.create_masked_store, ib.create_dot)
-        call, init_args, load, store, dot = self._saved
+        self._saved = (ge.__call__, ge._init_args_hst, ib.create_masked_load, ib.create_masked_store, ib.create_dot,
+                       ib.create_fmul)
+        call, init_args, load, store, dot, fmul = self._saved
 
         def patched_call(executor, *args, **kwargs):
             grid = executor.grid if not callable(executor.grid) else None
@@ -112,13 +114,21 @@ class WorkCounter:
                 counter._current[-1].macs += int(np.prod(sa[:-1])) * int(sb[-1]) * int(sa[-1])
             return dot(builder, a, b, d, *rest)
 
+        def patched_fmul(builder, a, b):
+            out = fmul(builder, a, b)
+            if counter._current and out.data.ndim == 3:  # a broadcast multiply-add tile (summed right after)
+                counter._current[-1].macs += int(out.data.size)
+            return out
+
         ge.__call__, ge._init_args_hst = patched_call, patched_init
         ib.create_masked_load, ib.create_masked_store, ib.create_dot = patched_load, patched_store, patched_dot
+        ib.create_fmul = patched_fmul
         return self
 
     def __exit__(self, *exc):
         ge, ib = I.GridExecutor, I.InterpreterBuilder
-        ge.__call__, ge._init_args_hst, ib.create_masked_load, ib.create_masked_store, ib.create_dot = self._saved
+        (ge.__call__, ge._init_args_hst, ib.create_masked_load, ib.create_masked_store, ib.create_dot,
+         ib.create_fmul) = self._saved
         return False
 
     def table(self) -> str:
