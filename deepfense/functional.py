@@ -16,17 +16,19 @@ import torch
 
 from . import reference
 from .inputs import BACKENDS, check_finite, check_targets, check_tensors, resolve_backend, validating
-from .params import Margin, LossParams
+from .params import Fallback, Margin, LossParams
 
-__all__ = ["am_softmax_loss", "a_softmax_loss", "oc_softmax_loss", "cross_entropy_loss", "resolve_backend",
-           "BACKENDS"]
+__all__ = ["am_softmax_loss", "a_softmax_loss", "oc_softmax_loss", "cross_entropy_loss", "arcface_loss",
+           "resolve_backend", "BACKENDS"]
 
 
 def _dispatch(p: LossParams, x, w_dc, bias, targets, class_weights, lam, backend, process_group=None):
     if process_group is not None:  # class-parallel: w_dc is this rank's class slice (see deepfense.distributed)
         from .distributed import sharded_margin_loss
         return sharded_margin_loss(x, w_dc, bias, targets, class_weights, lam, p, process_group, backend=backend)
-    n_classes = w_dc.shape[1]
+    if w_dc.dim() == 2 and w_dc.shape[1] % p.sub_centers:
+        raise ValueError(f"weight has {w_dc.shape[1]} columns, not a multiple of sub_centers={p.sub_centers}")
+    n_classes = w_dc.shape[-1] // p.sub_centers
     n_targets = 2 if p.margin == Margin.ONE_CLASS else n_classes
     check_tensors(x, w_dc, bias, targets, class_weights, n_targets)
     if p.margin == Margin.ONE_CLASS and n_classes != 1:
@@ -35,6 +37,9 @@ def _dispatch(p: LossParams, x, w_dc, bias, targets, class_weights, lam, backend
     validate = validating(targets)
     if validate:
         check_targets(targets, n_targets, p)
+    if name == "triton" and (p.margin == Margin.COMBINED or p.sub_centers > 1):
+        raise NotImplementedError("ArcFace / CombinedMargin and sub_centers have no fused kernels yet; use "
+                                  "backend='torch'")
     if name == "reference":
         loss = _reference(p, x, w_dc, bias, targets, class_weights, lam)
     elif name == "torch":
@@ -51,7 +56,13 @@ def _dispatch(p: LossParams, x, w_dc, bias, targets, class_weights, lam, backend
 def _reference(p: LossParams, x, w_dc, bias, targets, class_weights, lam):
     common = dict(class_weights=class_weights, ignore_index=p.ignore_index, reduction=p.reduction)
     if p.margin == Margin.ADDITIVE:
-        return reference.am_softmax_ref(x, w_dc, targets, m=p.m, s=p.s, label_smoothing=p.label_smoothing, **common)
+        return reference.am_softmax_ref(x, w_dc, targets, m=p.m, s=p.s, label_smoothing=p.label_smoothing,
+                                        sub_centers=p.sub_centers, **common)
+    if p.margin == Margin.COMBINED:
+        s, m2, m3 = (p.s, p.m, p.m3) if lam is None else lam.unbind()
+        return reference.combined_margin_ref(x, w_dc, targets, s=s, m1=p.m1, m2=m2, m3=m3, fallback=p.fallback,
+                                             filter_threshold=p.filter_threshold, straight_through=p.straight_through,
+                                             sub_centers=p.sub_centers, label_smoothing=p.label_smoothing, **common)
     if p.margin == Margin.ANGULAR:
         return reference.a_softmax_ref(x, w_dc, targets, m=int(p.m), lam=lam, gamma=p.gamma, **common)
     if p.margin == Margin.ONE_CLASS:
@@ -61,7 +72,7 @@ def _reference(p: LossParams, x, w_dc, bias, targets, class_weights, lam):
 
 
 def am_softmax_loss(embeddings, weight, targets, *, m=0.3, s=30.0, class_weights=None, ignore_index=-100,
-                    label_smoothing=0.0, reduction="mean", backend="auto", process_group=None):
+                    label_smoothing=0.0, reduction="mean", backend="auto", process_group=None, sub_centers=1):
     """AMSoftmax loss.
 
     Args:
@@ -72,12 +83,13 @@ def am_softmax_loss(embeddings, weight, targets, *, m=0.3, s=30.0, class_weights
         reduction: 'mean' | 'sum' | 'none'. backend: see module docstring.
         process_group: a torch.distributed group to split the classes over: `weight` is then this rank's slice
             [D, C_r] and targets are global (see `deepfense.distributed`; the sharded path runs torch ops).
+        sub_centers: K; weight is then [D, C*K], a class's K columns adjacent, its cosine the max over them.
 
     Returns:
         float32 (float64 for float64 inputs) loss: a scalar, or [B] for reduction='none'.
     """
     p = LossParams(Margin.ADDITIVE, s=float(s), m=float(m), ignore_index=ignore_index,
-                   label_smoothing=float(label_smoothing), reduction=reduction)
+                   label_smoothing=float(label_smoothing), reduction=reduction, sub_centers=int(sub_centers))
     return _dispatch(p, embeddings, weight, None, targets, class_weights, None, backend, process_group)
 
 
@@ -130,3 +142,42 @@ def cross_entropy_loss(embeddings, weight, targets, *, bias=None, class_weights=
     p = LossParams(Margin.NONE, ignore_index=ignore_index, label_smoothing=float(label_smoothing),
                    reduction=reduction)
     return _dispatch(p, embeddings, weight.t(), bias, targets, class_weights, None, backend, process_group)
+
+
+def arcface_loss(embeddings, weight, targets, *, m=0.2, s=32.0, fallback="wespeaker", m1=1.0, m3=0.0,
+                 interclass_filtering_threshold=0.0, straight_through=False, sub_centers=1, class_weights=None,
+                 ignore_index=-100, label_smoothing=0.0, reduction="mean", backend="auto", process_group=None):
+    """ArcFace (additive angular margin) and insightface's combined margin: logits s*cos_c, target logit
+    s*(cos(m1 theta_y + m) - m3), past the monotone range the `fallback` of the toolkit it names.
+
+    Args:
+        embeddings: [B, D]; weight: [D, C*K] (K = sub_centers; pytorch-metric-learning's `W` layout); targets: [B].
+        m: additive angular margin m2 (radians). s: scale. m, s (and m3) may be 0-dim tensors: a scheduled margin
+            then never recompiles under torch.compile (a changed Python float recompiles once, then stays dynamic).
+        fallback: 'wespeaker' | 'speechbrain' | 'pml' | 'easy' | 'none' (insightface); see `deepfense.params.Fallback`.
+        m1: angle multiplier (a Python float); m3: additive cosine margin. ArcFace is m1 = 1, m3 = 0; CosFace
+            (= `am_softmax_loss`) m1 = 1, m = 0, m3 = its m.
+        interclass_filtering_threshold: > 0 sets non-target cosines above it to 0 with no gradient (insightface).
+        straight_through: insightface's gradient (theta under no_grad): d target logit / d cos_y = s.
+        sub_centers: K sub-centres per class; a class's cosine is the max over its K adjacent columns.
+        Other options as `am_softmax_loss`.
+
+    Returns:
+        float32 (float64 for float64 inputs) loss: a scalar, or [B] for reduction='none'.
+    """
+    if not isinstance(fallback, str) or fallback.upper() not in Fallback.__members__:
+        raise ValueError(f"fallback must be one of {tuple(f.name.lower() for f in Fallback)}, got {fallback!r}")
+    tensors = [v for v in (s, m, m3) if isinstance(v, torch.Tensor)]
+    lam = None
+    if tensors:  # runtime scalars (s, m2, m3) as one tensor: the compiled graph takes them as an input
+        like = tensors[0]
+        lam = torch.stack([torch.as_tensor(v, dtype=torch.float64, device=like.device).reshape(())
+                           for v in (s, m, m3)])
+        s, m, m3 = 1.0, 0.0, 0.0  # placeholders in the static options
+    p = LossParams(Margin.COMBINED, s=float(s), m=float(m), m1=float(m1), m3=float(m3),
+                   fallback=int(Fallback[fallback.upper()]), filter_threshold=float(interclass_filtering_threshold),
+                   straight_through=bool(straight_through), sub_centers=int(sub_centers), ignore_index=ignore_index,
+                   label_smoothing=float(label_smoothing), reduction=reduction)
+    if lam is not None:
+        lam = lam.to(embeddings.device)
+    return _dispatch(p, embeddings, weight, None, targets, class_weights, lam, backend, process_group)
