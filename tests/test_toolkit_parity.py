@@ -15,7 +15,8 @@ import torch.nn.functional as TF
 from deepfense.losses import AMSoftmax, ArcFace, CombinedMargin, load_head_weight
 from test_arcface import angled_case
 
-PARITY_TOL = dict(rtol=1e-10, atol=1e-12)
+# theta = 1e-3 rows: sin theta from 1 - cos^2 loses ~6 digits, which d phi / d cos = cos m + sin m cos / sin theta shows
+PARITY_TOL = dict(rtol=1e-9, atol=1e-10)
 
 
 def _cos(x, weight_cd):
