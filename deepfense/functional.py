@@ -170,9 +170,8 @@ def arcface_loss(embeddings, weight, targets, *, m=0.2, s=32.0, fallback="wespea
     tensors = [v for v in (s, m, m3) if isinstance(v, torch.Tensor)]
     lam = None
     if tensors:  # runtime scalars (s, m2, m3) as one tensor: the compiled graph takes them as an input
-        like = tensors[0]
-        lam = torch.stack([torch.as_tensor(v, dtype=torch.float64, device=like.device).reshape(())
-                           for v in (s, m, m3)])
+        like = tensors[0].new_empty((), dtype=torch.float64)
+        lam = torch.stack([reference.scalar_like(v, like).reshape(()) for v in (s, m, m3)])
         s, m, m3 = 1.0, 0.0, 0.0  # placeholders in the static options
     p = LossParams(Margin.COMBINED, s=float(s), m=float(m), m1=float(m1), m3=float(m3),
                    fallback=int(Fallback[fallback.upper()]), filter_threshold=float(interclass_filtering_threshold),

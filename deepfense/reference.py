@@ -44,6 +44,15 @@ def class_cosine(embeddings: torch.Tensor, weight: torch.Tensor, sub_centers: in
     return cos
 
 
+def scalar_like(v, like: torch.Tensor) -> torch.Tensor:
+    """A float or 0-dim tensor as a 0-dim tensor of like's dtype and device. Built as zeros + v: under torch.compile
+    with inductor, as_tensor / full / scalar_tensor specialise a Python float (a recompile per value) while
+    arithmetic keeps it symbolic (one recompile, then the float is dynamic)."""
+    if isinstance(v, torch.Tensor):
+        return v.to(dtype=like.dtype, device=like.device)
+    return torch.zeros((), dtype=like.dtype, device=like.device) + v
+
+
 def arc_margin(cos: torch.Tensor, m1: float, m2, m3, fallback: int = Fallback.NONE) -> torch.Tensor:
     """The combined-margin target cosine cos(m1 theta + m2) - m3 of target cosines `cos`, with each toolkit's
     fallback past the monotone range (see `deepfense.params.Fallback`).
@@ -55,7 +64,7 @@ def arc_margin(cos: torch.Tensor, m1: float, m2, m3, fallback: int = Fallback.NO
     fb = Fallback(fallback)
     if fb == Fallback.SPEECHBRAIN:
         cos = cos.clamp(-1.0 + 1e-7, 1.0 - 1e-7)
-    m2 = torch.as_tensor(m2, dtype=cos.dtype, device=cos.device)
+    m2 = scalar_like(m2, cos)
     sin = torch.sqrt(torch.clamp_min(1.0 - cos * cos, torch.finfo(cos.dtype).tiny))
     if m1 == 1.0:
         phi = cos * torch.cos(m2) - sin * torch.sin(m2)

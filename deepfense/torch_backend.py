@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from .params import Fallback, LossParams, Margin
-from .reference import arc_margin, chebyshev
+from .reference import arc_margin, chebyshev, scalar_like
 
 
 def _compute_dtype(*tensors) -> torch.dtype:
@@ -46,7 +46,7 @@ def _arc_margin_grad(cos, m1, m2, fallback):
     """d `arc_margin`(cos) / d cos: the margin branch's derivative, 1 on the fallback branches (cos - const)."""
     fb = Fallback(fallback)
     c = cos.clamp(-1.0 + 1e-7, 1.0 - 1e-7) if fb == Fallback.SPEECHBRAIN else cos
-    m2 = torch.as_tensor(m2, dtype=c.dtype, device=c.device)
+    m2 = scalar_like(m2, c)
     sin = torch.sqrt(torch.clamp_min(1.0 - c * c, 0.0))
     rsin = torch.where(sin > 0, 1.0 / sin, 0.0)  # at cos = +-1, d cos / dx = 0: any finite value serves
     if m1 == 1.0:
