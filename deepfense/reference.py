@@ -181,6 +181,12 @@ def combined_margin_ref(embeddings, weight, targets, *, s=64.0, m1=1.0, m2=0.5, 
                           label_smoothing=label_smoothing, reduction=reduction)
 
 
+def arcface_ref(embeddings, weight, targets, *, m=0.2, s=32.0, fallback="wespeaker", **options):
+    """ArcFace with `functional.arcface_loss`'s argument names (fallback by name); see `combined_margin_ref`."""
+    return combined_margin_ref(embeddings, weight, targets, s=s, m1=1.0, m2=m, m3=0.0,
+                               fallback=Fallback[fallback.upper()], **options)
+
+
 def a_softmax_ref(embeddings, weight, targets, *, m=4, lam=5.0, gamma=0.5, class_weights=None, ignore_index=-100,
                   reduction="mean"):
     """ASoftmax (SphereFace): logits |x|*cos_c, target |x|*(lam*cos_y + psi_y)/(1+lam), focal factor (1-p_y)^gamma.
