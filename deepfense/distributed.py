@@ -113,7 +113,7 @@ class ShardedMarginLossFunction(torch.autograd.Function):
         if kernels:  # local (max, sum-exp, target logit, smoothing sum) from the fused forward, no [B, C_r] logits
             from .kernels import ops
             xg = _gather_rows(x.detach(), lay)
-            lam_k = torch.as_tensor(lam, dtype=torch.float32, device=x.device).reshape(1) if lam is not None else None
+            lam_k = ops.kernel_lam(lam, p, x, w)
             ctx.op_args = ops.op_params(p, lay.n_classes, lay.c0)
             part = ops.partial_row_stats(xg, w, bias, tg, cw, lam_k, *ctx.op_args).to(dt)
             gmax = part[0].clone()

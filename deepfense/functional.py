@@ -37,9 +37,8 @@ def _dispatch(p: LossParams, x, w_dc, bias, targets, class_weights, lam, backend
     validate = validating(targets)
     if validate:
         check_targets(targets, n_targets, p)
-    if name == "triton" and (p.margin == Margin.COMBINED or p.sub_centers > 1):
-        raise NotImplementedError("ArcFace / CombinedMargin and sub_centers have no fused kernels yet; use "
-                                  "backend='torch'")
+    if name == "triton" and p.sub_centers > 1:
+        raise NotImplementedError("sub_centers has no fused kernel yet; use backend='torch'")
     if name == "reference":
         loss = _reference(p, x, w_dc, bias, targets, class_weights, lam)
     elif name == "torch":
@@ -167,16 +166,15 @@ def arcface_loss(embeddings, weight, targets, *, m=0.2, s=32.0, fallback="wespea
     """
     if not isinstance(fallback, str) or fallback.upper() not in Fallback.__members__:
         raise ValueError(f"fallback must be one of {tuple(f.name.lower() for f in Fallback)}, got {fallback!r}")
-    tensors = [v for v in (s, m, m3) if isinstance(v, torch.Tensor)]
-    lam = None
-    if tensors:  # runtime scalars (s, m2, m3) as one tensor: the compiled graph takes them as an input
-        like = tensors[0].new_empty((), dtype=torch.float64)
-        lam = torch.stack([reference.scalar_like(v, like).reshape(()) for v in (s, m, m3)])
-        s, m, m3 = 1.0, 0.0, 0.0  # placeholders in the static options
-    p = LossParams(Margin.COMBINED, s=float(s), m=float(m), m1=float(m1), m3=float(m3),
+    for name, v in (("s", s), ("m", m), ("m3", m3)):
+        if not isinstance(v, torch.Tensor) and (v < 0 or (name == "s" and v == 0)):
+            raise ValueError(f"{name} must be {'> 0' if name == 's' else '>= 0'}, got {v}")
+    # the runtime scalars (s, m2, m3) travel as one float64 tensor on the embeddings' device, built by arithmetic
+    # (`scalar_like`): a schedule never changes the static options, and torch.compile keeps a Python float symbolic
+    like = torch.empty((), dtype=torch.float64, device=embeddings.device if isinstance(embeddings, torch.Tensor) else None)
+    lam = torch.stack([reference.scalar_like(v, like).reshape(()) for v in (s, m, m3)])
+    p = LossParams(Margin.COMBINED, s=1.0, m=0.0, m1=float(m1), m3=0.0,
                    fallback=int(Fallback[fallback.upper()]), filter_threshold=float(interclass_filtering_threshold),
                    straight_through=bool(straight_through), sub_centers=int(sub_centers), ignore_index=ignore_index,
                    label_smoothing=float(label_smoothing), reduction=reduction)
-    if lam is not None:
-        lam = lam.to(embeddings.device)
     return _dispatch(p, embeddings, weight, None, targets, class_weights, lam, backend, process_group)

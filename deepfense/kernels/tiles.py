@@ -7,7 +7,7 @@ Notation and the per-row statistics are described in `margin_ce`.
 import triton
 import triton.language as tl
 
-from ..params import Margin
+from ..params import Fallback, Margin
 
 STAT_LOSS: tl.constexpr = tl.constexpr(0)
 STAT_ROWW: tl.constexpr = tl.constexpr(1)
@@ -20,6 +20,20 @@ MARGIN_NONE: tl.constexpr = tl.constexpr(int(Margin.NONE))
 MARGIN_ADDITIVE: tl.constexpr = tl.constexpr(int(Margin.ADDITIVE))
 MARGIN_ANGULAR: tl.constexpr = tl.constexpr(int(Margin.ANGULAR))
 MARGIN_ONE_CLASS: tl.constexpr = tl.constexpr(int(Margin.ONE_CLASS))
+MARGIN_COMBINED: tl.constexpr = tl.constexpr(int(Margin.COMBINED))
+FALLBACK_NONE: tl.constexpr = tl.constexpr(int(Fallback.NONE))
+FALLBACK_WESPEAKER: tl.constexpr = tl.constexpr(int(Fallback.WESPEAKER))
+FALLBACK_SPEECHBRAIN: tl.constexpr = tl.constexpr(int(Fallback.SPEECHBRAIN))
+FALLBACK_EASY: tl.constexpr = tl.constexpr(int(Fallback.EASY))
+# CombinedMargin's runtime scalars, one tensor LAM [ARC_N] (a schedule changes them without recompiling anything)
+ARC_S: tl.constexpr = tl.constexpr(0)
+ARC_M2: tl.constexpr = tl.constexpr(1)
+ARC_M3: tl.constexpr = tl.constexpr(2)
+ARC_M1: tl.constexpr = tl.constexpr(3)
+ARC_FALLBACK: tl.constexpr = tl.constexpr(4)
+ARC_STRAIGHT: tl.constexpr = tl.constexpr(5)
+ARC_FILTER: tl.constexpr = tl.constexpr(6)
+ARC_N = 7
 PI: tl.constexpr = tl.constexpr(3.141592653589793)
 
 
@@ -80,21 +94,89 @@ def _sphereface_psi(cos, m):
 
 
 @triton.jit
+def _acos(c):
+    """acos(c), c in [-1, 1], from asin on |t| <= 1/2 (no libdevice: the interpreter has none): Cephes' asinf
+    polynomial, then one Newton step on sin(y) = t (|y| <= pi/6, so cos y > 0.86) for fp64 accuracy."""
+    big = tl.abs(c) > 0.5
+    t = tl.where(big, tl.sqrt(tl.maximum((1.0 - tl.abs(c)) * 0.5, 0.0)), c)
+    z = t * t
+    y = ((((4.2163199048e-2 * z + 2.4181311049e-2) * z + 4.5470025998e-2) * z + 7.4953002686e-2) * z
+         + 1.6666752422e-1) * z * t + t
+    y = y - (tl.sin(y) - t) / tl.cos(y)
+    return tl.where(big, tl.where(c > 0, 2.0 * y, 3.141592653589793 - 2.0 * y), 1.5707963267948966 - y)
+
+
+@triton.jit
+def _arc_margin(cos, LAM):
+    """CombinedMargin's target cosine cos(m1 theta + m2) - m3 with the toolkit fallback past the monotone range, and
+    its derivative in cos (`deepfense.reference.arc_margin`; scalars from LAM, see ARC_*)."""
+    m1 = tl.load(LAM + ARC_M1).to(cos.dtype)
+    m2 = tl.load(LAM + ARC_M2).to(cos.dtype)
+    fb = tl.load(LAM + ARC_FALLBACK).to(tl.int32)
+    c = tl.where(fb == FALLBACK_SPEECHBRAIN, tl.minimum(tl.maximum(cos, -1.0 + 1e-7), 1.0 - 1e-7), cos)
+    sin = tl.sqrt(tl.maximum((1.0 - c) * (1.0 + c), 0.0))  # 1 - c^2 loses digits near |c| = 1
+    rsin = tl.where(sin > 0, 1.0 / tl.where(sin > 0, sin, 1.0), 0.0)  # at cos = +-1, dcos/dx = 0: any finite value
+    cm, sm = tl.cos(m2), tl.sin(m2)
+    ang = m1 * _acos(c) + m2
+    # m1 = 1: c cos m2 - sin sin m2, d/dc = cos m2 + sin m2 c / sin; else d cos(m1 theta + m2)/dc = m1 sin(.) / sin
+    phi = tl.where(m1 == 1.0, c * cm - sin * sm, tl.cos(ang))
+    dphi = tl.where(m1 == 1.0, cm + sm * c * rsin, m1 * tl.sin(ang) * rsin)
+    th = tl.cos(tl.minimum(tl.maximum((3.141592653589793 - m2) / m1, 0.0), 3.141592653589793))
+    # WeSpeaker cos - (1 + cos(pi - m2)); SpeechBrain cos - m2 sin(pi - m2) and pml cos - m2 sin m2 are the same
+    shift = tl.where(fb == FALLBACK_WESPEAKER, 1.0 - cm, m2 * sm)
+    past = tl.where(fb == FALLBACK_EASY, c <= 0.0, (fb != FALLBACK_NONE) & (c <= th))
+    phi = tl.where(past, tl.where(fb == FALLBACK_EASY, c, c - shift), phi)
+    dphi = tl.where(past, 1.0, dphi)  # the fallbacks are cos - const
+    inside = (fb != FALLBACK_SPEECHBRAIN) | ((cos >= -1.0 + 1e-7) & (cos <= 1.0 - 1e-7))  # SpeechBrain's clamp
+    return phi - tl.load(LAM + ARC_M3).to(cos.dtype), tl.where(inside, dphi, 0.0)
+
+
+@triton.jit
 def _target_logit(cos, xn, lam, s, m, MARGIN: tl.constexpr):
-    """The target column's logit from its cosine: AMSoftmax s (cos - m); ASoftmax |x| (lam cos + psi) / (1 + lam)."""
+    """The target column's logit from its cosine: AMSoftmax s (cos - m); ASoftmax |x| (lam cos + psi) / (1 + lam);
+    CombinedMargin s arc_margin(cos) (lam is then the pointer LAM)."""
     if MARGIN == MARGIN_ADDITIVE:
         return s * (cos - m)
+    elif MARGIN == MARGIN_COMBINED:
+        phi, _ = _arc_margin(cos, lam)
+        return tl.load(lam + ARC_S).to(cos.dtype) * phi
     else:
         psi, _ = _sphereface_psi(cos, m)
         return xn * (lam * cos + psi) / (1.0 + lam)
 
 
 @triton.jit
-def _target_logit_grad(cos, xn, lam, m):
-    """ASoftmax's d(target logit)/d cos at fixed |x|: |x| (lam + psi') / (1 + lam), k held constant.
-    (AMSoftmax's is s, the same as every other column's, so it needs no helper.)"""
-    _, dpsi = _sphereface_psi(cos, m)
-    return xn * (lam + dpsi) / (1.0 + lam)
+def _target_logit_grad(cos, xn, lam, m, MARGIN: tl.constexpr):
+    """d(target logit)/d cos. ASoftmax at fixed |x|: |x| (lam + psi') / (1 + lam), k held constant; CombinedMargin
+    s arc_margin'(cos), or s with insightface's straight-through gradient. (AMSoftmax's is s, as every column's.)"""
+    if MARGIN == MARGIN_COMBINED:
+        _, dphi = _arc_margin(cos, lam)
+        s = tl.load(lam + ARC_S).to(cos.dtype)
+        return tl.where(tl.load(lam + ARC_STRAIGHT) != 0, s, s * dphi)
+    else:
+        _, dpsi = _sphereface_psi(cos, m)
+        return xn * (lam + dpsi) / (1.0 + lam)
+
+
+@triton.jit
+def _filtered(cos, is_target, lam, MARGIN: tl.constexpr):
+    """insightface's interclass filtering: the non-target cosines above ARC_FILTER (when > 0) count as 0."""
+    if MARGIN == MARGIN_COMBINED:
+        thr = tl.load(lam + ARC_FILTER).to(cos.dtype)
+        return (cos > tl.where(thr > 0, thr, 2.0)) & (~is_target)  # thr <= 0: off (no cosine exceeds 2)
+    else:
+        return cos < -2.0  # nothing is filtered
+
+
+@triton.jit
+def _load_lam(LAM_ptr, MARGIN: tl.constexpr, ACC_DTYPE: tl.constexpr):
+    """What the tile helpers take as `lam`: ASoftmax's lambda, CombinedMargin's scalar pointer LAM, else 0."""
+    if MARGIN == MARGIN_ANGULAR:
+        return tl.load(LAM_ptr).to(ACC_DTYPE)
+    elif MARGIN == MARGIN_COMBINED:
+        return LAM_ptr
+    else:
+        return 0.0
 
 
 @triton.jit
@@ -114,7 +196,12 @@ def _logit_tile(acc, xsq, wsq, bias, is_target, col_mask, lam, s, m, MARGIN: tl.
         if MARGIN == MARGIN_ONE_CLASS:
             logits = cos
         else:
-            logits = xn[:, None] * cos if MARGIN == MARGIN_ANGULAR else s * cos
+            if MARGIN == MARGIN_ANGULAR:
+                logits = xn[:, None] * cos
+            elif MARGIN == MARGIN_COMBINED:
+                logits = tl.load(lam + ARC_S).to(cos.dtype) * tl.where(_filtered(cos, is_target, lam, MARGIN), 0.0, cos)
+            else:
+                logits = s * cos
             cos_y = tl.sum(tl.where(is_target, cos, 0.0), 1)  # the margin maths runs on one column, not the tile
             logits = tl.where(is_target, _target_logit(cos_y, xn, lam, s, m, MARGIN)[:, None], logits)
     return tl.where(col_mask[None, :], logits, float("-inf")), cos, xn, rx, rw
@@ -133,9 +220,14 @@ def _dcos_tile(logits, cos, xn, is_target, cw, lse, coef_p, coef_t, smooth, g, l
         dcos = dl
     elif MARGIN == MARGIN_ADDITIVE:
         dcos = s * dl  # every logit, the target's too, is s cos + const
+    elif MARGIN == MARGIN_COMBINED:  # s cos_c, the target's s phi(cos_y); filtered cosines are constants
+        cos_y = tl.sum(tl.where(is_target, cos, 0.0), 1)
+        tgrad = _target_logit_grad(cos_y, xn, lam, m, MARGIN)
+        dcos = dl * tl.where(is_target, tgrad[:, None], tl.load(lam + ARC_S).to(cos.dtype))
+        dcos = tl.where(_filtered(cos, is_target, lam, MARGIN), 0.0, dcos)
     else:
         cos_y = tl.sum(tl.where(is_target, cos, 0.0), 1)
-        dcos = dl * tl.where(is_target, _target_logit_grad(cos_y, xn, lam, m)[:, None], xn[:, None])
+        dcos = dl * tl.where(is_target, _target_logit_grad(cos_y, xn, lam, m, MARGIN)[:, None], xn[:, None])
     return dcos, dl
 
 
