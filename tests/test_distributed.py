@@ -22,7 +22,7 @@ from deepfense.distributed import class_slice, sharded_margin_loss, sum_comm_hoo
 from deepfense.params import LossParams, Margin
 
 KINDS = ("AMSoftmax", "ASoftmax", "CrossEntropy")
-TORCH_KINDS = KINDS + ("ArcFace",)  # the kinds the torch path shards (ArcFace: with a runtime-tensor margin)
+TORCH_KINDS = KINDS + ("ArcFace",)  # ArcFace with a runtime-tensor margin
 IGNORE = -100
 
 
@@ -101,7 +101,7 @@ def _exact_cases(rank, world, device):
 def _kernel_cases(rank, world, device):
     """Each rank's share on the fused kernels (the Triton interpreter here, compiled kernels on CUDA). The kernels take
     s, m and eps as fp32 scalars, hence 1e-6 rather than 1e-10; 40 classes span several 16-wide class tiles."""
-    for kind in KINDS:
+    for kind in TORCH_KINDS:
         for reduction in ("mean", "none"):
             _check_exact(rank, world, device, kind, (5, 3, 4)[:world], 40, reduction=reduction, weighted=True,
                          ignored=(1, 6), smoothing=0.0 if kind == "ASoftmax" else 0.1, backend="triton", rtol=1e-6)
