@@ -213,3 +213,10 @@ def test_compile_fullgraph_inductor(backend):
 
     for a, b in zip(step(loss_fn), step(torch.compile(loss_fn, fullgraph=True))):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_sub_centers_on_triton_say_so():
+    """No fused sub-centre kernel: an explicit backend='triton' says so ('auto' takes the torch backend instead)."""
+    case = make_case("arc", 4, 3, 2, sub_centers=2)
+    with pytest.raises(NotImplementedError, match="sub_centers"):
+        F.arcface_loss(case["x"], case["w"], case["t"], sub_centers=2, backend="triton")
