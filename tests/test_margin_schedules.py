@@ -84,7 +84,7 @@ def test_float_margin_changes_recompile_at_most_once(cls):
 
 def test_tensor_margin_and_scale_never_recompile():
     head = ArcFace(6, 5, m=torch.tensor(0.0), s=torch.tensor(30.0), backend="torch")
-    sched = MarginScheduler(head, 0.0, 0.3, 0, 3, increase_type="linear")
+    sched = MarginScheduler(head, 0.0, 0.3, 0, 2, increase_type="linear")  # 0, 0.15, 0.3 over the three calls
 
     def set_value(v):
         sched.step()
