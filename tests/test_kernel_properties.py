@@ -144,8 +144,9 @@ def test_training_tracks_reference(loss, C):
     (3, "none", True, 2),  # per-row upstream gradients: dW cannot be summed before they are known
 ])
 def test_kernel_launches_per_training_step(monkeypatch, C, reduction, fuse_dx, expected):
-    from deepfense.kernels import ops
-    monkeypatch.setattr(ops, "FUSE_DX", fuse_dx)
+    from deepfense.kernels import plan
+    monkeypatch.setenv("DEEPFENSE_FUSE_DX", "1" if fuse_dx else "0")
+    monkeypatch.setattr(plan, "SMALL_HEADS", False)  # the large-head kernels' one-tile path
     from deepfense.kernels import margin_ce as K
 
     launches = []
@@ -191,12 +192,12 @@ def test_mixed_dtypes_as_under_autocast(loss, backend):
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 @pytest.mark.parametrize("loss", ["am", "a", "ce"])
 def test_class_splits_match_reference(monkeypatch, loss, reduction, splits):
-    """Class-split forward (partial log-sum-exp merged by the combine kernel) and class-split dX partials, as a face
-    head on a GPU would use them; 5 splits of 73 classes in 16-wide tiles leave the last split a short tile."""
+    """Class-split forward (partial log-sum-exp merged by the combine kernel), class-split dX partials and row-split
+    dW partials, as a face head on a GPU would use them; 5 splits of 73 classes in 16-wide tiles leave the last split a short tile."""
     from backend_cases import assert_close_to_gold
-    from deepfense.kernels import ops
+    from deepfense.kernels import plan
 
-    monkeypatch.setattr(ops, "FORCE_SPLITS", splits)
+    monkeypatch.setattr(plan, "FORCE_SPLITS", splits)
     case = make_case(loss, 20, 18, 73, torch.float32, seed=splits, class_weights=True, ignore_some=True)
     assert_close_to_gold(loss, case, "triton", options(loss, reduction=reduction, smoothing=0.1), torch.float32)
 
@@ -207,8 +208,9 @@ def test_class_splits_match_reference(monkeypatch, loss, reduction, splits):
 def test_dx_fused_into_the_forward_matches_reference(monkeypatch, loss, dtype, reduction):
     """The opt-in path (DEEPFENSE_FUSE_DX=1) where a one-tile forward also writes the unit-gradient dX."""
     from backend_cases import assert_close_to_gold
-    from deepfense.kernels import ops
+    from deepfense.kernels import plan
 
-    monkeypatch.setattr(ops, "FUSE_DX", True)
+    monkeypatch.setenv("DEEPFENSE_FUSE_DX", "1")
+    monkeypatch.setattr(plan, "SMALL_HEADS", False)  # the large-head kernels' one-tile path
     case = make_case(loss, 21, 19, 3, dtype, seed=13, class_weights=True, ignore_some=True)
     assert_close_to_gold(loss, case, "triton", options(loss, reduction=reduction, smoothing=0.1), dtype)

@@ -195,11 +195,12 @@ def _margin_ce_bwd_dx_kernel(
         BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_DO: tl.constexpr):
     """dX[rows, d-slice] = sum over class tiles of recomputed dL/dcos tiles times W^T; G [B] is the upstream gradient
     per row (stride 0 for a scalar). Grid: (row blocks, D / BLOCK_DO, class splits); with several class splits each
-    writes its own partial DX[split] (summed afterwards in split order). No atomics: deterministic."""
-    pid = tl.program_id(0).to(tl.int64)
+    writes its own partial DX[split] (summed afterwards in split order). No atomics: deterministic. The feature
+    chunk is the fastest grid axis, so a row block's chunks run together and share its x tiles through L2."""
+    pid = tl.program_id(1).to(tl.int64)
     rows = pid * BLOCK_B + tl.arange(0, BLOCK_B)
     row_mask = rows < B
-    ds = tl.program_id(1).to(tl.int64) * BLOCK_DO + tl.arange(0, BLOCK_DO)
+    ds = tl.program_id(0).to(tl.int64) * BLOCK_DO + tl.arange(0, BLOCK_DO)
     dmask = ds < D
     t_safe, valid, _ = _row_targets(T_ptr, CW_ptr, rows, row_mask, ignore_index, c_offset, n_targets, n_targets,
                                     HAS_CW)
@@ -239,22 +240,26 @@ def _margin_ce_bwd_dx_kernel(
 def _margin_ce_bwd_dw_kernel(
         X_ptr, W_ptr, BIAS_ptr, T_ptr, CW_ptr, LAM_ptr, STATS_ptr, G_ptr, DW_ptr, DB_ptr,
         B, D, C, n_targets, c_offset, n_smooth, stride_x_row, stride_x_col, stride_w_d, stride_w_c, stride_g,
-        stride_dw_d, stride_dw_c, s, m, eps, ignore_index,
+        tiles_per_split, stride_dw_split, stride_dw_d, stride_dw_c, s, m, eps, ignore_index,
         MARGIN: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_CW: tl.constexpr, DOT_DTYPE: tl.constexpr,
         ACC_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
         BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_DO: tl.constexpr):
-    """dW[d-slice, class block] (and d bias) over all rows, in fp32; grid: (class blocks, D / BLOCK_DO).
-    Each program owns its output tile, so the sum over rows runs in a fixed order: deterministic."""
-    cols = tl.program_id(0).to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C)
+    """dW[d-slice, class block] (and d bias) over the rows of one row split, in fp32; grid: (D / BLOCK_DO, class
+    blocks, row splits). With several row splits each writes its partial DW[split] [D, C] (d bias DB[split] [C]),
+    summed afterwards in split order; each program owns its output tile, so every sum runs in a fixed order:
+    deterministic."""
+    cols = tl.program_id(1).to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C)
     col_mask = cols < C
-    pid_d = tl.program_id(1)
+    pid_d = tl.program_id(0)
     ds = pid_d.to(tl.int64) * BLOCK_DO + tl.arange(0, BLOCK_DO)
     dmask = ds < D
     lam = _load_lam(LAM_ptr, MARGIN, ACC_DTYPE)
     acc_w = tl.zeros((BLOCK_DO, BLOCK_C), ACC_DTYPE)
     csum = tl.zeros((BLOCK_C,), ACC_DTYPE)
     rw = tl.zeros((BLOCK_C,), ACC_DTYPE)
-    for r0 in range(0, B, BLOCK_B):
+    split = tl.program_id(2).to(tl.int64)
+    r_begin = split * tiles_per_split * BLOCK_B
+    for r0 in range(r_begin, tl.minimum(B, r_begin + tiles_per_split * BLOCK_B), BLOCK_B):
         rows = r0 + tl.arange(0, BLOCK_B).to(tl.int64)
         row_mask = rows < B
         t_safe, valid, _ = _row_targets(T_ptr, CW_ptr, rows, row_mask, ignore_index, c_offset, n_targets, n_targets,
@@ -276,8 +281,8 @@ def _margin_ce_bwd_dw_kernel(
     w = tl.load(W_ptr + ds[:, None] * stride_w_d + cols[None, :] * stride_w_c,
                 mask=dmask[:, None] & col_mask[None, :], other=0.0).to(ACC_DTYPE)
     dw = _dw_finish(acc_w, csum, rw, w, MARGIN)
-    tl.store(DW_ptr + ds[:, None] * stride_dw_d + cols[None, :] * stride_dw_c, dw.to(DW_ptr.dtype.element_ty),
-             mask=dmask[:, None] & col_mask[None, :])
+    tl.store(DW_ptr + split * stride_dw_split + ds[:, None] * stride_dw_d + cols[None, :] * stride_dw_c,
+             dw.to(DW_ptr.dtype.element_ty), mask=dmask[:, None] & col_mask[None, :])
     if HAS_BIAS:
         if pid_d == 0:
-            tl.store(DB_ptr + cols, csum.to(DB_ptr.dtype.element_ty), mask=col_mask)
+            tl.store(DB_ptr + split * C + cols, csum.to(DB_ptr.dtype.element_ty), mask=col_mask)

@@ -16,6 +16,7 @@ import triton.language as tl
 
 from ..params import LossParams, Margin
 from . import margin_ce as K
+from . import plan as P
 from .tiles import N_STATS, STAT_LOSS, STAT_ROWW
 
 # triton.jit reads TRITON_INTERPRET when the kernels are decorated; this launcher follows the same switch.
@@ -37,46 +38,11 @@ def _dtypes(x: torch.Tensor, w: torch.Tensor):
     return _TL[dot], acc
 
 
-def _blocks(D: int, C: int, margin: int):
-    """(BLOCK_B, BLOCK_C, BLOCK_K, BLOCK_DO). tl.dot needs every dimension >= 16 and powers of two on the GPU."""
-    if INTERPRET:  # small tiles so that small test shapes still run several class / feature / row tiles
-        return 16, 16, 16, 16
-    block_c = 16 if margin == int(Margin.ONE_CLASS) else max(16, min(triton.next_power_of_2(C), 64))
-    return 64, block_c, 64, max(16, min(triton.next_power_of_2(D), 128))
-
-
-# Tests set this to force class splits under the interpreter; None lets `_splits` decide.
-FORCE_SPLITS = None
-
-
-def _splits(B: int, C: int, block_b: int, block_c: int, device: torch.device) -> Tuple[int, int]:
-    """(number of class splits, class tiles per split). Few row blocks over many class tiles (a face head: B = 1024,
-    C = 10^6) would leave most multiprocessors idle, so the classes are split across programs as well; small heads
-    keep one split and so one forward launch."""
-    n_rows, n_tiles = triton.cdiv(max(B, 1), block_b), triton.cdiv(C, block_c)
-    if FORCE_SPLITS is not None:
-        wanted = FORCE_SPLITS
-    elif INTERPRET or device.type != "cuda" or n_tiles < 256:
-        wanted = 1
-    else:
-        n_sm = torch.cuda.get_device_properties(device).multi_processor_count
-        wanted = min(triton.cdiv(2 * n_sm, n_rows), n_tiles // 8)
-    per_split = triton.cdiv(n_tiles, max(1, min(wanted, n_tiles)))
-    return triton.cdiv(n_tiles, per_split), per_split
-
-
-# dX in the forward (C in one tile) reads x once, but it must write a unit-gradient dX (fp32, so that the result is
-# rounded once) that backward reads again to scale by the upstream gradient: more memory traffic than reading x a
-# second time when backward recomputes dX once the upstream gradient is known. So it is opt-in (DEEPFENSE_FUSE_DX=1); bench/gpu_check.sh times both.
-# dW partials are always fused for one-tile heads: they need no extra pass over x.
-FUSE_DX = os.environ.get("DEEPFENSE_FUSE_DX", "0") == "1"
-
-
-def fuse_plan(D: int, C: int, margin: int, need_dx: bool, need_dw: bool, uniform_grad: bool) -> Tuple[bool, bool]:
-    """Whether the forward also writes dX and dW: only when all classes fit one tile. dW needs the same upstream
-    gradient on every row (reduction 'mean' or 'sum'), since it sums over rows before that gradient is known."""
-    single = C <= _blocks(D, C, margin)[1]
-    return single and need_dx and FUSE_DX, single and need_dw and uniform_grad
+def _plan(x, w, margin, **kw):
+    """The launch plan of these inputs (`plan.plan`), never the small-head path: these launchers run the large-head
+    kernels."""
+    (B, D), C = x.shape, w.shape[1]
+    return P.plan(margin, B, D, C, x.dtype, w.dtype, n_sm=P.sm_count(x.device), small=False, **kw)
 
 
 def op_params(p: LossParams, n_classes: int, class_offset: int = 0):
@@ -118,23 +84,24 @@ def margin_ce_fwd(x: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor]
     (B, D), C = x.shape, w.shape[1]
     args, meta, acc, n_targets = _common(x, w, bias, targets, class_weights, lam, margin)
     n_total = 2 if margin == int(Margin.ONE_CLASS) else n_classes
-    block_b, block_c, block_k, _ = _blocks(D, C, margin)
-    n_prog = triton.cdiv(B, block_b)
-    n_splits, per_split = (1, 1) if fuse_dx or fuse_dw else _splits(B, C, block_b, block_c, x.device)
+    launches = _plan(x, w, margin, need_dx=fuse_dx, need_dw=fuse_dw, fuse_dx=fuse_dx)
+    fwd = launches[0]
+    n_prog, n_splits = fwd.grid
     stats = torch.empty(N_STATS, B, dtype=acc, device=x.device)
     part = torch.empty((N_STATS, n_splits, B) if n_splits > 1 else (0,), dtype=acc, device=x.device)
     dx = torch.empty((B, D) if fuse_dx else (0,), dtype=acc, device=x.device)  # fp32: rounded once, after g
     dwp = torch.empty((n_prog, D + 1, C) if fuse_dw else (0,), dtype=acc, device=x.device)
     if B > 0:
-        K._margin_ce_fwd_kernel[(n_prog, n_splits)](
-            *args, stats, part, dx, dwp, B, D, C, n_targets, c_offset, n_total, per_split, x.stride(0), x.stride(1), w.stride(0),
-            w.stride(1), s, m, gamma, m_real, m_fake, alpha, eps, ignore_index, bonafide, SPLIT=n_splits > 1,
-            FUSE_DX=fuse_dx, FUSE_DW=fuse_dw, BLOCK_B=block_b, BLOCK_C=block_c, BLOCK_K=block_k, **meta)
+        K._margin_ce_fwd_kernel[fwd.grid](
+            *args, stats, part, dx, dwp, B, D, C, n_targets, c_offset, n_total, fwd.meta["tiles_per_split"],
+            x.stride(0), x.stride(1), w.stride(0), w.stride(1), s, m, gamma, m_real, m_fake, alpha, eps, ignore_index,
+            bonafide, **P.constexprs(fwd), **meta)
         if n_splits > 1:
-            K._margin_ce_combine_kernel[(n_prog,)](
+            comb = P.launch(launches, "_margin_ce_combine_kernel")
+            K._margin_ce_combine_kernel[comb.grid](
                 targets, args[4], part, stats, B, C, n_targets, c_offset, n_total, n_splits, n_splits * B, gamma, eps,
-                ignore_index,
-                MARGIN=margin, HAS_CW=class_weights is not None, ACC_DTYPE=meta["ACC_DTYPE"], BLOCK_B=block_b)
+                ignore_index, MARGIN=margin, HAS_CW=class_weights is not None, ACC_DTYPE=meta["ACC_DTYPE"],
+                **P.constexprs(comb))
     dw = dwp.sum(0) if fuse_dw else dwp  # fixed-order sum over programs: deterministic; contiguous, as the fake says
     if fuse_dw and B == 0:
         dw = torch.zeros(D + 1, C, dtype=acc, device=x.device)
@@ -162,28 +129,38 @@ def margin_ce_bwd(x: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor]
     margin, s, m, gamma, m_real, m_fake, alpha, eps, ignore_index, bonafide, c_offset, n_classes = _unpack(floats, ints)
     (B, D), C = x.shape, w.shape[1]
     args, meta, acc, n_targets = _common(x, w, bias, targets, class_weights, lam, margin)
-    block_b, block_c, block_k, block_do = _blocks(D, C, margin)
-    blocks = dict(BLOCK_B=block_b, BLOCK_C=block_c, BLOCK_K=block_k, BLOCK_DO=block_do)
+    launches = _plan(x, w, margin, need_dx=need_dx, need_dw=need_dw, uniform_grad=False, fuse_dx=False)
     dx = torch.empty((B, D) if need_dx else (0,), dtype=x.dtype, device=x.device)
     dw = torch.empty_strided(w.shape, w.stride(), dtype=w.dtype, device=w.device) if need_dw else w.new_empty(0)
     db = torch.empty(C if need_dw and bias is not None else 0, dtype=acc, device=x.device)
     if B == 0:  # nothing to launch: the gradients of an empty batch are zero
         dw.zero_(), db.zero_()
+        return dx, dw, db
     common = (B, D, C, n_targets, c_offset, n_classes, x.stride(0), x.stride(1), w.stride(0), w.stride(1),
               grad.stride(0))
-    if B > 0 and need_dx:
-        n_splits, per_split = _splits(B, C, block_b, block_c, x.device)
+    lx = P.launch(launches, "_margin_ce_bwd_dx_kernel") if need_dx else None
+    if lx is not None:
+        n_splits = lx.meta["n_splits"]
         # several class splits write fp32 partials, summed below in split order (deterministic)
         dxp = dx[None] if n_splits == 1 else torch.empty(n_splits, B, D, dtype=acc, device=x.device)
-        grid = (triton.cdiv(B, block_b), triton.cdiv(D, block_do), n_splits)
-        K._margin_ce_bwd_dx_kernel[grid](*args, stats, grad, dxp, *common, per_split, dxp.stride(0), dxp.stride(1),
-                                         s, m, eps, ignore_index, **blocks, **meta)
+        K._margin_ce_bwd_dx_kernel[lx.grid](*args, stats, grad, dxp, *common, lx.meta["tiles_per_split"],
+                                            dxp.stride(0), dxp.stride(1), s, m, eps, ignore_index,
+                                            **P.constexprs(lx), **meta)
         if n_splits > 1:
             dx = dxp.sum(0).to(x.dtype)
-    if B > 0 and need_dw:
-        grid = (triton.cdiv(C, block_c), triton.cdiv(D, block_do))
-        K._margin_ce_bwd_dw_kernel[grid](*args, stats, grad, dw, db if bias is not None else dw, *common,
-                                         dw.stride(0), dw.stride(1), s, m, eps, ignore_index, **blocks, **meta)
+    lw = P.launch(launches, "_margin_ce_bwd_dw_kernel") if need_dw else None
+    if lw is not None:
+        n_splits = lw.meta["n_splits"]
+        # several row splits write fp32 partials [splits, D, C] (and d bias [splits, C]), summed in split order
+        dwp = dw if n_splits == 1 else torch.empty(n_splits, D, C, dtype=acc, device=x.device)
+        dbp = db if n_splits == 1 else torch.empty(n_splits, db.shape[0], dtype=acc, device=x.device)
+        sw = (0, dw.stride(0), dw.stride(1)) if n_splits == 1 else dwp.stride()
+        K._margin_ce_bwd_dw_kernel[lw.grid](*args, stats, grad, dwp, dbp if bias is not None else dwp, *common,
+                                            lw.meta["tiles_per_split"], *sw, s, m, eps, ignore_index,
+                                            **P.constexprs(lw), **meta)
+        if n_splits > 1:
+            dw.copy_(dwp.sum(0))
+            db = dbp.sum(0)
     return dx, dw, db
 
 
@@ -238,7 +215,11 @@ def margin_loss(x, w_dc, bias, targets, class_weights, lam, p: LossParams):
     grad_on = torch.is_grad_enabled()
     need_x, need_w = grad_on and x.requires_grad, grad_on and (w_dc.requires_grad or
                                                               (bias is not None and bias.requires_grad))
-    fuse_dx, fuse_dw = fuse_plan(x.shape[1], w_dc.shape[1], int(p.margin), need_x, need_w, p.reduction != "none")
+    if w_dc.shape[1] <= P.SMALL_C and P._small_head_ready():
+        from .small_head import small_head_loss
+        return small_head_loss(x, w_dc, bias, targets, class_weights, lam, p)
+    fwd = _plan(x, w_dc, int(p.margin), need_dx=need_x, need_dw=need_w, uniform_grad=p.reduction != "none")[0]
+    fuse_dx, fuse_dw = fwd.meta["FUSE_DX"], fwd.meta["FUSE_DW"]
     floats, ints = op_params(p, w_dc.shape[1])
     stats, _, _ = margin_ce_fwd(x, w_dc, bias, targets, class_weights, lam, floats, ints, fuse_dx, fuse_dw)
     rows = stats[int(STAT_LOSS)]
@@ -278,12 +259,13 @@ def partial_row_stats(x, w, bias, targets, class_weights, lam, floats: List[floa
                                                                                                             ints)
     (B, D), C = x.shape, w.shape[1]
     args, meta, acc, n_targets = _common(x, w, bias, targets, class_weights, lam, margin)
-    block_b, block_c, block_k, _ = _blocks(D, C, margin)
+    fwd = _plan(x, w, margin, need_dx=False, need_dw=False)[0]
     part = torch.empty(N_STATS, 1, B, dtype=acc, device=x.device)
-    if B > 0:
+    if B > 0:  # one split over all this weight's classes: the ranks' partials are merged by the caller
         unused = part
-        K._margin_ce_fwd_kernel[(triton.cdiv(B, block_b), 1)](
-            *args, unused, part, unused, unused, B, D, C, n_targets, c_offset, n_classes, triton.cdiv(C, block_c), x.stride(0),
-            x.stride(1), w.stride(0), w.stride(1), s, m, gamma, m_real, m_fake, alpha, eps, ignore_index, bonafide,
-            SPLIT=True, FUSE_DX=False, FUSE_DW=False, BLOCK_B=block_b, BLOCK_C=block_c, BLOCK_K=block_k, **meta)
+        tiles = dict(P.constexprs(fwd), SPLIT=True, FUSE_DX=False, FUSE_DW=False)
+        K._margin_ce_fwd_kernel[(fwd.grid[0], 1)](
+            *args, unused, part, unused, unused, B, D, C, n_targets, c_offset, n_classes,
+            triton.cdiv(C, fwd.meta["BLOCK_C"]), x.stride(0), x.stride(1), w.stride(0), w.stride(1), s, m, gamma,
+            m_real, m_fake, alpha, eps, ignore_index, bonafide, **tiles, **meta)
     return part[:, 0]

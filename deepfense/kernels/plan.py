@@ -56,3 +56,129 @@ def sm_count(device: Optional[torch.device]) -> int:
     if device is not None and device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
     return 1
+
+
+# Heads with at most this many classes take the small-head path (`small_head.py`): a row reduction, no dot padding.
+SMALL_C = 16
+# Tests set this to force the class splits under the interpreter tiles; None lets the plan decide.
+FORCE_SPLITS: Optional[int] = None
+# fp32 accumulator elements a backward program holds across its class (or row) loop: [BLOCK_B, D] in dX,
+# [D, BLOCK_C] in dW; 16384 is 64 registers a thread at 8 warps, which leaves room for the tiles it multiplies.
+_ACC_ELEMS = 16384
+_MAX_DO = 1024  # wider D is split into feature chunks (each recomputes the logits)
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _split(n_tiles: int, n_other: int, n_sm: int, gpu: bool) -> Tuple[int, int]:
+    """(splits, tiles per split) of a loop over `n_tiles` tiles: split while the launch's other programs `n_other`
+    times the splits stay under 2 x SMs (floor division, so the splits reach the target)."""
+    if FORCE_SPLITS is not None:
+        wanted = FORCE_SPLITS
+    elif not gpu or n_other >= 2 * n_sm:
+        wanted = 1
+    else:
+        wanted = _cdiv(2 * n_sm, max(1, n_other))
+    per = max(1, n_tiles // max(1, min(wanted, n_tiles)))
+    return _cdiv(n_tiles, per), per
+
+
+def fuse_dx_default() -> bool:
+    """DEEPFENSE_FUSE_DX=1: one-tile forwards also write the unit-gradient dX (opt-in: more memory traffic)."""
+    return os.environ.get("DEEPFENSE_FUSE_DX", "0") == "1"
+
+
+def plan(margin, B: int, D: int, C: int, x_dtype: torch.dtype, w_dtype: torch.dtype, *, n_sm: int,
+         need_dx: bool = True, need_dw: bool = True, uniform_grad: bool = True, deterministic: bool = True,
+         gpu: Optional[bool] = None, fuse_dx: Optional[bool] = None, small: bool = True) -> Tuple[Launch, ...]:
+    """Every launch of one training step (forward, then backward), in launch order.
+
+    Args: margin (`deepfense.params.Margin`), B, D, C the shapes (C: this weight's columns), x/w dtypes, n_sm the
+    device's multiprocessors; need_dx/need_dw which gradients the step needs; uniform_grad: every row gets the same
+    upstream gradient (reduction 'mean'/'sum'), so a one-tile forward can sum dW before it is known; deterministic:
+    no atomics (the only mode today); gpu: the GPU tiles (default `gpu_tiles()`), else small interpreter tiles;
+    small: C <= SMALL_C takes the small-head path (`small_head.plan_small`).
+
+    Large heads: `_margin_ce_fwd_kernel` (row blocks x class splits; one-tile heads also write dW partials),
+    `_margin_ce_combine_kernel` when the classes are split, `_margin_ce_bwd_dx_kernel` (feature chunks x row blocks x
+    class splits, each recomputing the logits once over the whole D), `_margin_ce_bwd_dw_kernel` (feature chunks x
+    class blocks x row splits). Splits are chosen so that every launch has about 2 x n_sm programs; split partials
+    are summed in split order. Launch.meta holds the constexprs (UPPER case) and the split counts (lower case).
+    """
+    del deterministic  # no atomics anywhere yet
+    gpu = gpu_tiles() if gpu is None else gpu
+    margin = int(margin)
+    if small and C <= SMALL_C and _small_head_ready():
+        from .small_head import plan_small
+        return plan_small(margin, B, D, C, x_dtype, w_dtype, n_sm=n_sm, need_dx=need_dx, need_dw=need_dw, gpu=gpu)
+    one_class = margin == 3  # Margin.ONE_CLASS (params is not imported here: plan sits below it)
+    if gpu:
+        bb_f, bk = 64, 64
+        bc_f = 16 if one_class else max(16, min(_pow2(C), 64))
+        d_pad = max(16, _pow2(D))
+        do = min(d_pad, _MAX_DO)
+        narrow = max(16, min(64, _ACC_ELEMS // do))  # the tile side that meets the whole feature chunk
+        bb_x, bc_x, bc_w, bb_w, warps_b = narrow, min(narrow, bc_f), min(narrow, bc_f), narrow, 8
+    else:  # small tiles, so small test shapes still run several row / class / feature tiles
+        bb_f = bk = bc_f = do = bb_x = bc_x = bc_w = bb_w = 16
+        warps_b = 4
+    single = C <= bc_f
+    fuse_dx = (fuse_dx_default() if fuse_dx is None else fuse_dx) and single and need_dx
+    fuse_dw = single and need_dw and uniform_grad
+    n_rows = _cdiv(max(B, 1), bb_f)
+    n_splits, per = (1, 1) if single else _split(_cdiv(C, bc_f), n_rows, n_sm, gpu)
+    fwd = Launch("_margin_ce_fwd_kernel", (n_rows, n_splits), 4, 3,
+                 dict(BLOCK_B=bb_f, BLOCK_C=bc_f, BLOCK_K=bk, SPLIT=n_splits > 1, FUSE_DX=fuse_dx, FUSE_DW=fuse_dw,
+                      n_splits=n_splits, tiles_per_split=per))
+    out = [fwd]
+    if n_splits > 1:
+        out.append(Launch("_margin_ce_combine_kernel", (n_rows,), 4, 3, dict(BLOCK_B=bb_f)))
+    if B == 0:
+        return tuple(out)
+    n_do = _cdiv(D, do)
+    blocks = dict(BLOCK_K=bk, BLOCK_DO=do)
+    if need_dx and not fuse_dx:
+        n_rb = _cdiv(B, bb_x)
+        splits, per = _split(_cdiv(C, bc_x), n_rb * n_do, n_sm, gpu)
+        out.append(Launch("_margin_ce_bwd_dx_kernel", (n_do, n_rb, splits), warps_b, 2,
+                          dict(BLOCK_B=bb_x, BLOCK_C=bc_x, **blocks, n_splits=splits, tiles_per_split=per)))
+    if need_dw and not fuse_dw:
+        n_cb = _cdiv(C, bc_w)
+        splits, per = _split(_cdiv(B, bb_w), n_cb * n_do, n_sm, gpu)
+        out.append(Launch("_margin_ce_bwd_dw_kernel", (n_do, n_cb, splits), warps_b, 2,
+                          dict(BLOCK_B=bb_w, BLOCK_C=bc_w, **blocks, n_splits=splits, tiles_per_split=per)))
+    return tuple(out)
+
+
+def _small_head_ready() -> bool:
+    """The small-head path is used once its module exists (engineer s8's branch)."""
+    try:
+        from . import small_head  # noqa: F401
+    except ImportError:
+        return False
+    return SMALL_HEADS
+
+
+# Tests turn this off to run heads with C <= SMALL_C through the large-head kernels (their one-tile fused path).
+SMALL_HEADS = True
+
+
+def launch(launches: Tuple[Launch, ...], kernel: str) -> Optional[Launch]:
+    """The launch of `kernel` in a plan, or None."""
+    for item in launches:
+        if item.kernel == kernel:
+            return item
+    return None
+
+
+def constexprs(item: Launch) -> Dict[str, object]:
+    """The launch's constexpr meta (UPPER-case keys) and its warps and stages, as launch keyword arguments."""
+    out = {k: v for k, v in item.meta.items() if k.isupper()}
+    out.update(num_warps=item.num_warps, num_stages=item.num_stages)
+    return out

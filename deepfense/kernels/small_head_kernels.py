@@ -68,8 +68,8 @@ def _small_head_fwd_kernel(
     row_mask = rows < B
     cols = tl.arange(0, BLOCK_C)
     col_mask = cols < C
-    t_safe, valid, row_w = _row_targets(T_ptr, CW_ptr, rows, row_mask, ignore_index, 0, n_targets, HAS_CW)
-    row_w = tl.where(valid & (t_safe < 0), float("nan"), row_w)  # out-of-range target: NaN row, no sync or assert
+    # an out-of-range target gets a NaN row weight there: NaN row, no sync or assert
+    t_safe, valid, row_w = _row_targets(T_ptr, CW_ptr, rows, row_mask, ignore_index, 0, n_targets, n_targets, HAS_CW)
     lam = tl.load(LAM_ptr).to(ACC_DTYPE) if MARGIN == MARGIN_ANGULAR else 0.0
     acc, xsq, wsq = _row_dot(X_ptr, W_ptr, rows, cols, row_mask, col_mask, D, stride_x_row, stride_x_col,
                              stride_w_d, stride_w_c, ACC_DTYPE, BLOCK_B, BLOCK_C, BLOCK_K)

@@ -1,0 +1,70 @@
+"""Work budgets of a training step on the GPU launch plan (DEEPFENSE_TILES=gpu, DEEPFENSE_SM_COUNT=132: an H200's
+plan, run in the interpreter and counted by tests/work_counter.py), and plan-only parallelism at full size.
+
+Large heads (C > SMALL_C): at most 3 launches plus a combine where the classes are split; executed tl.dot work at most
+5 GEMM-equivalents (B x D x C multiply-adds) for D <= 512 and 6 for D = 1024. The shapes are multiples of the tiles,
+so padding adds nothing and the budgets are exact; `count_step` on unaligned shapes reports the padding on top.
+"""
+
+import pytest
+import torch
+
+from backend_cases import DEVICE, assert_close_to_gold, make_case, options
+from deepfense.kernels import plan as P
+from deepfense.params import Margin
+
+if DEVICE == "cuda":
+    pytest.skip("the work counter instruments the Triton interpreter", allow_module_level=True)
+
+N_SM = 132
+COMBINE = "_margin_ce_combine_kernel"
+
+
+@pytest.fixture
+def h200_plan(monkeypatch):
+    monkeypatch.setenv("DEEPFENSE_TILES", "gpu")
+    monkeypatch.setenv("DEEPFENSE_SM_COUNT", str(N_SM))
+
+
+@pytest.mark.parametrize("loss,B,D,C,budget", [
+    ("am", 64, 128, 1024, 5.0),  # D <= 512: forward 1, dX 2 (recompute once over the whole D + accumulate), dW 2
+    ("ce", 64, 128, 1024, 5.0),
+    ("a", 64, 1024, 128, 6.0),  # D = 1024: the feature chunk still holds all of D (BLOCK_B = 16 keeps it small)
+])
+def test_large_head_launches_and_dot_work(h200_plan, loss, B, D, C, budget):
+    from work_counter import count_step
+    wc, s = count_step(loss, B, D, C)
+    kernels = [k for k, _ in s["grids"]]
+    assert len([k for k in kernels if k != COMBINE]) <= 3, s["grids"]
+    assert kernels.count(COMBINE) <= 1
+    assert s["gemm"] <= budget + 1e-9, (s["gemm"], wc.table())
+    assert s["gemm"] >= 3.0, s  # forward, dX and dW each do at least one GEMM: a counter reading 0 fails here
+    planned = P.plan(Margin.ADDITIVE if loss == "am" else Margin.ANGULAR if loss == "a" else Margin.NONE, B, D, C,
+                     torch.float32, torch.float32, n_sm=N_SM, gpu=True)
+    assert s["grids"] == [(item.kernel, item.grid) for item in planned]  # the launchers ran exactly the plan
+
+
+@pytest.mark.parametrize("loss", ["am", "a", "ce"])
+def test_gpu_plan_matches_reference(h200_plan, loss):
+    """The GPU plan's code paths (whole-D feature chunks with masked tails, class-split forward and dX, row-split
+    dW) on an unaligned shape, against the float64 reference."""
+    case = make_case(loss, 70, 40, 150, torch.float32, seed=3, class_weights=True, ignore_some=True)
+    assert_close_to_gold(loss, case, "triton", options(loss, reduction="none", smoothing=0.1), torch.float32)
+
+
+@pytest.mark.parametrize("margin,B,D,C", [
+    (Margin.ADDITIVE, 256, 192, 5994),  # a speaker head
+    (Margin.NONE, 1024, 512, 10 ** 6),  # a face head
+    (Margin.ADDITIVE, 65536, 1024, 2),  # a deepfake head at a large batch (the small-head path)
+    (Margin.ONE_CLASS, 65536, 1024, 1),
+    (Margin.NONE, 256, 512, 8192),
+])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+def test_every_heavy_launch_fills_the_gpu(margin, B, D, C, dtype):
+    """Every launch doing O(B x D) work or more has at least 2 x SM-count programs (the combine of class-split
+    statistics does O(B x splits) and is exempt). Read from the plan alone: no run needed."""
+    launches = P.plan(margin, B, D, C, dtype, dtype, n_sm=N_SM, gpu=True)
+    assert launches
+    for item in launches:
+        if item.kernel != COMBINE:
+            assert item.programs >= 2 * N_SM, (item.kernel, item.grid)
