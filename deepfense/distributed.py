@@ -49,7 +49,7 @@ import torch.distributed as dist
 
 from .inputs import check_finite, check_targets, check_tensors, resolve_backend, validating
 from .params import LossParams, Margin
-from .torch_backend import (_compute_dtype, _cosines, _dlogits_to_dcos, _project_grad, _target_logit,
+from .torch_backend import (_compute_dtype, _cosines, _dlogits_to_dcos, _logit_scale, _project_grad, _target_logit,
                             _target_logit_grad)
 
 __all__ = ["class_slice", "rank_slice", "sharded_margin_loss", "ShardedMarginLossFunction", "sum_comm_hook"]
@@ -113,7 +113,7 @@ class ShardedMarginLossFunction(torch.autograd.Function):
         if kernels:  # local (max, sum-exp, target logit, smoothing sum) from the fused forward, no [B, C_r] logits
             from .kernels import ops
             xg = _gather_rows(x.detach(), lay)
-            lam_k = torch.as_tensor(lam, dtype=torch.float32, device=x.device).reshape(1) if lam is not None else None
+            lam_k = ops.kernel_lam(lam, p, x, w)
             ctx.op_args = ops.op_params(p, lay.n_classes, lay.c0)
             part = ops.partial_row_stats(xg, w, bias, tg, cw, lam_k, *ctx.op_args).to(dt)
             gmax = part[0].clone()
@@ -161,9 +161,10 @@ class ShardedMarginLossFunction(torch.autograd.Function):
             dlogits.sub_(smooth[:, None] * cw)
         xscale = None
         if p.margin != Margin.NONE:  # a row whose target lives elsewhere keeps a plain |x| cos logit in tcol
-            tgrad = (torch.where(owned[:, None], _target_logit_grad(cos_y, xnorm, lam_t, p), xnorm)
-                     if p.margin == Margin.ANGULAR else None)
-            xscale = _dlogits_to_dcos(dlogits, logits, xnorm, rx, tcol, tgrad, p)
+            scale_c = _logit_scale(xnorm, lam_t, p)  # |x| (ASoftmax) or s
+            tgrad = (torch.where(owned[:, None], _target_logit_grad(cos_y, xnorm, lam_t, p), scale_c)
+                     if p.margin in (Margin.ANGULAR, Margin.COMBINED) else None)
+            xscale = _dlogits_to_dcos(dlogits, logits, scale_c, rx, tcol, tgrad, p)
         ctx.save_for_backward(xg, wf, cos, dlogits, rx, rw, xscale, scale)
         return out
 
@@ -205,8 +206,8 @@ def _local_logits(xg, wf, bias, tg, valid, lam, p: LossParams, lay: _Layout):
     else:
         cos, xnorm, rx, rw, wf = _cosines(xg, wf)
         cos_y = cos.gather(1, tcol)
-        lam_t = torch.as_tensor(lam, dtype=xg.dtype, device=xg.device) if p.margin == Margin.ANGULAR else None
-        logits = cos * (p.s if p.margin == Margin.ADDITIVE else xnorm)
+        lam_t = None if lam is None else torch.as_tensor(lam, dtype=xg.dtype, device=xg.device)
+        logits = cos * _logit_scale(xnorm, lam_t, p)
         logits.scatter_(1, tcol, torch.where(owned[:, None], _target_logit(cos_y, xnorm, lam_t, p),
                                              logits.gather(1, tcol)))
     return logits, cos, xnorm, rx, rw, cos_y, lam_t, tcol, owned, wf
@@ -266,6 +267,8 @@ def sharded_margin_loss(x, w_dc, bias, targets, class_weights, lam, p: LossParam
     """
     if p.margin == Margin.ONE_CLASS:
         raise ValueError("process_group does not apply to OCSoftmax: it has a single class centre, nothing to shard")
+    if p.sub_centers > 1 or p.filter_threshold > 0:
+        raise ValueError("process_group does not support sub_centers or interclass_filtering_threshold yet")
     if not 0.0 < sample_rate <= 1.0:
         raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate}")
     if group is None or not dist.is_available() or not dist.is_initialized():

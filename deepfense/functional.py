@@ -21,10 +21,10 @@ import torch
 
 from . import reference, torch_plain
 from .inputs import BACKENDS, check_finite, check_targets, check_tensors, resolve_backend, validating
-from .params import Margin, LossParams
+from .params import Fallback, Margin, LossParams
 
-__all__ = ["am_softmax_loss", "a_softmax_loss", "oc_softmax_loss", "cross_entropy_loss", "resolve_backend",
-           "BACKENDS"]
+__all__ = ["am_softmax_loss", "a_softmax_loss", "oc_softmax_loss", "cross_entropy_loss", "arcface_loss",
+           "resolve_backend", "BACKENDS"]
 
 
 # LossParams validates its fields on construction (~5 us); a training loop passes the same options every step
@@ -47,7 +47,10 @@ def _dispatch(p: LossParams, x, w, bias, targets, class_weights, lam, backend, p
         from .distributed import sharded_margin_loss
         return sharded_margin_loss(x, w.t() if ce else w, bias, targets, class_weights, lam, p, process_group,
                                    backend=backend, validate=validate)
-    n_classes = w.shape[0] if ce else w.shape[1]
+    n_cols = w.shape[0] if ce else w.shape[-1]
+    if w.dim() == 2 and n_cols % p.sub_centers:
+        raise ValueError(f"weight has {n_cols} columns, not a multiple of sub_centers={p.sub_centers}")
+    n_classes = n_cols // p.sub_centers
     n_targets = 2 if p.margin == Margin.ONE_CLASS else n_classes
     check_tensors(x, w, bias, targets, class_weights, n_targets, classes_first=ce)
     if p.margin == Margin.ONE_CLASS and n_classes != 1:
@@ -61,6 +64,10 @@ def _dispatch(p: LossParams, x, w, bias, targets, class_weights, lam, backend, p
     w_dc = w.t() if ce else w
     if validate:
         check_targets(targets, n_targets, p)
+    if name == "triton" and p.sub_centers > 1:  # no fused sub-centre kernel yet: 'auto' takes the torch backend
+        if backend != "auto":
+            raise NotImplementedError("sub_centers has no fused kernel yet; use backend='torch' (or 'auto')")
+        name = "torch"
     if name == "reference":
         loss = _reference(p, x, w_dc, bias, targets, class_weights, lam)
     elif name == "torch":
@@ -91,7 +98,13 @@ def _plain(p: LossParams, x, w, bias, targets, n_targets):
 def _reference(p: LossParams, x, w_dc, bias, targets, class_weights, lam):
     common = dict(class_weights=class_weights, ignore_index=p.ignore_index, reduction=p.reduction)
     if p.margin == Margin.ADDITIVE:
-        return reference.am_softmax_ref(x, w_dc, targets, m=p.m, s=p.s, label_smoothing=p.label_smoothing, **common)
+        return reference.am_softmax_ref(x, w_dc, targets, m=p.m, s=p.s, label_smoothing=p.label_smoothing,
+                                        sub_centers=p.sub_centers, **common)
+    if p.margin == Margin.COMBINED:
+        s, m2, m3 = (p.s, p.m, p.m3) if lam is None else lam.unbind()
+        return reference.combined_margin_ref(x, w_dc, targets, s=s, m1=p.m1, m2=m2, m3=m3, fallback=p.fallback,
+                                             filter_threshold=p.filter_threshold, straight_through=p.straight_through,
+                                             sub_centers=p.sub_centers, label_smoothing=p.label_smoothing, **common)
     if p.margin == Margin.ANGULAR:
         return reference.a_softmax_ref(x, w_dc, targets, m=int(p.m), lam=lam, gamma=p.gamma, **common)
     if p.margin == Margin.ONE_CLASS:
@@ -101,7 +114,8 @@ def _reference(p: LossParams, x, w_dc, bias, targets, class_weights, lam):
 
 
 def am_softmax_loss(embeddings, weight, targets, *, m=0.3, s=30.0, class_weights=None, ignore_index=-100,
-                    label_smoothing=0.0, reduction="mean", backend="auto", process_group=None, validate=None):
+                    label_smoothing=0.0, reduction="mean", backend="auto", process_group=None, validate=None,
+                    sub_centers=1):
     """AMSoftmax loss.
 
     Args:
@@ -114,12 +128,13 @@ def am_softmax_loss(embeddings, weight, targets, *, m=0.3, s=30.0, class_weights
             [D, C_r] and targets are global (see `deepfense.distributed`; the sharded path runs torch ops).
         validate: None (default: value checks on for CPU tensors, off for CUDA ones, or DEEPFENSE_VALIDATE), True or
             False; see the module docstring.
+        sub_centers: K; weight is then [D, C*K], a class's K columns adjacent, its cosine the max over them.
 
     Returns:
         float32 (float64 for float64 inputs) loss: a scalar, or [B] for reduction='none'.
     """
     p = _params(Margin.ADDITIVE, s=float(s), m=float(m), ignore_index=ignore_index,
-                   label_smoothing=float(label_smoothing), reduction=reduction)
+                   label_smoothing=float(label_smoothing), reduction=reduction, sub_centers=int(sub_centers))
     return _dispatch(p, embeddings, weight, None, targets, class_weights, None, backend, process_group, validate)
 
 
@@ -172,3 +187,42 @@ def cross_entropy_loss(embeddings, weight, targets, *, bias=None, class_weights=
         raise ValueError("weight must be a 2-D tensor [n_classes, embedding_dim]")
     p = _params(Margin.NONE, ignore_index=ignore_index, label_smoothing=float(label_smoothing), reduction=reduction)
     return _dispatch(p, embeddings, weight, bias, targets, class_weights, None, backend, process_group, validate)
+
+
+def arcface_loss(embeddings, weight, targets, *, m=0.2, s=32.0, fallback="wespeaker", m1=1.0, m3=0.0,
+                 interclass_filtering_threshold=0.0, straight_through=False, sub_centers=1, class_weights=None,
+                 ignore_index=-100, label_smoothing=0.0, reduction="mean", backend="auto", process_group=None,
+                 validate=None):
+    """ArcFace (additive angular margin) and insightface's combined margin: logits s*cos_c, target logit
+    s*(cos(m1 theta_y + m) - m3), past the monotone range the `fallback` of the toolkit it names.
+
+    Args:
+        embeddings: [B, D]; weight: [D, C*K] (K = sub_centers; pytorch-metric-learning's `W` layout); targets: [B].
+        m: additive angular margin m2 (radians). s: scale. m, s (and m3) may be 0-dim tensors: a scheduled margin
+            then never recompiles under torch.compile (a changed Python float recompiles once, then stays dynamic).
+        fallback: 'wespeaker' | 'speechbrain' | 'pml' | 'easy' | 'none' (insightface); see `deepfense.params.Fallback`.
+        m1: angle multiplier (a Python float); m3: additive cosine margin. ArcFace is m1 = 1, m3 = 0; CosFace
+            (= `am_softmax_loss`) m1 = 1, m = 0, m3 = its m.
+        interclass_filtering_threshold: > 0 sets non-target cosines above it to 0 with no gradient (insightface).
+        straight_through: insightface's gradient (theta under no_grad): d target logit / d cos_y = s.
+        sub_centers: K sub-centres per class; a class's cosine is the max over its K adjacent columns.
+        Other options (validate too) as `am_softmax_loss`.
+
+    Returns:
+        float32 (float64 for float64 inputs) loss: a scalar, or [B] for reduction='none'.
+    """
+    if not isinstance(fallback, str) or fallback.upper() not in Fallback.__members__:
+        raise ValueError(f"fallback must be one of {tuple(f.name.lower() for f in Fallback)}, got {fallback!r}")
+    for name, v in (("s", s), ("m", m), ("m3", m3)):
+        if not isinstance(v, torch.Tensor) and (v < 0 or (name == "s" and v == 0)):
+            raise ValueError(f"{name} must be {'> 0' if name == 's' else '>= 0'}, got {v}")
+    # the runtime scalars (s, m2, m3) travel as one float64 tensor on the embeddings' device, built by arithmetic
+    # (`scalar_like`): a schedule never changes the static options, and torch.compile keeps a Python float symbolic
+    like = torch.empty((), dtype=torch.float64, device=embeddings.device if isinstance(embeddings, torch.Tensor) else None)
+    lam = torch.stack([reference.scalar_like(v, like).reshape(()) for v in (s, m, m3)])
+    p = LossParams(Margin.COMBINED, s=1.0, m=0.0, m1=float(m1), m3=0.0,
+                   fallback=int(Fallback[fallback.upper()]), filter_threshold=float(interclass_filtering_threshold),
+                   straight_through=bool(straight_through), sub_centers=int(sub_centers), ignore_index=ignore_index,
+                   label_smoothing=float(label_smoothing), reduction=reduction)
+    return _dispatch(p, embeddings, weight, None, targets, class_weights, lam, backend, process_group,
+                     validate)

@@ -19,6 +19,23 @@ class Margin(enum.IntEnum):
     ADDITIVE = 1  # AMSoftmax: s * (cos_y - m).
     ANGULAR = 2  # ASoftmax: |x| * (lambda * cos_y + psi(theta_y)) / (1 + lambda), focal factor.
     ONE_CLASS = 3  # OCSoftmax: softplus(alpha * (m_real - cos)) / softplus(alpha * (cos - m_fake)).
+    COMBINED = 4  # ArcFace / CombinedMargin: s * (cos(m1 * theta_y + m2) - m3), a fallback past the monotone range.
+
+
+class Fallback(enum.IntEnum):
+    """ArcFace's target cosine where cos(m1 theta + m2) stops decreasing (theta > (pi - m2) / m1), by toolkit.
+
+    With th = cos((pi - m2) / m1) and phi = cos(m1 theta + m2):
+    NONE (insightface) phi everywhere; WESPEAKER cos > th ? phi : cos - (1 + cos(pi - m2)); SPEECHBRAIN the same
+    with cos clamped to +-(1 - 1e-7) first and cos - m2 sin(pi - m2) past th; PML (pytorch-metric-learning)
+    cos - m2 sin(m2) past th; EASY (easy_margin) cos > 0 ? phi : cos. m3 is subtracted after the fallback.
+    """
+
+    NONE = 0
+    WESPEAKER = 1
+    SPEECHBRAIN = 2
+    PML = 3
+    EASY = 4
 
 
 @dataclass(frozen=True)
@@ -37,6 +54,12 @@ class LossParams:
         ignore_index: rows with this target contribute nothing.
         label_smoothing: epsilon of torch's label smoothing (CrossEntropy, AMSoftmax).
         reduction: 'mean' | 'sum' | 'none'.
+        m1: CombinedMargin's angle multiplier (with `m` as the additive angle m2 and `m3` the cosine margin).
+        m3: CombinedMargin's additive cosine margin. fallback: a `Fallback` value (ArcFace / CombinedMargin).
+        filter_threshold: insightface's interclass_filtering_threshold: non-target cosines above it become 0 and pass
+            no gradient (0 turns it off). straight_through: insightface's gradient, d(target logit)/d cos = s.
+        sub_centers: K weight columns per class (AMSoftmax, ArcFace, CombinedMargin); a class's cosine is the max
+            over its K adjacent columns.
     """
 
     margin: Margin
@@ -50,6 +73,12 @@ class LossParams:
     ignore_index: int = -100
     label_smoothing: float = 0.0
     reduction: str = "mean"
+    m1: float = 1.0
+    m3: float = 0.0
+    fallback: int = 0
+    filter_threshold: float = 0.0
+    straight_through: bool = False
+    sub_centers: int = 1
 
     def __post_init__(self):
         if self.reduction not in REDUCTIONS:
@@ -62,7 +91,14 @@ class LossParams:
             raise ValueError(f"ASoftmax m must be an integer in 1..5, got {self.m}")
         if self.gamma < 0:
             raise ValueError(f"gamma must be >= 0, got {self.gamma}")
-        if self.margin == Margin.ADDITIVE and self.s <= 0:
+        if self.sub_centers < 1 or (self.sub_centers > 1 and self.margin not in (Margin.ADDITIVE, Margin.COMBINED)):
+            raise ValueError(f"sub_centers must be >= 1 (and > 1 only for AMSoftmax, ArcFace, CombinedMargin), got "
+                             f"{self.sub_centers}")
+        if self.margin == Margin.COMBINED and not self.m1 > 0:
+            raise ValueError(f"m1 must be > 0, got {self.m1}")
+        if self.fallback not in tuple(Fallback):
+            raise ValueError(f"fallback must be a Fallback value, got {self.fallback!r}")
+        if self.margin in (Margin.ADDITIVE, Margin.COMBINED) and self.s <= 0:
             raise ValueError(f"s must be > 0, got {self.s}")
         if self.margin == Margin.ONE_CLASS and self.alpha <= 0:
             raise ValueError(f"alpha must be > 0, got {self.alpha}")

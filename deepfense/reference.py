@@ -18,6 +18,8 @@ import math
 
 import torch
 
+from .params import Fallback
+
 
 def _unit(t: torch.Tensor, dim: int) -> torch.Tensor:
     """t / ||t|| along `dim`, with zero vectors mapping to zero (and a zero, not NaN, gradient)."""
@@ -31,6 +33,51 @@ def cosine(embeddings: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     dtype = torch.promote_types(embeddings.dtype, weight.dtype)
     x, w = embeddings.to(dtype), weight.to(dtype)
     return (_unit(x, 1) @ _unit(w, 0)).clamp(-1.0, 1.0)
+
+
+def class_cosine(embeddings: torch.Tensor, weight: torch.Tensor, sub_centers: int = 1) -> torch.Tensor:
+    """`cosine` [B, C]; with K sub-centres (weight [D, C*K], a class's K columns adjacent) the max over each class's
+    K columns, its gradient going to the winning column."""
+    cos = cosine(embeddings, weight)
+    if sub_centers > 1:
+        cos = cos.view(cos.shape[0], -1, sub_centers).max(2).values
+    return cos
+
+
+def scalar_like(v, like: torch.Tensor) -> torch.Tensor:
+    """A float or 0-dim tensor as a 0-dim tensor of like's dtype and device. Built as zeros + v: under torch.compile
+    with inductor, as_tensor / full / scalar_tensor specialise a Python float (a recompile per value) while
+    arithmetic keeps it symbolic (one recompile, then the float is dynamic)."""
+    if isinstance(v, torch.Tensor):
+        return v.to(dtype=like.dtype, device=like.device)
+    return torch.zeros((), dtype=like.dtype, device=like.device) + v
+
+
+def arc_margin(cos: torch.Tensor, m1: float, m2, m3, fallback: int = Fallback.NONE) -> torch.Tensor:
+    """The combined-margin target cosine cos(m1 theta + m2) - m3 of target cosines `cos`, with each toolkit's
+    fallback past the monotone range (see `deepfense.params.Fallback`).
+
+    m1 is a Python float (1 selects the identity cos(theta + m2) = cos cos m2 - sin sin m2, as WeSpeaker and
+    SpeechBrain compute it); m2, m3 are floats or 0-dim tensors. sin theta is kept >= sqrt(tiny) so that the gradient
+    at cos = +-1 (where d cos / dx = 0) is finite.
+    """
+    fb = Fallback(fallback)
+    if fb == Fallback.SPEECHBRAIN:
+        cos = cos.clamp(-1.0 + 1e-7, 1.0 - 1e-7)
+    m2 = scalar_like(m2, cos)
+    sin = torch.sqrt(torch.clamp_min(1.0 - cos * cos, torch.finfo(cos.dtype).tiny))
+    if m1 == 1.0:
+        phi = cos * torch.cos(m2) - sin * torch.sin(m2)
+    else:
+        phi = torch.cos(m1 * torch.atan2(sin, cos) + m2)
+    if fb == Fallback.EASY:
+        phi = torch.where(cos > 0, phi, cos)
+    elif fb != Fallback.NONE:
+        th = torch.cos(torch.clamp((math.pi - m2) / m1, 0.0, math.pi))
+        shift = {Fallback.WESPEAKER: 1.0 + torch.cos(math.pi - m2), Fallback.SPEECHBRAIN: m2 * torch.sin(math.pi - m2),
+                 Fallback.PML: m2 * torch.sin(m2)}[fb]
+        phi = torch.where(cos > th, phi, cos - shift)
+    return phi - m3
 
 
 def chebyshev(cos: torch.Tensor, m: int) -> torch.Tensor:
@@ -100,13 +147,44 @@ def softmax_ce_ref(logits, targets, *, class_weights=None, ignore_index=-100, la
 
 
 def am_softmax_ref(embeddings, weight, targets, *, m=0.3, s=30.0, class_weights=None, ignore_index=-100,
-                   label_smoothing=0.0, reduction="mean"):
-    """AMSoftmax (CosFace): logits s*cos_c, target logit s*(cos_y - m). Shapes: x [B, D], weight [D, C], targets [B]."""
-    cos = cosine(embeddings, weight).to(_loss_dtype(embeddings, weight))
+                   label_smoothing=0.0, reduction="mean", sub_centers=1):
+    """AMSoftmax (CosFace): logits s*cos_c, target logit s*(cos_y - m). Shapes: x [B, D], weight [D, C*K] (K =
+    sub_centers), targets [B]."""
+    cos = class_cosine(embeddings, weight, sub_centers).to(_loss_dtype(embeddings, weight))
     onehot = torch.zeros_like(cos).scatter_(1, _row_weights(targets, None, ignore_index, cos.dtype)[1][:, None], 1.0)
     logits = s * (cos - m * onehot)
     return softmax_ce_ref(logits, targets, class_weights=class_weights, ignore_index=ignore_index,
                           label_smoothing=label_smoothing, reduction=reduction)
+
+
+def combined_margin_ref(embeddings, weight, targets, *, s=64.0, m1=1.0, m2=0.5, m3=0.0, fallback=Fallback.NONE,
+                        filter_threshold=0.0, straight_through=False, sub_centers=1, class_weights=None,
+                        ignore_index=-100, label_smoothing=0.0, reduction="mean"):
+    """ArcFace / CombinedMargin: logits s*cos_c, target logit s*`arc_margin`(cos_y, m1, m2, m3, fallback).
+
+    ArcFace is m1 = 1, m2 = m, m3 = 0; CosFace (= `am_softmax_ref`) m1 = 1, m2 = 0, m3 = m. filter_threshold > 0:
+    non-target cosines above it become 0 with no gradient (insightface's interclass filtering). straight_through:
+    the target's gradient is that of s*cos_y (insightface computes theta under no_grad). s, m2, m3: floats or 0-dim
+    tensors. Shapes: x [B, D], weight [D, C*K] (K = sub_centers), targets [B].
+    """
+    cos = class_cosine(embeddings, weight, sub_centers).to(_loss_dtype(embeddings, weight))
+    safe = _row_weights(targets, None, ignore_index, cos.dtype)[1][:, None]
+    if filter_threshold > 0:
+        target_col = torch.zeros_like(cos, dtype=torch.bool).scatter_(1, safe, True)
+        cos = torch.where((cos > filter_threshold) & ~target_col, torch.zeros_like(cos).detach(), cos)
+    cos_y = cos.gather(1, safe)
+    target = arc_margin(cos_y, m1, m2, m3, fallback)
+    if straight_through:
+        target = cos_y + (target - cos_y).detach()
+    logits = s * cos.scatter(1, safe, target)
+    return softmax_ce_ref(logits, targets, class_weights=class_weights, ignore_index=ignore_index,
+                          label_smoothing=label_smoothing, reduction=reduction)
+
+
+def arcface_ref(embeddings, weight, targets, *, m=0.2, s=32.0, fallback="wespeaker", **options):
+    """ArcFace with `functional.arcface_loss`'s argument names (fallback by name); see `combined_margin_ref`."""
+    return combined_margin_ref(embeddings, weight, targets, s=s, m1=1.0, m2=m, m3=0.0,
+                               fallback=Fallback[fallback.upper()], **options)
 
 
 def a_softmax_ref(embeddings, weight, targets, *, m=4, lam=5.0, gamma=0.5, class_weights=None, ignore_index=-100,

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import torch
 
-from .params import LossParams, Margin
-from .reference import chebyshev
+from .params import Fallback, LossParams, Margin
+from .reference import arc_margin, chebyshev, scalar_like
 
 
 def _compute_dtype(*tensors) -> torch.dtype:
@@ -30,10 +30,45 @@ def _sphereface_k(cos: torch.Tensor, m: int) -> torch.Tensor:
     return torch.floor(m * torch.acos(cos) / torch.pi)
 
 
+def _combined_scalars(lam, p: LossParams):
+    """(s, m2, m3) of ArcFace / CombinedMargin: the runtime tensor `lam` [3] when given (a schedule), else p's."""
+    return (p.s, p.m, p.m3) if lam is None else (lam[0], lam[1], lam[2])
+
+
+def _logit_scale(xnorm, lam, p: LossParams):
+    """What multiplies every cosine: s, or |x| for ASoftmax."""
+    if p.margin == Margin.ANGULAR:
+        return xnorm
+    return _combined_scalars(lam, p)[0] if p.margin == Margin.COMBINED else p.s
+
+
+def _arc_margin_grad(cos, m1, m2, fallback):
+    """d `arc_margin`(cos) / d cos: the margin branch's derivative, 1 on the fallback branches (cos - const)."""
+    fb = Fallback(fallback)
+    c = cos.clamp(-1.0 + 1e-7, 1.0 - 1e-7) if fb == Fallback.SPEECHBRAIN else cos
+    m2 = scalar_like(m2, c)
+    sin = torch.sqrt(torch.clamp_min(1.0 - c * c, 0.0))
+    rsin = torch.where(sin > 0, 1.0 / sin, 0.0)  # at cos = +-1, d cos / dx = 0: any finite value serves
+    if m1 == 1.0:
+        d = torch.cos(m2) + torch.sin(m2) * c * rsin  # d/dc (c cos m2 - sin sin m2), d sin / dc = -c / sin
+    else:
+        d = m1 * torch.sin(m1 * torch.atan2(sin, c) + m2) * rsin  # d theta / dc = -1 / sin
+    if fb == Fallback.EASY:
+        d = torch.where(c > 0, d, 1.0)
+    elif fb != Fallback.NONE:
+        d = torch.where(c > torch.cos(torch.clamp((torch.pi - m2) / m1, 0.0, torch.pi)), d, 1.0)
+    if fb == Fallback.SPEECHBRAIN:  # SpeechBrain's clamp passes no gradient outside its bounds
+        d = torch.where((cos >= -1.0 + 1e-7) & (cos <= 1.0 - 1e-7), d, 0.0)
+    return d
+
+
 def _target_logit(cos_y, xnorm, lam, p: LossParams):
     """Target-column logit from its clamped cosine ([B, 1] each)."""
     if p.margin == Margin.ADDITIVE:
         return p.s * (cos_y - p.m)
+    if p.margin == Margin.COMBINED:
+        s, m2, m3 = _combined_scalars(lam, p)
+        return s * arc_margin(cos_y, p.m1, m2, m3, p.fallback)
     m = int(p.m)  # ANGULAR: |x| (lam cos + psi) / (1 + lam), psi = (-1)^k T_m(cos) - 2k
     k = _sphereface_k(cos_y, m)
     psi = (1.0 - 2.0 * torch.remainder(k, 2.0)) * chebyshev(cos_y, m) - 2.0 * k
@@ -41,7 +76,11 @@ def _target_logit(cos_y, xnorm, lam, p: LossParams):
 
 
 def _target_logit_grad(cos_y, xnorm, lam, p: LossParams):
-    """ASoftmax's d(target logit) / d(cos_y), holding |x| fixed; k carries no gradient. (AMSoftmax's is just s.)"""
+    """ASoftmax's d(target logit) / d(cos_y), holding |x| fixed; k carries no gradient. (AMSoftmax's is just s.)
+    CombinedMargin's is s d arc_margin / d cos, or s with insightface's straight-through gradient."""
+    if p.margin == Margin.COMBINED:
+        s, m2, _ = _combined_scalars(lam, p)
+        return s + 0.0 * cos_y if p.straight_through else s * _arc_margin_grad(cos_y, p.m1, m2, p.fallback)
     m = int(p.m)
     dpsi = (1.0 - 2.0 * torch.remainder(_sphereface_k(cos_y, m), 2.0)) * _chebyshev_grad(cos_y, m)
     return xnorm * (lam + dpsi) / (1.0 + lam)
@@ -58,6 +97,18 @@ def _cosines(xf, wf):
     rw = torch.where(wnorm == 0, 0.0, 1.0 / wnorm)
     w_hat = _gemm_layout(wf * rw)
     return (xf @ w_hat).mul_(rx).clamp_(-1.0, 1.0), xnorm, rx, rw, w_hat
+
+
+def _sub_center_max(cos_cols, k: int):
+    """Class cosines [B, C]: the max over each class's K adjacent columns of cos_cols [B, C*K], and the winners."""
+    best = cos_cols.view(cos_cols.shape[0], -1, k).max(2)
+    return best.values, best.indices
+
+
+def _to_sub_centers(dcos, best, k: int):
+    """dL/dcos of the classes [B, C] sent to each class's winning column: [B, C*K]."""
+    full = dcos.new_zeros(*dcos.shape, k).scatter_(2, best[..., None], dcos[..., None])
+    return full.view(dcos.shape[0], -1)
 
 
 def _gemm_layout(w_dc):
@@ -78,7 +129,7 @@ class MarginLossFunction(torch.autograd.Function):
     def forward(ctx, x, w, bias, targets, class_weights, lam, p: LossParams):
         dt = _compute_dtype(x, w)
         xf, wf = x.to(dt), w.to(dt)
-        n_classes = wf.shape[1]
+        n_classes = wf.shape[1] // p.sub_centers
         valid = targets != p.ignore_index
         n_targets = 2 if p.margin == Margin.ONE_CLASS else n_classes
         # any in-range index serves an ignored row: its row weight and coefficients are 0
@@ -91,6 +142,9 @@ class MarginLossFunction(torch.autograd.Function):
             logits = torch.addmm(bias.to(dt), xf, wf) if bias is not None else xf @ wf
         else:
             cos, xnorm, rx, rw, wf = _cosines(xf, wf)  # backward needs only the normalised columns
+            cos_cols = cos
+            if p.sub_centers > 1:
+                cos, best = _sub_center_max(cos_cols, p.sub_centers)
 
         if p.margin == Margin.ONE_CLASS:
             bona = (safe == p.bonafide_label).to(dt)  # z = alpha*(m_real - cos) if bonafide, else alpha*(cos - m_fake)
@@ -99,12 +153,17 @@ class MarginLossFunction(torch.autograd.Function):
             dcos = row_w[:, None] * torch.sigmoid(z) * (p.alpha * (1.0 - 2.0 * bona))  # softplus' = sigmoid
             return _finish(ctx, p, rows, row_w, xf, wf, bias, cos, dcos, rx, rw, None, (x.dtype, w.dtype))
 
-        lam_t = torch.as_tensor(lam, dtype=dt, device=x.device) if p.margin == Margin.ANGULAR else None
+        lam_t = None if lam is None else torch.as_tensor(lam, dtype=dt, device=x.device)
+        dirty = None  # insightface's interclass filtering: non-target cosines above the threshold count as 0
+        if p.margin == Margin.COMBINED and p.filter_threshold > 0:
+            dirty = (cos > p.filter_threshold).scatter_(1, safe, False)
         if p.margin == Margin.NONE:
             logits_y = logits.gather(1, safe)
         else:
             cos_y = cos.gather(1, safe)
-            logits = cos * (p.s if p.margin == Margin.ADDITIVE else xnorm)
+            logits = cos * _logit_scale(xnorm, lam_t, p)
+            if dirty is not None:
+                logits.masked_fill_(dirty, 0.0)
             logits_y = _target_logit(cos_y, xnorm, lam_t, p)
             logits.scatter_(1, safe, logits_y)
         logp = torch.log_softmax(logits, dim=1)
@@ -129,8 +188,12 @@ class MarginLossFunction(torch.autograd.Function):
             dlogits.sub_(smooth[:, None] * cw)
         if p.margin == Margin.NONE:
             return _finish(ctx, p, rows, row_w, xf, wf, bias, None, dlogits, None, None, None, (x.dtype, w.dtype))
-        tgrad = _target_logit_grad(cos_y, xnorm, lam_t, p) if p.margin == Margin.ANGULAR else None
-        xscale = _dlogits_to_dcos(dlogits, logits, xnorm, rx, safe, tgrad, p)
+        tgrad = _target_logit_grad(cos_y, xnorm, lam_t, p) if p.margin in (Margin.ANGULAR, Margin.COMBINED) else None
+        xscale = _dlogits_to_dcos(dlogits, logits, _logit_scale(xnorm, lam_t, p), rx, safe, tgrad, p)
+        if dirty is not None:
+            dlogits.masked_fill_(dirty, 0.0)  # filtered cosines are constants
+        if p.sub_centers > 1:
+            cos, dlogits = cos_cols, _to_sub_centers(dlogits, best, p.sub_centers)
         return _finish(ctx, p, rows, row_w, xf, wf, bias, cos, dlogits, rx, rw, xscale, (x.dtype, w.dtype))
 
     @staticmethod
@@ -145,11 +208,16 @@ class MarginLossFunction(torch.autograd.Function):
 def _dlogits_to_dcos(dlogits, logits, xnorm, rx, tcol, tgrad, p: LossParams):
     """In place, turn dL/dlogits [B, C] into dL/dcos for the cosine losses; returns ASoftmax's |x| term or None.
 
-    tcol [B, 1]: the target column. tgrad [B, 1]: d(target logit)/d(cos_y) (ASoftmax only; a caller that must leave
-    a row's target column as a plain |x| cos logit passes |x| there).
+    xnorm: what scales the non-target cosines (|x| [B, 1]; s for CombinedMargin). tcol [B, 1]: the target column.
+    tgrad [B, 1]: d(target logit)/d(cos_y) (ASoftmax, CombinedMargin; a caller that must leave a row's target column
+    as a plain scaled cosine passes the scale there).
     """
     if p.margin == Margin.ADDITIVE:
         dlogits.mul_(p.s)  # every logit, the target's too, is s * cos + const
+        return None
+    if p.margin == Margin.COMBINED:  # logits s cos_c, the target's s h(cos_y)
+        dlogits_y = dlogits.gather(1, tcol)
+        dlogits.mul_(xnorm).scatter_(1, tcol, dlogits_y * tgrad)
         return None
     # logits are |x| h(cos): dL/d|x| = sum_c dL/dl_c * l_c / |x|, and d|x|/dx = x / |x|
     xscale = (dlogits * logits).sum(1, keepdim=True) * rx * rx

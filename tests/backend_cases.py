@@ -9,21 +9,23 @@ import torch
 from deepfense import functional as F
 
 LOSSES = ("am", "a", "oc", "ce")
-FUNCS = {"am": F.am_softmax_loss, "a": F.a_softmax_loss, "oc": F.oc_softmax_loss, "ce": F.cross_entropy_loss}
+FUNCS = {"am": F.am_softmax_loss, "a": F.a_softmax_loss, "oc": F.oc_softmax_loss, "ce": F.cross_entropy_loss,
+         "arc": F.arcface_loss}  # ArcFace / CombinedMargin: tests/test_arcface.py
 DEVICE = "cuda" if os.environ.get("DEEPFENSE_TEST_DEVICE") == "cuda" else "cpu"
 FAST_BACKENDS = ("torch", "triton")
 # absolute slack on top of twice the same-dtype PyTorch error (flash-attention / CCE rule)
 ATOL = {torch.float64: 1e-9, torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 
 
-def make_case(loss, B, D, C, dtype=torch.float32, seed=0, ignore_some=False, class_weights=False):
-    """Random embeddings, weight, targets (and bias for CrossEntropy) on the test device."""
+def make_case(loss, B, D, C, dtype=torch.float32, seed=0, ignore_some=False, class_weights=False, sub_centers=1):
+    """Random embeddings, weight, targets (and bias for CrossEntropy) on the test device; the weight has C*K columns
+    with K = sub_centers."""
     gen = torch.Generator().manual_seed(seed)
-    C = 1 if loss == "oc" else C
+    C = 1 if loss == "oc" else C * sub_centers
     x = torch.randn(B, D, generator=gen, dtype=torch.float64) * 3.0
     w = torch.randn(C, D, generator=gen, dtype=torch.float64) if loss == "ce" else torch.randn(D, C, generator=gen,
                                                                                                dtype=torch.float64)
-    n_t = 2 if loss == "oc" else C
+    n_t = 2 if loss == "oc" else C // sub_centers
     t = torch.randint(0, n_t, (B,), generator=gen)
     if ignore_some and B > 2:
         t[::3] = -100
@@ -38,7 +40,7 @@ def make_case(loss, B, D, C, dtype=torch.float32, seed=0, ignore_some=False, cla
 
 def options(loss, reduction="mean", smoothing=0.0, **extra):
     opts = dict(reduction=reduction, **extra)
-    if smoothing and loss in ("am", "ce"):
+    if smoothing and loss in ("am", "ce", "arc"):
         opts["label_smoothing"] = smoothing
     if loss == "a":
         opts.setdefault("lam", 7.5)

@@ -22,6 +22,7 @@ from deepfense.distributed import class_slice, sharded_margin_loss, sum_comm_hoo
 from deepfense.params import LossParams, Margin
 
 KINDS = ("AMSoftmax", "ASoftmax", "CrossEntropy")
+TORCH_KINDS = KINDS + ("ArcFace",)  # ArcFace with a runtime-tensor margin
 IGNORE = -100
 
 
@@ -34,6 +35,8 @@ def _loss(kind, x, w, t, bias, **kw):
     """One functional call: w is [D, C] (CrossEntropy: [C, D] with bias)."""
     if kind == "AMSoftmax":
         return F.am_softmax_loss(x, w, t, m=0.35, s=16.0, **kw)
+    if kind == "ArcFace":
+        return F.arcface_loss(x, w, t, m=torch.tensor(0.4, dtype=torch.float64), s=16.0, fallback="wespeaker", **kw)
     if kind == "ASoftmax":
         kw.pop("label_smoothing", None)
         return F.a_softmax_loss(x, w, t, m=4, lam=torch.tensor(3.0, dtype=torch.float64), gamma=0.5, **kw)
@@ -84,7 +87,7 @@ def _check_exact(rank, world, device, kind, sizes, n_classes, *, reduction="mean
 
 def _exact_cases(rank, world, device):
     uneven = (5, 3, 4)[:world]
-    for kind in KINDS:
+    for kind in TORCH_KINDS:
         for reduction in ("mean", "sum", "none"):
             # uneven batches, ignored rows, class weights, label smoothing (not defined for ASoftmax)
             _check_exact(rank, world, device, kind, uneven, 7, reduction=reduction, weighted=True, ignored=(1, 6),
@@ -98,7 +101,7 @@ def _exact_cases(rank, world, device):
 def _kernel_cases(rank, world, device):
     """Each rank's share on the fused kernels (the Triton interpreter here, compiled kernels on CUDA). The kernels take
     s, m and eps as fp32 scalars, hence 1e-6 rather than 1e-10; 40 classes span several 16-wide class tiles."""
-    for kind in KINDS:
+    for kind in TORCH_KINDS:
         for reduction in ("mean", "none"):
             _check_exact(rank, world, device, kind, (5, 3, 4)[:world], 40, reduction=reduction, weighted=True,
                          ignored=(1, 6), smoothing=0.0 if kind == "ASoftmax" else 0.1, backend="triton", rtol=1e-6)

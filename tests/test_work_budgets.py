@@ -29,6 +29,7 @@ def h200_plan(monkeypatch):
 @pytest.mark.parametrize("loss,B,D,C,budget", [
     ("am", 64, 128, 1024, 5.0),  # D <= 512: forward 1, dX 2 (recompute once over the whole D + accumulate), dW 2
     ("ce", 64, 128, 1024, 5.0),
+    ("arc", 64, 128, 1024, 5.0),  # ArcFace (issue 10): the margin maths is per row, the budgets are the same
     ("a", 64, 1024, 128, 6.0),  # D = 1024: the feature chunk still holds all of D (BLOCK_B = 16 keeps it small)
 ])
 def test_large_head_launches_and_dot_work(h200_plan, loss, B, D, C, budget):
@@ -39,12 +40,12 @@ def test_large_head_launches_and_dot_work(h200_plan, loss, B, D, C, budget):
     assert kernels.count(COMBINE) <= 1
     assert s["gemm"] <= budget + 1e-9, (s["gemm"], wc.table())
     assert s["gemm"] >= 3.0, s  # forward, dX and dW each do at least one GEMM: a counter reading 0 fails here
-    planned = P.plan(Margin.ADDITIVE if loss == "am" else Margin.ANGULAR if loss == "a" else Margin.NONE, B, D, C,
-                     torch.float32, torch.float32, n_sm=N_SM, gpu=True)
+    margin = {"am": Margin.ADDITIVE, "a": Margin.ANGULAR, "arc": Margin.COMBINED}.get(loss, Margin.NONE)
+    planned = P.plan(margin, B, D, C, torch.float32, torch.float32, n_sm=N_SM, gpu=True)
     assert s["grids"] == [(item.kernel, item.grid) for item in planned]  # the launchers ran exactly the plan
 
 
-@pytest.mark.parametrize("loss", ["am", "a", "ce"])
+@pytest.mark.parametrize("loss", ["am", "a", "ce", "arc"])
 def test_gpu_plan_matches_reference(h200_plan, loss):
     """The GPU plan's code paths (whole-D feature chunks with masked tails, class-split forward and dX, row-split
     dW) on an unaligned shape, against the float64 reference."""

@@ -50,6 +50,8 @@ LOSSES = {
                           {"m_real": 0.5, "m_fake": 0.2, "alpha": 20.0}),
     "CrossEntropy": LossSpec("CrossEntropy", functional.cross_entropy_loss, reference.cross_entropy_ref, {},
                              weight_cd=True),
+    "ArcFace": LossSpec("ArcFace", functional.arcface_loss, reference.arcface_ref,
+                        {"m": 0.2, "s": 32.0, "fallback": "wespeaker"}),
 }
 
 
@@ -104,11 +106,24 @@ ISSUE2 = (("AMSoftmax", 256, 192, 2), ("AMSoftmax", 4096, 192, 2), ("AMSoftmax",
 # DeepFense's own training sizes (its recipes: batch 1..32, D = 128..1024, C = 2; issue 12), against its modules.
 DEEPFENSE_SHAPES = tuple((b, d, 2) for d in (160, 1024) for b in (8, 32, 256))
 SUITES = {"deepfense": DEEPFENSE_SHAPES}
+DEEPFENSE_LOSSES = ("AMSoftmax", "ASoftmax", "OCSoftmax", "CrossEntropy")  # the losses DeepFense 0.2.2 has
 
 
 def suite_cases(name: str, dtypes=None) -> list[Case]:
     """The named suite's cases (every loss, fp32 unless `dtypes`), none of them compiled."""
-    return _expand(ALL, SUITES[name], dtypes or ["fp32"], name)
+    return _expand(DEEPFENSE_LOSSES, SUITES[name], dtypes or ["fp32"], name)
+
+
+# ArcFace (issue 10): the ECAPA-TDNN speaker heads (VoxCeleb2, and with speed perturbation) and a face head.
+ARCFACE_SPEAKER = ((256, 192, 5994), (128, 192, 17982))
+ARCFACE_FACE = {"cuda": (1024, 512, 93431), "cpu": (128, 512, 93431)}
+
+
+def arcface_cases(device: str, dtypes) -> list[Case]:
+    """ArcFace at the speaker shapes and one face shape (a smaller batch on CPU), all anchors (compiled too)."""
+    face = ARCFACE_FACE["cuda" if device == "cuda" else "cpu"]
+    return (_expand(["ArcFace"], ARCFACE_SPEAKER, dtypes, "speaker", {("ArcFace", *s) for s in ARCFACE_SPEAKER})
+            + _expand(["ArcFace"], [face], dtypes, "face", {("ArcFace", *face)}))
 
 
 def default_cases(device: str, quick: bool = False, dtypes=None) -> list[Case]:
@@ -129,12 +144,12 @@ def default_cases(device: str, quick: bool = False, dtypes=None) -> list[Case]:
         fp32 = [] if dtypes else [Case(n, b, d, c, "fp32", "issue2") for n, b, d, c in ISSUE2]
         return (_expand(ALL, fake, dt, "deepfake", fake_anchor)
                 + _expand(MULTI, speaker, dt, "speaker", set(ISSUE2) | {(n, 256, 192, 5994) for n in MULTI})
-                + _expand(MULTI, face, dt, "face") + fp32)
+                + _expand(MULTI, face, dt, "face") + fp32 + arcface_cases(device, dt))
     dt = dtypes or ["fp32"]
     fake = [(b, 192, 2) for b in (32, 256, 1024, 4096)] + [(1024, 160, 2), (1024, 1024, 2)]
     speaker = [(128, 192, 5994), (256, 192, 5994), (256, 192, 17982)]
     return (_expand(ALL, fake, dt, "deepfake", set(ISSUE2))
-            + _expand(MULTI, speaker, dt, "speaker", set(ISSUE2)))
+            + _expand(MULTI, speaker, dt, "speaker", set(ISSUE2)) + arcface_cases(device, dt))
 
 
 def parse_shapes(text: str) -> list[tuple]:

@@ -13,20 +13,32 @@ import sys
 
 # Names for --help and `list` without importing torch; tests/test_benchmark_cli.py checks them against cases.py and
 # the loss registry.
-LOSS_NAMES = ("AMSoftmax", "ASoftmax", "OCSoftmax", "CrossEntropy")
+LOSS_NAMES = ('AMSoftmax', 'ASoftmax', 'OCSoftmax', 'CrossEntropy', 'ArcFace')
 DTYPE_NAMES = ("fp32", "fp16", "bf16", "fp64")
 # The config keys each loss takes (constructor keywords less process_group, a runtime object, and label_smoothing
 # where the loss rejects it), with their defaults; ... marks a required key.
 LOSS_KEYS = {
-    "AMSoftmax": dict(embedding_dim=..., n_classes=2, m=0.3, s=30.0, weight=1.0, class_weights=None,
-                      reduction="mean", ignore_index=-100, label_smoothing=0.0, bonafide_label=1, backend="auto", validate=None),
+    "AAMSoftmax": dict(embedding_dim=..., n_classes=2, m=0.2, s=32.0, fallback='wespeaker', straight_through=False,
+                       sub_centers=1, weight=1.0, class_weights=None, reduction='mean', ignore_index=-100,
+                       label_smoothing=0.0, bonafide_label=1, backend='auto', validate=None),
+    "AMSoftmax": dict(embedding_dim=..., n_classes=2, m=0.3, s=30.0, weight=1.0, class_weights=None, reduction='mean',
+                      ignore_index=-100, label_smoothing=0.0, bonafide_label=1, backend='auto', sub_centers=1,
+                      validate=None),
     "ASoftmax": dict(embedding_dim=..., n_classes=2, m=4, gamma=0.5, lambda_min=5.0, lambda_max=1500.0, weight=1.0,
-                     class_weights=None, reduction="mean", ignore_index=-100, bonafide_label=1, backend="auto", validate=None),
+                     class_weights=None, reduction='mean', ignore_index=-100, bonafide_label=1, backend='auto',
+                     lambda_gamma=0.1, lambda_power=1.0, validate=None),
+    "ArcFace": dict(embedding_dim=..., n_classes=2, m=0.2, s=32.0, fallback='wespeaker', straight_through=False,
+                    sub_centers=1, weight=1.0, class_weights=None, reduction='mean', ignore_index=-100,
+                    label_smoothing=0.0, bonafide_label=1, backend='auto', validate=None),
+    "CombinedMargin": dict(embedding_dim=..., n_classes=2, m1=1.0, m2=0.5, m3=0.0, s=64.0,
+                           interclass_filtering_threshold=0.0, fallback='none', straight_through=False, sub_centers=1,
+                           weight=1.0, class_weights=None, reduction='mean', ignore_index=-100, label_smoothing=0.0,
+                           bonafide_label=1, backend='auto', validate=None),
+    "CrossEntropy": dict(embedding_dim=..., n_classes=2, weight=1.0, class_weights=None, reduction='mean',
+                         ignore_index=-100, label_smoothing=0.0, bonafide_label=1, backend='auto', validate=None),
     "OCSoftmax": dict(embedding_dim=..., m_real=0.5, m_fake=0.2, alpha=20.0, weight=1.0, class_weights=None,
-                      reduction="mean", ignore_index=-100, bonafide_label=1, backend="auto", validate=None, w_posi=None,
-                      w_nega=None, r_real=None, r_fake=None),
-    "CrossEntropy": dict(embedding_dim=..., n_classes=2, weight=1.0, class_weights=None, reduction="mean",
-                         ignore_index=-100, label_smoothing=0.0, bonafide_label=1, backend="auto", validate=None),
+                      reduction='mean', ignore_index=-100, bonafide_label=1, backend='auto', w_posi=None, w_nega=None,
+                      r_real=None, r_fake=None, validate=None),
 }
 DEFAULT_OUT = "deepfense-bench-results"  # under the current folder; bench/results/ keeps the committed reference run
 SUITE_NAMES = ("deepfense",)  # cases.SUITES, named here so --help imports no torch

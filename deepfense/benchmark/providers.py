@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import math
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -120,12 +121,14 @@ def _cce(case):
 
 
 def _pml(cls_name, **map_options):
-    """pytorch-metric-learning's CosFaceLoss / SphereFaceLoss with the benchmark's weight put in as its W [D, C]."""
+    """pytorch-metric-learning's CosFaceLoss / SphereFaceLoss / ArcFaceLoss with the benchmark's weight put in as its
+    W [D, C]. map_options: pml option -> our option name, a constant, or a function of our options."""
     def build(case):
         cls = getattr(_module("pytorch_metric_learning.losses"), cls_name)
         opts = LOSSES[case.loss].options
-        mod = cls(num_classes=case.C, embedding_size=case.D, **{k: opts[v] if isinstance(v, str) else v
-                                                                    for k, v in map_options.items()})
+        mod = cls(num_classes=case.C, embedding_size=case.D,
+                  **{k: opts[v] if isinstance(v, str) else v(opts) if callable(v) else v
+                     for k, v in map_options.items()})
         del mod.W  # make W a plain attribute so each step can use the rotated weight copy (and get its gradient)
 
         def step(x, w, t):
@@ -162,6 +165,9 @@ PROVIDERS = [
     # reference with lam=0, gamma=0 (the function it computes); its time is comparable in work.
     Provider("pml-sphereface", _pml("SphereFaceLoss", margin="m", scale=1.0),
              _only("ASoftmax", module="pytorch_metric_learning.losses"), oracle={"lam": 0.0, "gamma": 0.0}),
+    # ArcFaceLoss takes its margin in degrees and falls back to cos - m sin m past pi - m ('pml' fallback)
+    Provider("pml-arcface", _pml("ArcFaceLoss", margin=lambda o: math.degrees(o["m"]), scale="s"),
+             _only("ArcFace", module="pytorch_metric_learning.losses"), oracle={"fallback": "pml"}),
 ]
 REGISTRY = {p.name: p for p in PROVIDERS}
 

@@ -17,8 +17,8 @@ import triton
 import triton.language as tl
 
 from .tiles import (STAT_LSE, STAT_COEF_P, STAT_COEF_T, MARGIN_NONE, MARGIN_ANGULAR, MARGIN_ONE_CLASS, _bias,
-                    _clamp_cos, _class_weights, _dot_tile, _dw_finish, _dx_finish, _grad_tile, _logit_tile,
-                    _one_class, _recip_norm, _row_targets, _softmax_epilogue, _store_stats)
+                    _clamp_cos, _class_weights, _dot_tile, _dw_finish, _dx_finish, _grad_tile, _load_lam,
+                    _logit_tile, _one_class, _recip_norm, _row_targets, _softmax_epilogue, _store_stats)
 
 # Batch sizes change from step to step (the last batch of an epoch, uneven shards): a row count or index that
 # Triton specialised on (== 1, divisible by 16) would recompile the kernels; D, C and the strides stay specialised,
@@ -54,7 +54,7 @@ def _margin_ce_fwd_kernel(
     row_mask = rows < B
     t_safe, valid, row_w = _row_targets(T_ptr, CW_ptr, rows, row_mask, ignore_index, c_offset, n_targets, n_total,
                                         HAS_CW)
-    lam = tl.load(LAM_ptr).to(ACC_DTYPE) if MARGIN == MARGIN_ANGULAR else 0.0
+    lam = _load_lam(LAM_ptr, MARGIN, ACC_DTYPE)
     if MARGIN == MARGIN_ONE_CLASS:
         cols = tl.arange(0, BLOCK_C)
         acc, xsq, wsq = _dot_tile(X_ptr, W_ptr, rows, cols, row_mask, cols < 1, D, stride_x_row, stride_x_col,
@@ -200,7 +200,7 @@ def _margin_ce_bwd_dx_kernel(
     dmask = ds < D
     t_safe, valid, _ = _row_targets(T_ptr, CW_ptr, rows, row_mask, ignore_index, c_offset, n_targets, n_targets,
                                     HAS_CW)
-    lam = tl.load(LAM_ptr).to(ACC_DTYPE) if MARGIN == MARGIN_ANGULAR else 0.0
+    lam = _load_lam(LAM_ptr, MARGIN, ACC_DTYPE)
     lse = tl.load(STATS_ptr + STAT_LSE * B + rows, mask=row_mask, other=0.0)
     coef_p = tl.load(STATS_ptr + STAT_COEF_P * B + rows, mask=row_mask, other=0.0)
     coef_t = tl.load(STATS_ptr + STAT_COEF_T * B + rows, mask=row_mask, other=0.0)
@@ -249,7 +249,7 @@ def _margin_ce_bwd_dw_kernel(
     pid_d = tl.program_id(0)
     ds = pid_d.to(tl.int64) * BLOCK_DO + tl.arange(0, BLOCK_DO)
     dmask = ds < D
-    lam = tl.load(LAM_ptr).to(ACC_DTYPE) if MARGIN == MARGIN_ANGULAR else 0.0
+    lam = _load_lam(LAM_ptr, MARGIN, ACC_DTYPE)
     acc_w = tl.zeros((BLOCK_DO, BLOCK_C), ACC_DTYPE)
     csum = tl.zeros((BLOCK_C,), ACC_DTYPE)
     rw = tl.zeros((BLOCK_C,), ACC_DTYPE)

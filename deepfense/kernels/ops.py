@@ -209,10 +209,7 @@ def margin_loss(x, w_dc, bias, targets, class_weights, lam, p: LossParams):
     if x.dtype not in _TL or w_dc.dtype not in _TL:
         raise ValueError("backend='triton' supports float16, bfloat16, float32 and float64, "
                          f"got {x.dtype}/{w_dc.dtype}")
-    if p.margin == Margin.ANGULAR:
-        lam = torch.as_tensor(lam, dtype=torch.float32, device=x.device).reshape(1)
-    else:
-        lam = None
+    lam = kernel_lam(lam, p, x, w_dc)
     targets = targets.contiguous()
     class_weights = None if class_weights is None else class_weights.contiguous()
     grad_on = torch.is_grad_enabled()
@@ -233,6 +230,23 @@ def margin_loss(x, w_dc, bias, targets, class_weights, lam, p: LossParams):
     # mean over the class weights of kept rows; 0, not NaN, when no row is kept (the rows then sum to 0). The row
     # weights do not depend on x or w: a detached denominator keeps its ~10 backward ops out of every step (issue 12)
     return rows.sum() / stats[int(STAT_ROWW)].detach().sum().clamp_min(torch.finfo(rows.dtype).tiny)
+
+
+def kernel_lam(lam, p: LossParams, x: torch.Tensor, w: torch.Tensor) -> Optional[torch.Tensor]:
+    """The kernels' LAM tensor: ASoftmax's lambda [1] (fp32); CombinedMargin's scalars [ARC_N] in the accumulator
+    dtype, the runtime (s, m2, m3) from `lam` [3] and the static (m1, fallback, straight_through, filter threshold)
+    from p; None for the other losses."""
+    if p.margin == Margin.ANGULAR:
+        return torch.as_tensor(lam, dtype=torch.float32, device=x.device).reshape(1)
+    if p.margin != Margin.COMBINED:
+        return None
+    acc = _dtypes(x, w)[1]
+    runtime = lam.to(device=x.device, dtype=acc).reshape(3) if lam is not None else None
+    if runtime is None:
+        runtime = torch.tensor([p.s, p.m, p.m3], dtype=acc, device=x.device)
+    static = torch.tensor([p.m1, float(p.fallback), float(p.straight_through), p.filter_threshold], dtype=acc,
+                          device=x.device)
+    return torch.cat([runtime, static])
 
 
 def partial_row_stats(x, w, bias, targets, class_weights, lam, floats: List[float], ints: List[int]):

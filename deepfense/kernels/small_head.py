@@ -192,7 +192,10 @@ def small_head_loss(x, w_dc, bias, targets, class_weights, lam, p: LossParams):
                          f"got {x.dtype}/{w_dc.dtype}")
     if not 1 <= w_dc.shape[1] <= MAX_CLASSES:
         raise ValueError(f"the small-head path takes 1..{MAX_CLASSES} classes, got {w_dc.shape[1]}")
-    lam = torch.as_tensor(lam, dtype=torch.float32, device=x.device).reshape(1) if p.margin == Margin.ANGULAR else None
+    if p.margin == Margin.ANGULAR:
+        lam = torch.as_tensor(lam, dtype=torch.float32, device=x.device).reshape(1)
+    elif p.margin != Margin.COMBINED:  # CombinedMargin's LAM comes from ops.kernel_lam
+        lam = None
     class_weights = None if class_weights is None else class_weights.contiguous()
     floats, ints = op_params(p, w_dc.shape[1])
     rows, row_w, _ = small_head_fwd(x, w_dc, bias, targets.contiguous(), class_weights, lam, floats, ints)

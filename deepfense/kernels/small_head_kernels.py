@@ -21,8 +21,8 @@ import triton
 import triton.language as tl
 
 from .margin_ce import _ROW_ARGS
-from .tiles import (MARGIN_ANGULAR, MARGIN_NONE, MARGIN_ONE_CLASS, _bias, _class_weights, _dcos_tile, _dx_coef,
-                    _logit_tile, _one_class, _row_targets, _softmax_epilogue)
+from .tiles import (MARGIN_NONE, MARGIN_ONE_CLASS, _bias, _class_weights, _dcos_tile, _dx_coef,
+                    _load_lam, _logit_tile, _one_class, _row_targets, _softmax_epilogue)
 
 
 def _jit(fn):
@@ -75,7 +75,7 @@ def _small_head_fwd_kernel(
     col_mask = cols < C
     # an out-of-range target gets a NaN row weight: a NaN row loss and gradient, no sync or device assert
     t_safe, valid, row_w = _row_targets(T_ptr, CW_ptr, rows, row_mask, ignore_index, 0, n_targets, n_targets, HAS_CW)
-    lam = tl.load(LAM_ptr).to(ACC_DTYPE) if MARGIN == MARGIN_ANGULAR else 0.0
+    lam = _load_lam(LAM_ptr, MARGIN, ACC_DTYPE)
     acc, xsq, wsq = _row_dot(X_ptr, W_ptr, rows, cols, row_mask, col_mask, D, stride_x_row, stride_x_col,
                              stride_w_d, stride_w_c, ACC_DTYPE, BLOCK_B, BLOCK_C, BLOCK_K)
     bias = _bias(BIAS_ptr, cols, col_mask, HAS_BIAS, ACC_DTYPE, BLOCK_C)

@@ -8,6 +8,7 @@ import triton
 import triton.language as tl
 
 from ..params import Margin
+from .arc_margin import ARC_FILTER, ARC_S, ARC_STRAIGHT, _arc_margin
 
 STAT_LOSS: tl.constexpr = tl.constexpr(0)
 STAT_ROWW: tl.constexpr = tl.constexpr(1)
@@ -20,6 +21,7 @@ MARGIN_NONE: tl.constexpr = tl.constexpr(int(Margin.NONE))
 MARGIN_ADDITIVE: tl.constexpr = tl.constexpr(int(Margin.ADDITIVE))
 MARGIN_ANGULAR: tl.constexpr = tl.constexpr(int(Margin.ANGULAR))
 MARGIN_ONE_CLASS: tl.constexpr = tl.constexpr(int(Margin.ONE_CLASS))
+MARGIN_COMBINED: tl.constexpr = tl.constexpr(int(Margin.COMBINED))
 PI: tl.constexpr = tl.constexpr(3.141592653589793)
 
 
@@ -89,20 +91,50 @@ def _sphereface_psi(cos, m):
 
 @triton.jit
 def _target_logit(cos, xn, lam, s, m, MARGIN: tl.constexpr):
-    """The target column's logit from its cosine: AMSoftmax s (cos - m); ASoftmax |x| (lam cos + psi) / (1 + lam)."""
+    """The target column's logit from its cosine: AMSoftmax s (cos - m); ASoftmax |x| (lam cos + psi) / (1 + lam);
+    CombinedMargin s arc_margin(cos) (lam is then the pointer LAM)."""
     if MARGIN == MARGIN_ADDITIVE:
         return s * (cos - m)
+    elif MARGIN == MARGIN_COMBINED:
+        phi, _ = _arc_margin(cos, lam)
+        return tl.load(lam + ARC_S).to(cos.dtype) * phi
     else:
         psi, _ = _sphereface_psi(cos, m)
         return xn * (lam * cos + psi) / (1.0 + lam)
 
 
 @triton.jit
-def _target_logit_grad(cos, xn, lam, m):
-    """ASoftmax's d(target logit)/d cos at fixed |x|: |x| (lam + psi') / (1 + lam), k held constant.
-    (AMSoftmax's is s, the same as every other column's, so it needs no helper.)"""
-    _, dpsi = _sphereface_psi(cos, m)
-    return xn * (lam + dpsi) / (1.0 + lam)
+def _target_logit_grad(cos, xn, lam, m, MARGIN: tl.constexpr):
+    """d(target logit)/d cos. ASoftmax at fixed |x|: |x| (lam + psi') / (1 + lam), k held constant; CombinedMargin
+    s arc_margin'(cos), or s with insightface's straight-through gradient. (AMSoftmax's is s, as every column's.)"""
+    if MARGIN == MARGIN_COMBINED:
+        _, dphi = _arc_margin(cos, lam)
+        s = tl.load(lam + ARC_S).to(cos.dtype)
+        return tl.where(tl.load(lam + ARC_STRAIGHT) != 0, s, s * dphi)
+    else:
+        _, dpsi = _sphereface_psi(cos, m)
+        return xn * (lam + dpsi) / (1.0 + lam)
+
+
+@triton.jit
+def _filtered(cos, is_target, lam, MARGIN: tl.constexpr):
+    """insightface's interclass filtering: the non-target cosines above ARC_FILTER (when > 0) count as 0."""
+    if MARGIN == MARGIN_COMBINED:
+        thr = tl.load(lam + ARC_FILTER).to(cos.dtype)
+        return (cos > tl.where(thr > 0, thr, 2.0)) & (~is_target)  # thr <= 0: off (no cosine exceeds 2)
+    else:
+        return cos < -2.0  # nothing is filtered
+
+
+@triton.jit
+def _load_lam(LAM_ptr, MARGIN: tl.constexpr, ACC_DTYPE: tl.constexpr):
+    """What the tile helpers take as `lam`: ASoftmax's lambda, CombinedMargin's scalar pointer LAM, else 0."""
+    if MARGIN == MARGIN_ANGULAR:
+        return tl.load(LAM_ptr).to(ACC_DTYPE)
+    elif MARGIN == MARGIN_COMBINED:
+        return LAM_ptr
+    else:
+        return 0.0
 
 
 @triton.jit
@@ -122,7 +154,12 @@ def _logit_tile(acc, xsq, wsq, bias, is_target, col_mask, lam, s, m, MARGIN: tl.
         if MARGIN == MARGIN_ONE_CLASS:
             logits = cos
         else:
-            logits = xn[:, None] * cos if MARGIN == MARGIN_ANGULAR else s * cos
+            if MARGIN == MARGIN_ANGULAR:
+                logits = xn[:, None] * cos
+            elif MARGIN == MARGIN_COMBINED:
+                logits = tl.load(lam + ARC_S).to(cos.dtype) * tl.where(_filtered(cos, is_target, lam, MARGIN), 0.0, cos)
+            else:
+                logits = s * cos
             cos_y = tl.sum(tl.where(is_target, cos, 0.0), 1)  # the margin maths runs on one column, not the tile
             logits = tl.where(is_target, _target_logit(cos_y, xn, lam, s, m, MARGIN)[:, None], logits)
     return tl.where(col_mask[None, :], logits, float("-inf")), cos, xn, rx, rw
@@ -141,9 +178,14 @@ def _dcos_tile(logits, cos, xn, is_target, cw, lse, coef_p, coef_t, smooth, g, l
         dcos = dl
     elif MARGIN == MARGIN_ADDITIVE:
         dcos = s * dl  # every logit, the target's too, is s cos + const
+    elif MARGIN == MARGIN_COMBINED:  # s cos_c, the target's s phi(cos_y); filtered cosines are constants
+        cos_y = tl.sum(tl.where(is_target, cos, 0.0), 1)
+        tgrad = _target_logit_grad(cos_y, xn, lam, m, MARGIN)
+        dcos = dl * tl.where(is_target, tgrad[:, None], tl.load(lam + ARC_S).to(cos.dtype))
+        dcos = tl.where(_filtered(cos, is_target, lam, MARGIN), 0.0, dcos)
     else:
         cos_y = tl.sum(tl.where(is_target, cos, 0.0), 1)
-        dcos = dl * tl.where(is_target, _target_logit_grad(cos_y, xn, lam, m)[:, None], xn[:, None])
+        dcos = dl * tl.where(is_target, _target_logit_grad(cos_y, xn, lam, m, MARGIN)[:, None], xn[:, None])
     return dcos, dl
 
 

@@ -2,8 +2,12 @@
 
 from .checks import (LossConfigError, MissingKeyError, UnknownKeyError, UnknownLossError, WrongTypeError)
 from .config import REQUIRED, build_loss, get_loss_class, list_losses, loss_signature, register_loss
+from .checkpoints import load_head_weight
+from .margins import ArcFace, CombinedMargin, MarginScheduler
 from .modules import AMSoftmax, ASoftmax, CrossEntropy, MultiLoss, OCSoftmax
 
-__all__ = ["AMSoftmax", "ASoftmax", "OCSoftmax", "CrossEntropy", "MultiLoss", "build_loss", "register_loss",
+__all__ = ["AMSoftmax", "ASoftmax", "OCSoftmax", "CrossEntropy", "ArcFace", "CombinedMargin", "MarginScheduler",
+           "load_head_weight",
+           "MultiLoss", "build_loss", "register_loss",
            "list_losses", "loss_signature", "get_loss_class", "REQUIRED", "LossConfigError", "UnknownLossError",
            "UnknownKeyError", "MissingKeyError", "WrongTypeError"]

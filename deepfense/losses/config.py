@@ -21,6 +21,7 @@ from torch import nn
 
 from . import checks
 from .checks import LossConfigError, MissingKeyError, UnknownKeyError, UnknownLossError, WrongTypeError
+from .margins import ArcFace, CombinedMargin
 from .modules import AMSoftmax, ASoftmax, CrossEntropy, MultiLoss, OCSoftmax
 
 _REGISTRY: Dict[str, type] = {}
@@ -61,8 +62,9 @@ def register_loss(name: str, *, override: bool = False) -> Callable[[type], type
     return decorator
 
 
-for _cls in (AMSoftmax, ASoftmax, OCSoftmax, CrossEntropy):
+for _cls in (AMSoftmax, ASoftmax, OCSoftmax, CrossEntropy, ArcFace, CombinedMargin):
     register_loss(_cls.__name__)(_cls)
+register_loss("AAMSoftmax")(ArcFace)  # the name speaker recipes (WeSpeaker, SpeechBrain) use
 
 
 def list_losses() -> List[str]:

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from .. import functional as F
-from ..reference import cosine
+from ..reference import class_cosine, cosine
 from . import checks
 
 
@@ -120,12 +120,13 @@ class AMSoftmax(_LossHead):
         n_classes stays global, the weight holds this rank's `rank_slice` and get_logits returns those columns.
         validate: the value checks (targets in range, finite inputs): None = on for CPU tensors, off on CUDA (a NaN
         loss instead of a host sync; see `deepfense.inputs`), True / False = always / never.
+        sub_centers: K weight columns per class (adjacent in `mapper.weight` [D, C*K]); a class's cosine is the max.
     """
 
     def __init__(self, embedding_dim: int, n_classes: int = 2, m: float = 0.3, s: float = 30.0, weight: float = 1.0,
                  class_weights: Optional[Sequence[float]] = None, reduction: str = "mean", ignore_index: int = -100,
                  label_smoothing: float = 0.0, bonafide_label: int = 1, backend: str = "auto", process_group=None,
-                 validate: Optional[bool] = None):
+                 sub_centers: int = 1, validate: Optional[bool] = None):
         super().__init__()
         name = type(self).__name__
         self.n_classes = checks.check_int(name, "n_classes", n_classes, low=1)
@@ -135,7 +136,8 @@ class AMSoftmax(_LossHead):
         self._init_common(embedding_dim, self.n_classes, class_weights=class_weights, reduction=reduction,
                           ignore_index=ignore_index, label_smoothing=label_smoothing, smoothing_allowed=True,
                           bonafide_label=bonafide_label, weight=weight, backend=backend, validate=validate)
-        self.mapper = _Mapper(self.embedding_dim, _local_classes(self.n_classes, process_group))
+        self.sub_centers = checks.check_int(name, "sub_centers", sub_centers, low=1)
+        self.mapper = _Mapper(self.embedding_dim, _local_classes(self.n_classes, process_group) * self.sub_centers)
 
     _repr_keys = ("embedding_dim", "n_classes", "m", "s", "reduction", "backend")
 
@@ -143,25 +145,27 @@ class AMSoftmax(_LossHead):
         """Loss of embeddings [B, D] against integer targets [B]; `logits` (DeepFense's cache) is ignored."""
         return F.am_softmax_loss(embeddings, self.mapper.weight, targets, m=self.m, s=self.s,
                                  label_smoothing=self.label_smoothing, process_group=self.process_group,
-                                 **self._options())
+                                 sub_centers=self.sub_centers, **self._options())
 
     def get_logits(self, embeddings: torch.Tensor) -> torch.Tensor:
-        """[B, C] scaled cosines s*cos_c (no margin)."""
+        """[B, C] scaled cosines s*cos_c (no margin; with sub-centres the max over each class's K)."""
         self._check_embeddings(embeddings)
-        return self.s * cosine(embeddings, self.mapper.weight)
+        return self.s * class_cosine(embeddings, self.mapper.weight, self.sub_centers)
 
 
 class ASoftmax(_LossHead):
     """Angular softmax (SphereFace) with lambda annealing and a focal factor.
 
-    lambda = max(lambda_min, lambda_max / (1 + 0.1 t)); the int64 buffer `step` (in state_dict) holds t and each
+    lambda = max(lambda_min, lambda_max * (1 + lambda_gamma t)^-lambda_power) (SphereFace's base, gamma, power;
+    DeepFense: 1500, 0.1, 1; WeSpeaker's SphereProduct: lambda_max=1000, lambda_gamma=0.12); the int64 buffer `step` (in state_dict) holds t and each
     training-mode forward adds one before computing lambda, so the first training forward uses t = 1. Eval-mode
     forwards use t = max(step, 1) without advancing it: the lambda of the last training forward, or, before any
     training, the lambda the first training forward (and DeepFense's first forward) would use.
 
     Args:
         embedding_dim: D. n_classes: C. m: integer angular margin 1..5. gamma: focal exponent (>= 0).
-        lambda_min, lambda_max: annealing bounds (>= 0). Other options as `AMSoftmax` (no label_smoothing), including
+        lambda_min, lambda_max: annealing bounds (>= 0). lambda_gamma, lambda_power: the decay's rate and power (>= 0).
+        Other options as `AMSoftmax` (no label_smoothing), including
         process_group.
     """
 
@@ -169,11 +173,14 @@ class ASoftmax(_LossHead):
                  lambda_min: float = 5.0, lambda_max: float = 1500.0, weight: float = 1.0,
                  class_weights: Optional[Sequence[float]] = None, reduction: str = "mean", ignore_index: int = -100,
                  label_smoothing: float = 0.0, bonafide_label: int = 1, backend: str = "auto", process_group=None,
+                 lambda_gamma: float = 0.1, lambda_power: float = 1.0,
                  validate: Optional[bool] = None):
         super().__init__()
         name = type(self).__name__
         self.n_classes = checks.check_int(name, "n_classes", n_classes, low=1)
         self.process_group = process_group
+        self.lambda_gamma = checks.check_float(name, "lambda_gamma", lambda_gamma, low=0.0)
+        self.lambda_power = checks.check_float(name, "lambda_power", lambda_power, low=0.0)
         self.m = checks.check_int(name, "m", m, low=1, high=5)
         self.gamma = checks.check_float(name, "gamma", gamma, low=0.0)
         self.lambda_min = checks.check_float(name, "lambda_min", lambda_min, low=0.0)
@@ -190,7 +197,7 @@ class ASoftmax(_LossHead):
     def lam(self) -> torch.Tensor:
         """0-dim float64 tensor: the lambda an eval forward uses now (t = max(step, 1)). No host sync."""
         t = self.step.clamp_min(1).to(torch.float64)
-        return torch.clamp_min(self.lambda_max / (1.0 + 0.1 * t), self.lambda_min)
+        return torch.clamp_min(self.lambda_max * (1.0 + self.lambda_gamma * t) ** -self.lambda_power, self.lambda_min)
 
     def forward(self, embeddings: torch.Tensor, targets: torch.Tensor, logits=None) -> torch.Tensor:
         """Loss of embeddings [B, D] against targets [B]; advances `step` in training mode. `logits` is ignored."""

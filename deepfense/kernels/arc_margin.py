@@ -1,0 +1,62 @@
+"""CombinedMargin's (ArcFace's) target-cosine maths for the fused kernels, called by `tiles._target_logit` /
+`_target_logit_grad`: cos(m1 theta + m2) - m3 with each toolkit's fallback, its derivative, and an acos that runs in
+the Triton interpreter. Mirrors `deepfense.reference.arc_margin` (the oracle) and the torch backend's
+`_arc_margin_grad`.
+"""
+
+import triton
+import triton.language as tl
+
+from ..params import Fallback
+
+FALLBACK_NONE: tl.constexpr = tl.constexpr(int(Fallback.NONE))
+FALLBACK_WESPEAKER: tl.constexpr = tl.constexpr(int(Fallback.WESPEAKER))
+FALLBACK_SPEECHBRAIN: tl.constexpr = tl.constexpr(int(Fallback.SPEECHBRAIN))
+FALLBACK_EASY: tl.constexpr = tl.constexpr(int(Fallback.EASY))
+# CombinedMargin's runtime scalars, one tensor LAM [ARC_N] (a schedule changes them without recompiling anything)
+ARC_S: tl.constexpr = tl.constexpr(0)
+ARC_M2: tl.constexpr = tl.constexpr(1)
+ARC_M3: tl.constexpr = tl.constexpr(2)
+ARC_M1: tl.constexpr = tl.constexpr(3)
+ARC_FALLBACK: tl.constexpr = tl.constexpr(4)
+ARC_STRAIGHT: tl.constexpr = tl.constexpr(5)
+ARC_FILTER: tl.constexpr = tl.constexpr(6)
+ARC_N = 7
+
+
+@triton.jit
+def _acos(c):
+    """acos(c), c in [-1, 1], from asin on |t| <= 1/2 (no libdevice: the interpreter has none): Cephes' asinf
+    polynomial, then one Newton step on sin(y) = t (|y| <= pi/6, so cos y > 0.86) for fp64 accuracy."""
+    big = tl.abs(c) > 0.5
+    t = tl.where(big, tl.sqrt(tl.maximum((1.0 - tl.abs(c)) * 0.5, 0.0)), c)
+    z = t * t
+    y = ((((4.2163199048e-2 * z + 2.4181311049e-2) * z + 4.5470025998e-2) * z + 7.4953002686e-2) * z
+         + 1.6666752422e-1) * z * t + t
+    y = y - (tl.sin(y) - t) / tl.cos(y)
+    return tl.where(big, tl.where(c > 0, 2.0 * y, 3.141592653589793 - 2.0 * y), 1.5707963267948966 - y)
+
+
+@triton.jit
+def _arc_margin(cos, LAM):
+    """CombinedMargin's target cosine cos(m1 theta + m2) - m3 with the toolkit fallback past the monotone range, and
+    its derivative in cos (`deepfense.reference.arc_margin`; scalars from LAM, see ARC_*)."""
+    m1 = tl.load(LAM + ARC_M1).to(cos.dtype)
+    m2 = tl.load(LAM + ARC_M2).to(cos.dtype)
+    fb = tl.load(LAM + ARC_FALLBACK).to(tl.int32)
+    c = tl.where(fb == FALLBACK_SPEECHBRAIN, tl.minimum(tl.maximum(cos, -1.0 + 1e-7), 1.0 - 1e-7), cos)
+    sin = tl.sqrt(tl.maximum((1.0 - c) * (1.0 + c), 0.0))  # 1 - c^2 loses digits near |c| = 1
+    rsin = tl.where(sin > 0, 1.0 / tl.where(sin > 0, sin, 1.0), 0.0)  # at cos = +-1, dcos/dx = 0: any finite value
+    cm, sm = tl.cos(m2), tl.sin(m2)
+    ang = m1 * _acos(c) + m2
+    # m1 = 1: c cos m2 - sin sin m2, d/dc = cos m2 + sin m2 c / sin; else d cos(m1 theta + m2)/dc = m1 sin(.) / sin
+    phi = tl.where(m1 == 1.0, c * cm - sin * sm, tl.cos(ang))
+    dphi = tl.where(m1 == 1.0, cm + sm * c * rsin, m1 * tl.sin(ang) * rsin)
+    th = tl.cos(tl.minimum(tl.maximum((3.141592653589793 - m2) / m1, 0.0), 3.141592653589793))
+    # WeSpeaker cos - (1 + cos(pi - m2)); SpeechBrain cos - m2 sin(pi - m2) and pml cos - m2 sin m2 are the same
+    shift = tl.where(fb == FALLBACK_WESPEAKER, 1.0 - cm, m2 * sm)
+    past = tl.where(fb == FALLBACK_EASY, c <= 0.0, (fb != FALLBACK_NONE) & (c <= th))
+    phi = tl.where(past, tl.where(fb == FALLBACK_EASY, c, c - shift), phi)
+    dphi = tl.where(past, 1.0, dphi)  # the fallbacks are cos - const
+    inside = (fb != FALLBACK_SPEECHBRAIN) | ((cos >= -1.0 + 1e-7) & (cos <= 1.0 - 1e-7))  # SpeechBrain's clamp
+    return phi - tl.load(LAM + ARC_M3).to(cos.dtype), tl.where(inside, dphi, 0.0)
