@@ -219,12 +219,20 @@ def _signature(kernel, constexprs: dict, dtype: str, values: dict):
     return sig, attrs, constexprs
 
 
-def _constexprs(meta: dict, kernel) -> dict:
+def _constexprs(meta: dict, kernel, step: Step) -> dict:
+    """The launch's constexprs; those a plan leaves to the launcher (the loss, flags, dtypes) from the step."""
+    from deepfense.benchmark.launches import MARGINS
+    from deepfense.kernels.ops import FP32_PRECISION
+    step_meta = dict(MARGIN=int(MARGINS[step.loss]), HAS_BIAS=step.has_bias, HAS_CW=False,
+                     DOT_DTYPE=step.dtype, ACC_DTYPE="fp32", PRECISION=FP32_PRECISION, NEED_DX=True, NEED_DW=True)
     out = {}
-    for k, v in meta.items():
-        if k not in kernel.arg_names:
+    for p in kernel.params:
+        if not p.is_constexpr:
             continue
-        out[k] = TL_DTYPES.get(v, v) if k.endswith("_DTYPE") else v
+        if p.name not in meta and p.name not in step_meta:
+            raise KeyError(f"{kernel.__name__}: constexpr {p.name} is neither in the plan's meta nor a step default")
+        v = meta.get(p.name, step_meta.get(p.name))
+        out[p.name] = TL_DTYPES.get(v, v) if p.name.endswith("_DTYPE") else v
     return out
 
 
@@ -238,7 +246,7 @@ def variants(dtypes=("bf16", "fp32")):
             if kernel is None:
                 from deepfense.kernels import small_head  # s8's small-head kernels
                 kernel = getattr(small_head, launch.kernel)
-            const = _constexprs(launch.meta, kernel)
+            const = _constexprs(launch.meta, kernel, step)
             values = _arg_values(step)
             key = (launch.kernel, tuple(sorted((k, str(v)) for k, v in const.items())), step.dtype, launch.num_warps,
                    launch.num_stages, tuple(sorted((k, _spec(v)) for k, v in values.items())))

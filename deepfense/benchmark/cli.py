@@ -44,6 +44,10 @@ def _parser():
     b.add_argument("--no-errors", action="store_true", help="skip the float64 reference errors")
     b.add_argument("--validate", action="store_true",
                    help="keep deepfense's input value checks on (one host sync per call; off by default)")
+    b.add_argument("--plan", action="store_true",
+                   help="print each case's launch plan with counted work and a predicted H200 roofline time; no run")
+    b.add_argument("--sm-count", type=int, help="multiprocessors to plan for (default: the GPU's, else 132: H200)")
+    b.add_argument("--no-roofline", action="store_true", help="on CUDA, skip the per-launch roofline lines")
     c = sub.add_parser("check", help="the fused path against the float64 reference: PASS/FAIL per loss")
     c.add_argument("--device", choices=["cpu", "cuda"])
     c.add_argument("--backend", default="auto", choices=["auto", "torch", "triton", "reference"])
@@ -88,6 +92,8 @@ def _bench(a) -> int:
         cases = custom_cases(losses, shapes, dtypes or (["bf16"] if device == "cuda" else ["fp32"]))
     else:
         cases = [c for c in default_cases(device, a.quick, dtypes) if c.loss in losses]
+    if a.plan:
+        return _print_plans(cases, a.sm_count or _sms(device))
     compile_mode = a.compile or ("none" if a.quick else "anchors")
     reps = a.reps or (10 if a.quick else 30 if device == "cpu" else 50)
     budget = 0.15 if a.quick else (0.4 if device == "cpu" else 0.1)
@@ -117,7 +123,33 @@ def _bench(a) -> int:
     runner.log("wrote " + ", ".join(paths))
     if report.busy(meta):
         runner.log(report.busy(meta))
+    if device == "cuda" and not a.no_roofline:
+        _print_roofline(cases, a.sm_count or _sms(device))
     return 0
+
+
+def _sms(device: str) -> int:
+    return torch.cuda.get_device_properties(0).multi_processor_count if device == "cuda" else 132
+
+
+def _print_plans(cases, sm_count: int) -> int:
+    from .roofline import format_plan, step_of
+    for case in cases:
+        print(format_plan(step_of(case), sm_count) + "\n")
+    return 0
+
+
+def _print_roofline(cases, sm_count: int):
+    """Per-launch achieved rates of the fused path (profiled kernel times) against the roofline of its counts."""
+    from .roofline import measure_kernels, roofline_lines, step_of
+    for case in cases:
+        try:
+            times = measure_kernels(case)
+        except Exception as exc:  # a failed profile leaves the lines labelled unmeasured
+            runner.log(f"roofline {case.label}: profile failed ({type(exc).__name__}: {exc})")
+            times = None
+        for line in roofline_lines(step_of(case), times, sm_count):
+            print(line)
 
 
 def _signature_lines():

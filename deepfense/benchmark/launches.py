@@ -24,13 +24,19 @@ H200_SMS = 132
 
 @dataclass(frozen=True)
 class Step:
-    """One training step's shape. dtype: 'bf16', 'fp16' or 'fp32' (x and W alike)."""
+    """One training step's shape. dtype: 'bf16', 'fp16' or 'fp32' (x and W alike); bias: CrossEntropy's fc.bias
+    (the module has one; the benchmark's cases do not)."""
 
     loss: str
     B: int
     D: int
     C: int
     dtype: str = "bf16"
+    bias: bool = True
+
+    @property
+    def has_bias(self) -> bool:
+        return self.loss == "CrossEntropy" and self.bias
 
     @property
     def label(self) -> str:
@@ -51,7 +57,7 @@ def _plan_args(step: Step, sm_count: int) -> dict:
     import torch
     dt = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[step.dtype]
     return dict(margin=MARGINS[step.loss], B=step.B, D=step.D, C=1 if step.loss == "OCSoftmax" else step.C,
-                x_dtype=dt, w_dtype=dt, sm_count=sm_count, has_bias=step.loss == "CrossEntropy", has_cw=False,
+                x_dtype=dt, w_dtype=dt, sm_count=sm_count, has_bias=step.has_bias, has_cw=False,
                 need_dx=True, need_dw=True, uniform_grad=True)
 
 
@@ -67,7 +73,7 @@ def _current_plan(step: Step, sm_count: int) -> List[_plan.Launch]:
     wanted = 1 if fused or tiles < 256 else min(triton.cdiv(2 * sm_count, rows), tiles // 8)
     per_split = triton.cdiv(tiles, max(1, min(wanted, tiles)))
     splits = triton.cdiv(tiles, per_split)
-    common = dict(MARGIN=int(margin), HAS_BIAS=margin == Margin.NONE, HAS_CW=False, DOT_DTYPE=step.dtype,
+    common = dict(MARGIN=int(margin), HAS_BIAS=step.has_bias, HAS_CW=False, DOT_DTYPE=step.dtype,
                   ACC_DTYPE="fp32", PRECISION=_precision(), BLOCK_B=bb)
     tiles_meta = dict(common, BLOCK_C=bc, BLOCK_K=bk)
     out = [_plan.Launch("_margin_ce_fwd_kernel", (rows, splits), 4, 3,
