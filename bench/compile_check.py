@@ -224,7 +224,8 @@ def _constexprs(meta: dict, kernel, step: Step) -> dict:
     from deepfense.benchmark.launches import MARGINS
     from deepfense.kernels.ops import FP32_PRECISION
     step_meta = dict(MARGIN=int(MARGINS[step.loss]), HAS_BIAS=step.has_bias, HAS_CW=False,
-                     DOT_DTYPE=step.dtype, ACC_DTYPE="fp32", PRECISION=FP32_PRECISION, NEED_DX=True, NEED_DW=True)
+                     DOT_DTYPE=step.dtype, ACC_DTYPE="fp32",
+                     PRECISION=FP32_PRECISION if step.dtype == "fp32" else "ieee", NEED_DX=True, NEED_DW=True)
     out = {}
     for p in kernel.params:
         if not p.is_constexpr:

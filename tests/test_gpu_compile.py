@@ -85,3 +85,14 @@ def test_every_planned_bf16_variant_compiles_for_hopper(bf16_check):
                                        "registers at 4 warps); the launch plan is being reshaped to remove them")
 def test_no_planned_bf16_variant_spills(bf16_check):
     assert bf16_check.returncode == 0, bf16_check.stdout[-3000:]
+
+
+def test_gpu_check_script_parses_and_fits_eight_minutes():
+    # the one-call GPU check cannot run here: its syntax, and the timeouts of its CUDA steps summing under 8 minutes
+    script = os.path.join(ROOT, "bench", "gpu_check.sh")
+    assert subprocess.run(["bash", "-n", script], capture_output=True).returncode == 0
+    text = open(script).read()
+    start = text.index("    DEV=cuda")
+    cuda = text[start:text.index("\nfi\n", start)]
+    budgets = [int(n) for n in re.findall(r"timeout (\d+)", cuda)]
+    assert len(budgets) == 6 and sum(budgets) < 480, budgets

@@ -74,7 +74,7 @@ def _current_plan(step: Step, sm_count: int) -> List[_plan.Launch]:
     per_split = triton.cdiv(tiles, max(1, min(wanted, tiles)))
     splits = triton.cdiv(tiles, per_split)
     common = dict(MARGIN=int(margin), HAS_BIAS=step.has_bias, HAS_CW=False, DOT_DTYPE=step.dtype,
-                  ACC_DTYPE="fp32", PRECISION=_precision(), BLOCK_B=bb)
+                  ACC_DTYPE="fp32", PRECISION=_precision(step.dtype), BLOCK_B=bb)
     tiles_meta = dict(common, BLOCK_C=bc, BLOCK_K=bk)
     out = [_plan.Launch("_margin_ce_fwd_kernel", (rows, splits), 4, 3,
                         dict(tiles_meta, SPLIT=splits > 1, FUSE_DX=False, FUSE_DW=fused))]
@@ -89,9 +89,10 @@ def _current_plan(step: Step, sm_count: int) -> List[_plan.Launch]:
     return out
 
 
-def _precision() -> str:
+def _precision(dtype: str) -> str:
+    """The dots' input_precision: the fp32 choice for fp32 inputs (ops.FP32_PRECISION), ieee (unused) otherwise."""
     from ..kernels import ops
-    return ops.FP32_PRECISION
+    return ops.FP32_PRECISION if dtype == "fp32" else "ieee"
 
 
 # Representative training steps (issue 8): deepfake, speaker and face heads, each loss, bf16 and fp32.
