@@ -51,8 +51,16 @@ def _dot_tile(X_ptr, W_ptr, rows, cols, row_mask, col_mask, D, stride_x_row, str
 
 @triton.jit
 def _recip_norm(sq):
-    """1/sqrt(sq), 0 for a zero vector (it normalises to zero with zero gradient, never NaN)."""
-    return tl.where(sq > 0, 1.0 / tl.sqrt(tl.where(sq > 0, sq, 1.0)), 0.0)
+    """1/sqrt(sq), 0 for an exact zero vector (it normalises to zero with zero gradient); NaN stays NaN, and an Inf
+    row's 0 times its Inf dot products makes NaN cosines, so a non-finite input never passes as a zero vector."""
+    return tl.where(sq == 0, 0.0, 1.0 / tl.sqrt(tl.where(sq == 0, 1.0, sq)))
+
+
+@triton.jit
+def _clamp_cos(cos):
+    """clamp(cos, -1, 1), keeping NaN (the GPU's default min/max, and the interpreter's, return the other operand)."""
+    return tl.minimum(tl.maximum(cos, -1.0, propagate_nan=tl.PropagateNan.ALL), 1.0,
+                      propagate_nan=tl.PropagateNan.ALL)
 
 
 @triton.jit
@@ -110,7 +118,7 @@ def _logit_tile(acc, xsq, wsq, bias, is_target, col_mask, lam, s, m, MARGIN: tl.
         cos = acc + bias[None, :]
         logits = cos
     else:
-        cos = tl.minimum(tl.maximum(acc * rx[:, None] * rw[None, :], -1.0), 1.0)
+        cos = _clamp_cos(acc * rx[:, None] * rw[None, :])
         if MARGIN == MARGIN_ONE_CLASS:
             logits = cos
         else:
@@ -143,6 +151,14 @@ def _dcos_tile(logits, cos, xn, is_target, cw, lse, coef_p, coef_t, smooth, g, l
 def _softplus(z):
     """log(1 + e^z) without overflow: max(z, 0) + log(1 + e^-|z|)."""
     return tl.maximum(z, 0.0) + tl.log(1.0 + tl.exp(-tl.abs(z)))
+
+
+@triton.jit
+def _one_class(cos, bona, row_w, m_real, m_fake, alpha):
+    """OCSoftmax's row loss row_w softplus(z), z = alpha (m_real - cos) for bonafide rows, alpha (cos - m_fake)
+    otherwise, and its dL/dcos (softplus' = sigmoid)."""
+    z = alpha * tl.where(bona, m_real - cos, cos - m_fake)
+    return row_w * _softplus(z), row_w * tl.sigmoid(z) * alpha * tl.where(bona, -1.0, 1.0)
 
 
 @triton.jit
@@ -198,14 +214,23 @@ def _dw_finish(acc_w, csum, rw, w, MARGIN: tl.constexpr):
 
 
 @triton.jit
+def _dx_coef(rx, ssum, xsum, MARGIN: tl.constexpr):
+    """The per-row factor of x in dx (see `_dx_finish`): -(sum_c dcos_c cos_c) rx^2, ASoftmax adding
+    (sum_c dL/dl_c l_c) rx^2."""
+    if MARGIN == MARGIN_ANGULAR:
+        return (xsum - ssum) * rx * rx
+    else:
+        return -ssum * rx * rx
+
+
+@triton.jit
 def _dx_finish(acc_x, x, rx, ssum, xsum, MARGIN: tl.constexpr):
     """dx = rx dcos @ W_hat^T - (sum_c dcos_c cos_c) rx^2 x, from d cos_c/dx = rx (w_hat_c - cos_c x_hat);
     ASoftmax adds (sum_c dL/dl_c l_c) rx^2 x since its logits scale with |x| and d|x|/dx = x rx."""
     if MARGIN == MARGIN_NONE:
         return acc_x
     else:
-        coef = (xsum - ssum) * rx * rx if MARGIN == MARGIN_ANGULAR else -ssum * rx * rx
-        return acc_x * rx[:, None] + coef[:, None] * x
+        return acc_x * rx[:, None] + _dx_coef(rx, ssum, xsum, MARGIN)[:, None] * x
 
 
 @triton.jit

@@ -1,0 +1,227 @@
+"""The small-head path (deepfense.kernels.small_head, C <= 16) against the float64 reference, and its properties.
+
+Every case runs through the functional API with the Triton backend's entry point replaced by `small_head_loss`, so
+the same inputs, options and error rule as tests/test_backends.py apply (|fast - gold| <= 2 |torch same dtype - gold|
++ atol). Interpreter tiles are 4-8 wide (kernels.small_head.plan_small, gpu=False), so these small shapes run several
+row blocks, K chunks and backward programs; the `gpu_plan` cases use the H200 plan (DEEPFENSE_TILES=gpu,
+DEEPFENSE_SM_COUNT=132).
+"""
+
+import pytest
+import torch
+
+import deepfense.kernels
+from backend_cases import FUNCS, LOSSES, assert_close_to_gold, make_case, options, run
+from deepfense.kernels.small_head import MAX_CLASSES, plan_small, small_head_loss
+from deepfense.params import LossParams, Margin
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
+
+
+@pytest.fixture
+def small(monkeypatch):
+    """Route backend='triton' to `small_head_loss`; counts the calls so a test can tell the path ran."""
+    calls = []
+
+    def route(x, w_dc, bias, targets, class_weights, lam, p):
+        calls.append(w_dc.shape[1])
+        return small_head_loss(x, w_dc, bias, targets, class_weights, lam, p)
+
+    monkeypatch.setattr(deepfense.kernels, "margin_loss", route)
+    return calls
+
+
+@pytest.fixture
+def gpu_plan(monkeypatch):
+    monkeypatch.setenv("DEEPFENSE_TILES", "gpu")
+    monkeypatch.setenv("DEEPFENSE_SM_COUNT", "132")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("loss", LOSSES)
+def test_matches_reference_all_options(loss, dtype, small):
+    """B = 13 (prime: a partial row block), D = 11 (odd: 3 forward / 2 backward K chunks, masked tails), C = 3 (not a
+    power of two: a padded class column), with class weights, ignored rows and label smoothing (AM, CE)."""
+    case = make_case(loss, 13, 11, 3, dtype, seed=7, ignore_some=True, class_weights=True)
+    assert_close_to_gold(loss, case, "triton", options(loss, smoothing=0.1), dtype)
+    assert small
+
+
+@pytest.mark.parametrize("reduction", ["none", "sum"])
+@pytest.mark.parametrize("loss", LOSSES)
+def test_reductions(loss, reduction, small):
+    """Per-row ('none': a different upstream gradient on every row) and summed losses on the binary head."""
+    case = make_case(loss, 10, 6, 2, torch.float32, seed=3, ignore_some=True)
+    assert_close_to_gold(loss, case, "triton", options(loss, reduction=reduction), torch.float32)
+
+
+SHAPES = [
+    pytest.param(0, 5, 2, id="B0"),  # empty batch: no launch, zero gradients, mean 0
+    pytest.param(1, 1, 1, id="B1-D1-C1"),  # one row, one feature (every cosine +-1), one class
+    pytest.param(5, 1, 16, id="D1-C16"),  # the largest small head
+    pytest.param(23, 9, 2, id="prime-B"),  # several backward programs with unequal row ranges
+    pytest.param(6, 19, 16, id="C16-K-chunks"),
+]
+
+
+@pytest.mark.parametrize("B,D,C", SHAPES)
+@pytest.mark.parametrize("loss", LOSSES)
+def test_shapes(loss, B, D, C, small):
+    case = make_case(loss, B, D, C, torch.float32, seed=B + D + C, class_weights=True)
+    assert_close_to_gold(loss, case, "triton", options(loss, reduction="none" if B % 2 else "mean"), torch.float32)
+
+
+@pytest.mark.parametrize("loss", LOSSES)
+def test_strided_views(loss, small):
+    """Embeddings as a row- and column-strided view; the weight transposed (CrossEntropy's is already [C, D]^T)."""
+    case = make_case(loss, 9, 14, 3, torch.float32, seed=5)
+    case["x"] = torch.cat([case["x"], case["x"]], 1).repeat(2, 1)[::2, ::2]
+    assert case["x"].stride() == (56, 2)
+    if loss != "ce":
+        case["w"] = case["w"].t().contiguous().t()
+    assert_close_to_gold(loss, case, "triton", options(loss), torch.float32)
+
+
+@pytest.mark.parametrize("loss,dtype", [("am", torch.bfloat16), ("a", torch.float32), ("oc", torch.bfloat16),
+                                        ("ce", torch.float32)], ids=str)
+def test_gpu_plan_matches_reference(loss, dtype, small, gpu_plan):
+    """The H200 tiles under the interpreter: D = 260 gives 17 forward K chunks and 2 backward ones (BLOCK_K 256),
+    B = 130 two forward row blocks of 128 and tens of backward row blocks per program."""
+    case = make_case(loss, 130, 260, 2, dtype, seed=11, ignore_some=True, class_weights=True)
+    assert_close_to_gold(loss, case, "triton", options(loss, reduction="none"), dtype)
+
+
+@pytest.mark.parametrize("loss,tiles", [("am", "interpreter"), ("a", "gpu"), ("oc", "gpu"), ("ce", "interpreter")])
+def test_bitwise_deterministic(loss, tiles, small, monkeypatch):
+    if tiles == "gpu":
+        monkeypatch.setenv("DEEPFENSE_TILES", "gpu")
+        monkeypatch.setenv("DEEPFENSE_SM_COUNT", "132")
+    case = make_case(loss, 23, 13, 2, torch.float32, seed=2, ignore_some=True, class_weights=True)
+    first = run(loss, case, "triton", options(loss, smoothing=0.1))
+    second = run(loss, case, "triton", options(loss, smoothing=0.1))
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+
+
+def _params(loss, reduction="mean"):
+    margin = {"am": Margin.ADDITIVE, "a": Margin.ANGULAR, "oc": Margin.ONE_CLASS, "ce": Margin.NONE}[loss]
+    extra = {"am": dict(s=30.0, m=0.3), "a": dict(m=4.0, gamma=0.5), "oc": {}, "ce": {}}[loss]
+    return LossParams(margin, reduction=reduction, **extra)
+
+
+def _loss_fn(loss, case, reduction="none"):
+    """small_head_loss called directly (no value checks), as a function of (x, w, bias)."""
+    def fn(x, w, bias):
+        return small_head_loss(x, w.t() if loss == "ce" else w, bias, case["t"], None, 7.5, _params(loss, reduction))
+    return fn
+
+
+def _direct(loss, case, reduction="none", fn=None):
+    """The loss and the leaves x, w, bias it was computed from (copies of the case's tensors)."""
+    x, w = case["x"].clone().requires_grad_(), case["w"].clone().requires_grad_()
+    bias = case["bias"].clone().requires_grad_() if "bias" in case else None
+    return (fn or _loss_fn(loss, case, reduction))(x, w, bias), x, w, bias
+
+
+@pytest.mark.parametrize("bad", ["nan", "inf"])
+@pytest.mark.parametrize("loss", LOSSES)
+def test_non_finite_row_gives_nan_row(loss, bad):
+    """A NaN or Inf in one embedding row makes that row's loss NaN (never a zero vector's finite loss); the other
+    rows match the reference. An exact zero row stays finite with zero gradient."""
+    case = make_case(loss, 7, 5, 2, torch.float32, seed=4)
+    case["x"][2, 1] = float(bad)
+    case["x"][4] = 0.0
+    out, x, _, _ = _direct(loss, case)
+    assert torch.isnan(out[2])
+    ok = torch.arange(7) != 2
+    gold = FUNCS[loss](case["x"][ok].double(), case["w"].double(), case["t"][ok], backend="reference",
+                       reduction="none", **({"lam": 7.5} if loss == "a" else {}),
+                       **({"bias": case["bias"].double()} if loss == "ce" else {}))
+    torch.testing.assert_close(out[ok].double(), gold, rtol=1e-4, atol=1e-5)
+    out[ok].sum().backward()
+    if loss != "ce":  # CrossEntropy has no normalisation: its zero row has a gradient
+        assert torch.equal(x.grad[4], torch.zeros(5))
+
+
+def test_nan_weight_gives_nan_loss():
+    case = make_case("am", 5, 4, 2, torch.float32, seed=1)
+    case["w"][0, 1] = float("nan")
+    assert torch.isnan(_direct("am", case)[0]).all()
+
+
+@pytest.mark.parametrize("loss", LOSSES)
+def test_out_of_range_target_gives_nan_row(loss):
+    """With no value check (small_head_loss itself never syncs), a target outside the classes makes its row NaN;
+    ignore_index rows stay 0."""
+    case = make_case(loss, 6, 4, 2, torch.float32, seed=9)
+    case["t"][1] = 7
+    case["t"][3] = -100
+    out = _direct(loss, case)[0]
+    assert torch.isnan(out[1]) and out[3] == 0
+    assert torch.isfinite(out[torch.arange(6) != 1]).all()
+
+
+@pytest.mark.parametrize("loss,reduction", [("am", "mean"), ("a", "none"), ("oc", "mean"), ("ce", "none")])
+def test_torch_compile_inductor(loss, reduction):
+    """fullgraph with inductor: the fake ops' shapes and strides match the real ones, gradients flow, numbers agree."""
+    torch._dynamo.reset()
+    case = make_case(loss, 12, 10, 3, torch.float32, seed=6)
+    g = torch.rand(12, dtype=torch.float32) + 0.5
+
+    def step(fn):
+        out, x, w, bias = _direct(loss, case, fn=fn)
+        (out * g).sum().backward() if reduction == "none" else out.backward()
+        return [out.detach(), x.grad, w.grad] + ([bias.grad] if bias is not None else [])
+
+    eager = step(_loss_fn(loss, case, reduction))
+    compiled = step(torch.compile(_loss_fn(loss, case, reduction), fullgraph=True, backend="inductor"))
+    for a, b in zip(eager, compiled):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_rejects_what_it_cannot_run():
+    case = make_case("am", 4, 3, MAX_CLASSES + 1, torch.float32)
+    with pytest.raises(ValueError, match="1..16 classes"):
+        small_head_loss(case["x"], case["w"], None, case["t"], None, None, _params("am"))
+    with pytest.raises(ValueError, match="float16, bfloat16"):
+        small_head_loss(case["x"].int(), case["w"], None, case["t"], None, None, _params("am"))
+
+
+def test_plan_h200_deepfake_head():
+    """B = 65536, D = 1024, C = 2 on 132 SMs: two launches, each with at least 2 x SM-count programs, power-of-two
+    tiles, a row reduction of at most 4096 products per program (32 per thread at 4 warps)."""
+    for dtype in (torch.bfloat16, torch.float32):
+        launches = plan_small(Margin.ADDITIVE, 65536, 1024, 2, dtype, dtype, n_sm=132)
+        assert [launch.kernel for launch in launches] == ["_small_head_fwd_kernel", "_small_head_bwd_kernel"]
+        for launch in launches:
+            assert launch.programs >= 2 * 132, launch
+            assert launch.num_warps == 4
+            tile = launch.meta["BLOCK_B"] * launch.meta["BLOCK_K"] * launch.meta["BLOCK_C"]
+            assert tile <= 4096 and all(v & (v - 1) == 0 for v in launch.meta.values()), launch
+            assert launch.meta["BLOCK_C"] == 2  # no padding of the two classes to 16
+    assert len(plan_small(Margin.NONE, 64, 8, 2, torch.float32, torch.float32, n_sm=132, need_dx=False,
+                          need_dw=False)) == 1
+
+
+@pytest.mark.parametrize("loss", ["am", "ce"])
+def test_mixed_dtypes(loss, small):
+    """bf16 embeddings with an fp32 weight (autocast's usual pair): computed in fp32, dX in bf16, dW in fp32."""
+    case = make_case(loss, 11, 9, 2, torch.float32, seed=8, ignore_some=True)
+    case["x"] = case["x"].bfloat16()
+    assert_close_to_gold(loss, case, "triton", options(loss, reduction="none"), torch.bfloat16)
+
+
+@pytest.mark.parametrize("frozen", ["x", "w"])
+@pytest.mark.parametrize("loss", ["a", "ce"])
+def test_one_gradient_only(loss, frozen):
+    """Only dW (a frozen encoder's embeddings) or only dX (a frozen head): the backward launches with NEED_DX or
+    NEED_DW off and gives the same gradient as the full backward."""
+    case = make_case(loss, 9, 7, 3, torch.float32, seed=12)
+    full, x, w, bias = _direct(loss, case)
+    full.sum().backward()
+    x2, w2 = case["x"].clone().requires_grad_(frozen != "x"), case["w"].clone().requires_grad_(frozen != "w")
+    bias2 = case["bias"].clone().requires_grad_(frozen != "w") if "bias" in case else None
+    _loss_fn(loss, case)(x2, w2, bias2).sum().backward()
+    live, kept = (w, w2) if frozen == "x" else (x, x2)
+    assert (x2.grad if frozen == "x" else w2.grad) is None
+    assert torch.equal(live.grad, kept.grad)
