@@ -41,7 +41,8 @@ from triton.backends.compiler import BaseBackend, GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from deepfense.benchmark.launches import Step, representative_steps, step_launches  # noqa: E402
+from deepfense.benchmark.launches import (Step, representative_steps, small_head_launches,  # noqa: E402
+                                          step_launches)
 from deepfense.kernels import margin_ce  # noqa: E402
 
 try:
@@ -52,7 +53,8 @@ except ImportError:  # older triton: no specialisation hints (the compile is sti
 TOOLS = os.path.join(os.path.dirname(triton.backends.nvidia.__file__), "bin")
 TL_DTYPES = {"bf16": tl.bfloat16, "fp16": tl.float16, "fp32": tl.float32, "fp64": tl.float64}
 FLOATS = {"s", "m", "gamma", "m_real", "m_fake", "alpha", "eps"}
-ACC_POINTERS = {"STATS_ptr", "PART_ptr", "DWP_ptr", "G_ptr", "BIAS_ptr", "CW_ptr", "LAM_ptr", "DB_ptr"}
+ACC_POINTERS = {"STATS_ptr", "PART_ptr", "DWP_ptr", "G_ptr", "BIAS_ptr", "CW_ptr", "LAM_ptr", "DB_ptr", "LOSS_ptr",
+                "ROWW_ptr", "SAVED_ptr"}
 
 
 @dataclass(frozen=True)
@@ -225,7 +227,8 @@ def _constexprs(meta: dict, kernel, step: Step) -> dict:
     from deepfense.kernels.ops import FP32_PRECISION
     step_meta = dict(MARGIN=int(MARGINS[step.loss]), HAS_BIAS=step.has_bias, HAS_CW=False,
                      DOT_DTYPE=step.dtype, ACC_DTYPE="fp32",
-                     PRECISION=FP32_PRECISION if step.dtype == "fp32" else "ieee", NEED_DX=True, NEED_DW=True)
+                     PRECISION=FP32_PRECISION if step.dtype == "fp32" else "ieee", NEED_DX=True, NEED_DW=True,
+                     HAS_XCOEF=step.loss != "CrossEntropy")
     out = {}
     for p in kernel.params:
         if not p.is_constexpr:
@@ -242,7 +245,7 @@ def variants(dtypes=("bf16", "fp32")):
     planned launches."""
     seen = {}
     for step in representative_steps(dtypes):
-        for launch in step_launches(step):
+        for launch in step_launches(step) + small_head_launches(step):
             kernel = getattr(margin_ce, launch.kernel, None)
             if kernel is None:
                 from deepfense.kernels import small_head  # s8's small-head kernels
@@ -253,6 +256,7 @@ def variants(dtypes=("bf16", "fp32")):
                    launch.num_stages, tuple(sorted((k, _spec(v)) for k, v in values.items())))
             if key not in seen:
                 short = launch.kernel.replace("_margin_ce_", "").replace("_kernel", "").strip("_")
+                short = short.replace("small_head_", "small-")
                 label = f"{short}-{step.loss}-{step.dtype}-{launch.num_warps}w"
                 seen[key] = [label, kernel, const, step.dtype, launch.num_warps, launch.num_stages, values, []]
             seen[key][7].append(f"{step.loss} {step.B}x{step.D}x{step.C}")
