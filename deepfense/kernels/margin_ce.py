@@ -17,13 +17,13 @@ import triton
 import triton.language as tl
 
 from .tiles import (STAT_LSE, STAT_COEF_P, STAT_COEF_T, MARGIN_NONE, MARGIN_ANGULAR, MARGIN_ONE_CLASS, _bias,
-                    _class_weights, _dot_tile, _dw_finish, _dx_finish, _grad_tile, _logit_tile,
+                    _clamp_cos, _class_weights, _dot_tile, _dw_finish, _dx_finish, _grad_tile, _logit_tile,
                     _recip_norm, _row_targets, _softmax_epilogue, _softplus, _store_stats)
 
 # Batch sizes change from step to step (the last batch of an epoch, uneven shards): a row count or index that
 # Triton specialised on (== 1, divisible by 16) would recompile the kernels; D, C and the strides stay specialised,
 # since their divisibility lets the loads vectorise.
-_ROW_ARGS = ["B", "n_targets", "c_offset", "tiles_per_split", "ignore_index", "bonafide", "n_smooth", "n_splits",
+_ROW_ARGS = ["B", "n_targets", "c_offset", "n_total", "tiles_per_split", "ignore_index", "bonafide", "n_smooth", "n_splits",
              "n_part"]
 
 
@@ -36,7 +36,7 @@ def _jit_rows(fn):
 @_jit_rows
 def _margin_ce_fwd_kernel(
         X_ptr, W_ptr, BIAS_ptr, T_ptr, CW_ptr, LAM_ptr, STATS_ptr, PART_ptr, DX_ptr, DWP_ptr,
-        B, D, C, n_targets, c_offset, tiles_per_split, stride_x_row, stride_x_col, stride_w_d, stride_w_c,
+        B, D, C, n_targets, c_offset, n_total, tiles_per_split, stride_x_row, stride_x_col, stride_w_d, stride_w_c,
         s, m, gamma, m_real, m_fake, alpha, eps, ignore_index, bonafide,
         MARGIN: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_CW: tl.constexpr, SPLIT: tl.constexpr,
         FUSE_DX: tl.constexpr, FUSE_DW: tl.constexpr, DOT_DTYPE: tl.constexpr, ACC_DTYPE: tl.constexpr,
@@ -45,21 +45,22 @@ def _margin_ce_fwd_kernel(
 
     X [B, D], W [D, C] (any strides), BIAS [C], T [B] int, CW [C] (OCSoftmax [2]), LAM [1]; writes STATS [5, B].
     With FUSE_DX / FUSE_DW (the whole class dimension is one tile) it also writes the unit-gradient DX [B, D]
-    (contiguous) and this program's dW partial DWP[pid] [D + 1, BLOCK_C] (row D: d bias), so backward reads no x.
+    (contiguous) and this program's dW partial DWP[pid] [D + 1, C] (row D: d bias), so backward reads no x.
     With SPLIT (grid axis 1 splits the classes, `tiles_per_split` tiles each, for parallelism when rows are few) it
     writes the split's softmax statistics to PART [5, n_splits, B] for `_margin_ce_combine_kernel` instead.
     """
     pid = tl.program_id(0).to(tl.int64)  # 64-bit offsets: rows * stride can pass 2^31
     rows = pid * BLOCK_B + tl.arange(0, BLOCK_B)
     row_mask = rows < B
-    t_safe, valid, row_w = _row_targets(T_ptr, CW_ptr, rows, row_mask, ignore_index, c_offset, n_targets, HAS_CW)
+    t_safe, valid, row_w = _row_targets(T_ptr, CW_ptr, rows, row_mask, ignore_index, c_offset, n_targets, n_total,
+                                        HAS_CW)
     lam = tl.load(LAM_ptr).to(ACC_DTYPE) if MARGIN == MARGIN_ANGULAR else 0.0
     if MARGIN == MARGIN_ONE_CLASS:
         cols = tl.arange(0, BLOCK_C)
         acc, xsq, wsq = _dot_tile(X_ptr, W_ptr, rows, cols, row_mask, cols < 1, D, stride_x_row, stride_x_col,
                                   stride_w_d, stride_w_c, DOT_DTYPE, ACC_DTYPE, PRECISION, BLOCK_B, BLOCK_C, BLOCK_K)
         cos = tl.sum(tl.where(cols[None, :] == 0, acc * _recip_norm(xsq)[:, None] * _recip_norm(wsq)[None, :], 0.0), 1)
-        cos = tl.minimum(tl.maximum(cos, -1.0), 1.0)
+        cos = _clamp_cos(cos)
         bona = t_safe == bonafide
         z = alpha * tl.where(bona, m_real - cos, cos - m_fake)
         loss = row_w * _softplus(z)
@@ -69,7 +70,7 @@ def _margin_ce_fwd_kernel(
     else:
         m_i = tl.full((BLOCK_B,), float("-inf"), ACC_DTYPE)
         l_i = tl.zeros((BLOCK_B,), ACC_DTYPE)
-        tgt = tl.zeros((BLOCK_B,), ACC_DTYPE)
+        tgt = tl.where(row_w == row_w, 0.0, float("nan")).to(ACC_DTYPE)  # a bad target's NaN reaches the partials
         smooth_sum = tl.zeros((BLOCK_B,), ACC_DTYPE)
         cw_sum = tl.zeros((BLOCK_C,), ACC_DTYPE)
         split = tl.program_id(1)
@@ -111,14 +112,15 @@ def _margin_ce_fwd_kernel(
 
 
 @_jit_rows
-def _margin_ce_combine_kernel(T_ptr, CW_ptr, PART_ptr, STATS_ptr, B, C, n_targets, c_offset, n_splits, n_part, gamma,
+def _margin_ce_combine_kernel(T_ptr, CW_ptr, PART_ptr, STATS_ptr, B, C, n_targets, c_offset, n_total, n_splits, n_part, gamma,
                               eps,
                               ignore_index, MARGIN: tl.constexpr, HAS_CW: tl.constexpr, ACC_DTYPE: tl.constexpr,
                               BLOCK_B: tl.constexpr):
     """Merge the class splits' statistics PART [5, n_splits, B] (in split order: deterministic) into STATS [5, B]."""
     rows = tl.program_id(0).to(tl.int64) * BLOCK_B + tl.arange(0, BLOCK_B)
     row_mask = rows < B
-    _, valid, row_w = _row_targets(T_ptr, CW_ptr, rows, row_mask, ignore_index, c_offset, n_targets, HAS_CW)
+    _, valid, row_w = _row_targets(T_ptr, CW_ptr, rows, row_mask, ignore_index, c_offset, n_targets, n_total,
+                                   HAS_CW)
     m_i = tl.full((BLOCK_B,), float("-inf"), ACC_DTYPE)
     l_i = tl.zeros((BLOCK_B,), ACC_DTYPE)
     tgt = tl.zeros((BLOCK_B,), ACC_DTYPE)
@@ -155,7 +157,7 @@ def _fused_grads(X_ptr, W_ptr, BIAS_ptr, CW_ptr, DX_ptr, DWP_ptr, pid, rows, row
                                          ACC_DTYPE, PRECISION, BLOCK_B, BLOCK_C, BLOCK_K)
     ssum = tl.sum(dcos * cos, 1)
     csum = tl.sum(dcos, 0) if MARGIN == MARGIN_NONE else tl.sum(dcos * cos, 0)  # d bias, or the dW cos term
-    DWP_ptr += pid * (D + 1) * BLOCK_C
+    DWP_ptr += pid * (D + 1) * C  # partials with C columns: their sum over programs is the contiguous [D + 1, C]
     for k0 in range(0, D, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
         kmask = ks < D
@@ -174,10 +176,10 @@ def _fused_grads(X_ptr, W_ptr, BIAS_ptr, CW_ptr, DX_ptr, DWP_ptr, pid, rows, row
             xs = x if MARGIN == MARGIN_NONE else x * rx[:, None]
             acc_w = tl.dot(tl.trans(xs).to(DOT_DTYPE), dcos.to(DOT_DTYPE), input_precision=PRECISION,
                            out_dtype=ACC_DTYPE)
-            tl.store(DWP_ptr + ks[:, None] * BLOCK_C + cols[None, :], _dw_finish(acc_w, csum, rw, w, MARGIN),
-                     mask=kmask[:, None])
+            tl.store(DWP_ptr + ks[:, None] * C + cols[None, :], _dw_finish(acc_w, csum, rw, w, MARGIN),
+                     mask=kmask[:, None] & col_mask[None, :])
     if FUSE_DW:
-        tl.store(DWP_ptr + D * BLOCK_C + cols, csum)
+        tl.store(DWP_ptr + D * C + cols, csum, mask=col_mask)
 
 
 @_jit_rows
@@ -198,7 +200,8 @@ def _margin_ce_bwd_dx_kernel(
     row_mask = rows < B
     ds = tl.program_id(1).to(tl.int64) * BLOCK_DO + tl.arange(0, BLOCK_DO)
     dmask = ds < D
-    t_safe, valid, _ = _row_targets(T_ptr, CW_ptr, rows, row_mask, ignore_index, c_offset, n_targets, HAS_CW)
+    t_safe, valid, _ = _row_targets(T_ptr, CW_ptr, rows, row_mask, ignore_index, c_offset, n_targets, n_targets,
+                                    HAS_CW)
     lam = tl.load(LAM_ptr).to(ACC_DTYPE) if MARGIN == MARGIN_ANGULAR else 0.0
     lse = tl.load(STATS_ptr + STAT_LSE * B + rows, mask=row_mask, other=0.0)
     coef_p = tl.load(STATS_ptr + STAT_COEF_P * B + rows, mask=row_mask, other=0.0)
@@ -253,7 +256,8 @@ def _margin_ce_bwd_dw_kernel(
     for r0 in range(0, B, BLOCK_B):
         rows = r0 + tl.arange(0, BLOCK_B).to(tl.int64)
         row_mask = rows < B
-        t_safe, valid, _ = _row_targets(T_ptr, CW_ptr, rows, row_mask, ignore_index, c_offset, n_targets, HAS_CW)
+        t_safe, valid, _ = _row_targets(T_ptr, CW_ptr, rows, row_mask, ignore_index, c_offset, n_targets, n_targets,
+                                    HAS_CW)
         lse = tl.load(STATS_ptr + STAT_LSE * B + rows, mask=row_mask, other=0.0)
         coef_p = tl.load(STATS_ptr + STAT_COEF_P * B + rows, mask=row_mask, other=0.0)
         coef_t = tl.load(STATS_ptr + STAT_COEF_T * B + rows, mask=row_mask, other=0.0)

@@ -117,27 +117,29 @@ def margin_ce_fwd(x: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor]
     Returns: stats [5, B] (see margin_ce), unit-gradient dX [B, D] fp32 (or [0]), dW with d bias [D + 1, C] fp32
     (or [0]).
     """
-    margin, s, m, gamma, m_real, m_fake, alpha, eps, ignore_index, bonafide, c_offset, _ = _unpack(floats, ints)
+    margin, s, m, gamma, m_real, m_fake, alpha, eps, ignore_index, bonafide, c_offset, n_classes = _unpack(floats,
+                                                                                                            ints)
     (B, D), C = x.shape, w.shape[1]
     args, meta, acc, n_targets = _common(x, w, bias, targets, class_weights, lam, margin)
+    n_total = 2 if margin == int(Margin.ONE_CLASS) else n_classes
     block_b, block_c, block_k, _ = _blocks(D, C, margin)
     n_prog = triton.cdiv(B, block_b)
     n_splits, per_split = (1, 1) if fuse_dx or fuse_dw else _splits(B, C, block_b, block_c, x.device)
     stats = torch.empty(N_STATS, B, dtype=acc, device=x.device)
     part = torch.empty((N_STATS, n_splits, B) if n_splits > 1 else (0,), dtype=acc, device=x.device)
     dx = torch.empty((B, D) if fuse_dx else (0,), dtype=acc, device=x.device)  # fp32: rounded once, after g
-    dwp = torch.empty((n_prog, D + 1, block_c) if fuse_dw else (0,), dtype=acc, device=x.device)
+    dwp = torch.empty((n_prog, D + 1, C) if fuse_dw else (0,), dtype=acc, device=x.device)
     if B > 0:
         K._margin_ce_fwd_kernel[(n_prog, n_splits)](
-            *args, stats, part, dx, dwp, B, D, C, n_targets, c_offset, per_split, x.stride(0), x.stride(1), w.stride(0),
+            *args, stats, part, dx, dwp, B, D, C, n_targets, c_offset, n_total, per_split, x.stride(0), x.stride(1), w.stride(0),
             w.stride(1), s, m, gamma, m_real, m_fake, alpha, eps, ignore_index, bonafide, SPLIT=n_splits > 1,
             FUSE_DX=fuse_dx, FUSE_DW=fuse_dw, BLOCK_B=block_b, BLOCK_C=block_c, BLOCK_K=block_k, **meta)
         if n_splits > 1:
             K._margin_ce_combine_kernel[(n_prog,)](
-                targets, args[4], part, stats, B, C, n_targets, c_offset, n_splits, n_splits * B, gamma, eps,
+                targets, args[4], part, stats, B, C, n_targets, c_offset, n_total, n_splits, n_splits * B, gamma, eps,
                 ignore_index,
                 MARGIN=margin, HAS_CW=class_weights is not None, ACC_DTYPE=meta["ACC_DTYPE"], BLOCK_B=block_b)
-    dw = dwp.sum(0)[:, :C] if fuse_dw else dwp  # fixed-order sum over programs: deterministic
+    dw = dwp.sum(0) if fuse_dw else dwp  # fixed-order sum over programs: deterministic; contiguous, as the fake says
     if fuse_dw and B == 0:
         dw = torch.zeros(D + 1, C, dtype=acc, device=x.device)
     return stats, dx, dw
@@ -262,7 +264,8 @@ def partial_row_stats(x, w, bias, targets, class_weights, lam, floats: List[floa
     class_weights holds this weight's columns only). Returns [5, B]: running max m, sum of exp(logit - m), the target
     logit (0 where another rank holds the target), sum_c cw_c logit_c, and sum_c cw_c.
     """
-    margin, s, m, gamma, m_real, m_fake, alpha, eps, ignore_index, bonafide, c_offset, _ = _unpack(floats, ints)
+    margin, s, m, gamma, m_real, m_fake, alpha, eps, ignore_index, bonafide, c_offset, n_classes = _unpack(floats,
+                                                                                                            ints)
     (B, D), C = x.shape, w.shape[1]
     args, meta, acc, n_targets = _common(x, w, bias, targets, class_weights, lam, margin)
     block_b, block_c, block_k, _ = _blocks(D, C, margin)
@@ -270,7 +273,7 @@ def partial_row_stats(x, w, bias, targets, class_weights, lam, floats: List[floa
     if B > 0:
         unused = part
         K._margin_ce_fwd_kernel[(triton.cdiv(B, block_b), 1)](
-            *args, unused, part, unused, unused, B, D, C, n_targets, c_offset, triton.cdiv(C, block_c), x.stride(0),
+            *args, unused, part, unused, unused, B, D, C, n_targets, c_offset, n_classes, triton.cdiv(C, block_c), x.stride(0),
             x.stride(1), w.stride(0), w.stride(1), s, m, gamma, m_real, m_fake, alpha, eps, ignore_index, bonafide,
             SPLIT=True, FUSE_DX=False, FUSE_DW=False, BLOCK_B=block_b, BLOCK_C=block_c, BLOCK_K=block_k, **meta)
     return part[:, 0]

@@ -169,10 +169,12 @@ def _focal(nll, gamma):
 
 
 @triton.jit
-def _row_targets(T_ptr, CW_ptr, rows, row_mask, ignore_index, c_offset, n_targets, HAS_CW: tl.constexpr):
+def _row_targets(T_ptr, CW_ptr, rows, row_mask, ignore_index, c_offset, n_targets, n_total, HAS_CW: tl.constexpr):
     """Targets as column indices of this weight (-1 matches no column: ignored, out of range, or, when the classes are
     sharded, held by another rank; `c_offset` is this weight's first class), the kept-row mask, and each row's class
-    weight (0 if dropped; CW indexed like the columns)."""
+    weight (0 if ignored; CW indexed like the columns). A target outside [0, n_total) (all ranks' classes) that is not
+    ignore_index gets a NaN row weight, so its row's loss is NaN when value checks are off: no sync, no device assert.
+    """
     t = tl.load(T_ptr + rows, mask=row_mask, other=ignore_index)
     valid = row_mask & (t != ignore_index)
     t_local = t - c_offset
@@ -181,7 +183,7 @@ def _row_targets(T_ptr, CW_ptr, rows, row_mask, ignore_index, c_offset, n_target
         row_w = tl.load(CW_ptr + t_safe, mask=t_safe >= 0, other=0.0)
     else:
         row_w = tl.where(t_safe >= 0, 1.0, 0.0)
-    return t_safe, valid, row_w
+    return t_safe, valid, tl.where(valid & ((t < 0) | (t >= n_total)), float("nan"), row_w)
 
 
 @triton.jit
