@@ -72,9 +72,10 @@ def launch_work(launch, step: Step) -> Work:
         flops, read = rows * tiles * logit_dot, logit_read + B * i8 * splits + lam * programs
         written = 5 * B * f4 * splits
         if m.get("FUSE_DW") or m.get("FUSE_DX"):  # recompute the tile, then per K step: x, w, the dW (dX) dots
-            flops += rows * logit_dot + rows * ksteps * 2 * bb * bc * bk * (bool(m.get("FUSE_DW")) + bool(m.get("FUSE_DX")))
+            n_grad_dots = bool(m.get("FUSE_DW")) + bool(m.get("FUSE_DX"))
+            flops += rows * logit_dot + rows * ksteps * 2 * bb * bc * bk * n_grad_dots
             read += logit_read + B * D * xi + D * C * wi * rows
-            written += (rows * (D + 1) * bc * f4 if m.get("FUSE_DW") else 0) + (B * D * f4 if m.get("FUSE_DX") else 0)
+            written += (rows * (D + 1) * C * f4 if m.get("FUSE_DW") else 0) + (B * D * f4 if m.get("FUSE_DX") else 0)
         unique = B * D * xi + D * C * wi + C * bias + B * i8 + written
         return Work(flops, read, written, min(unique, read + written))
     bdo = m["BLOCK_DO"]
@@ -142,17 +143,18 @@ def format_plan(step: Step, sm_count: int = 132, device=H200) -> str:
     head = (f"{step.label}: launch plan for {sm_count} SMs; counted work per launch and the {device['name']} roofline "
             f"time it implies (a bound from counts, not a measurement)")
     rows = [head, "| kernel | grid | programs | warps | stages | dot GFLOP | MB loaded | MB stored | MB unique | "
-                  "bound by | roofline µs | µs, all loads from HBM |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+                  "bound by | roofline µs | µs, all loads from HBM |", "|---" * 12 + "|"]
     for ln in lines:
         k, w = ln.launch, ln.work
         rows.append(f"| {k.kernel} | {tuple(k.grid)} | {k.programs} | {k.num_warps} | {k.num_stages} | "
                     f"{w.dot_flops / 1e9:.3g} | {w.bytes_read / 1e6:.4g} | {w.bytes_written / 1e6:.4g} | "
-                    f"{w.unique_bytes / 1e6:.4g} | {ln.bound} | {ln.predicted_s * 1e6:.3g} | {ln.all_hbm_s * 1e6:.3g} |")
+                    f"{w.unique_bytes / 1e6:.4g} | {ln.bound} | {ln.predicted_s * 1e6:.3g} | "
+                    f"{ln.all_hbm_s * 1e6:.3g} |")
     total = sum(ln.predicted_s for ln in lines)
     worst = sum(ln.all_hbm_s for ln in lines)
     minimal = _minimal_bytes(step) / device["hbm_Bps"]
-    rows.append(f"total: roofline {total * 1e6:.3g} µs ({worst * 1e6:.3g} µs if every load came from HBM); the step's "
-                f"memory floor (read x and W, write dX and dW once) {minimal * 1e6:.3g} µs")
+    rows.append(f"total: roofline {total * 1e6:.3g} µs ({worst * 1e6:.3g} µs if every load came from HBM); the "
+                f"step's memory floor (read x and W, write dX and dW once) {minimal * 1e6:.3g} µs")
     return "\n".join(rows)
 
 
