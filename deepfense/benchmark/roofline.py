@@ -117,7 +117,7 @@ class Line:
     the time if every issued byte came from HBM (re-reads that hit L2 make the truth lower)."""
 
     launch: object
-    work: Work
+    work: Optional[Work]  # None: no work model for the kernel
     predicted_s: float
     bound: str
     all_hbm_s: float
@@ -127,7 +127,11 @@ def plan_lines(step: Step, sm_count: int = 132, device=H200) -> List[Line]:
     """Each launch of `step` with its counted work and roofline-predicted time on `device`."""
     out = []
     for launch in step_launches(step, sm_count):
-        w = launch_work(launch, step)
+        try:
+            w = launch_work(launch, step)
+        except KeyError:  # a kernel this module has no work model for: listed, not guessed
+            out.append(Line(launch, None, float("nan"), "no work model", float("nan")))
+            continue
         precision = launch.meta.get("PRECISION", "ieee")
         # a program runs on one SM: fewer programs than SMs leave the other SMs' tensor cores idle
         t_dot = w.dot_flops / (dot_peak(step.dtype, precision, device) * min(1.0, launch.programs / sm_count))
@@ -146,6 +150,10 @@ def format_plan(step: Step, sm_count: int = 132, device=H200) -> str:
                   "bound by | roofline µs | µs, all loads from HBM |", "|---" * 12 + "|"]
     for ln in lines:
         k, w = ln.launch, ln.work
+        if w is None:
+            rows.append(f"| {k.kernel} | {tuple(k.grid)} | {k.programs} | {k.num_warps} | {k.num_stages} | "
+                        + " | ".join(["?"] * 4) + " | no work model | ? | ? |")
+            continue
         rows.append(f"| {k.kernel} | {tuple(k.grid)} | {k.programs} | {k.num_warps} | {k.num_stages} | "
                     f"{w.dot_flops / 1e9:.3g} | {w.bytes_read / 1e6:.4g} | {w.bytes_written / 1e6:.4g} | "
                     f"{w.unique_bytes / 1e6:.4g} | {ln.bound} | {ln.predicted_s * 1e6:.3g} | "
@@ -172,6 +180,9 @@ def roofline_lines(step: Step, kernel_s: Optional[Dict[str, float]], sm_count: i
         k = ln.launch
         t = (kernel_s or {}).get(k.kernel)
         head = f"roofline {step.label} {k.kernel} {tuple(k.grid)}: predicted {ln.predicted_s * 1e6:.3g} µs"
+        if ln.work is None:
+            out.append(f"{head}, no work model for this kernel")
+            continue
         if not t:
             out.append(f"{head}, unmeasured")
             continue
