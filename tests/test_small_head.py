@@ -12,6 +12,7 @@ import torch
 
 import deepfense.kernels
 from backend_cases import FUNCS, LOSSES, assert_close_to_gold, make_case, options, run
+from interp_count import count_work
 from deepfense.kernels.small_head import MAX_CLASSES, plan_small, small_head_loss
 from deepfense.params import LossParams, Margin
 
@@ -225,3 +226,63 @@ def test_one_gradient_only(loss, frozen):
     live, kept = (w, w2) if frozen == "x" else (x, x2)
     assert (x2.grad if frozen == "x" else w2.grad) is None
     assert torch.equal(live.grad, kept.grad)
+
+
+def _planned_work(margin, B, D, C, dtype, n_sm=132):
+    """Bytes of one training step by the plan's arithmetic, following the kernels' loads and stores line by line:
+    (launches, kernel bytes, bytes of the torch sum of the partials and dW's projection, minimum, executed
+    multiply-adds). The minimum reads x and w once and writes dX and dW once."""
+    fwd, bwd = plan_small(margin, B, D, C, dtype, dtype, n_sm=n_sm)
+    e, acc, xcoef = torch.finfo(dtype).bits // 8, 4, int(margin != Margin.NONE)
+    n_f, n_b, n_k = fwd.grid[0], bwd.grid[0], -(-D // bwd.meta["BLOCK_K"])
+    rows_d = D + 1 - xcoef  # CrossEntropy (with a bias here): the partials' row D is d bias
+    # forward: x; w (and bias) per row block; targets; loss, row weight and the C + 1 coefficients
+    fwd_bytes = B * D * e + n_f * (D * C * e + (1 - xcoef) * C * e) + B * 8 + B * (3 + C) * acc
+    bwd_bytes = (B * D * e + n_b * D * C * e + n_k * B * (1 + C + xcoef) * acc  # x, w per program, g/a/b per K chunk
+                 + B * D * e + n_b * rows_d * C * acc)  # dX, partials
+    post = (n_b + 1) * rows_d * C * acc + (3 * D * C * acc if xcoef else 0) + D * C * e  # sum, projection, dW cast
+
+    def products(launch, rows_per_prog, passes):
+        m = launch.meta
+        return (launch.grid[0] * -(-rows_per_prog // m["BLOCK_B"]) * m["BLOCK_B"] * -(-D // m["BLOCK_K"])
+                * m["BLOCK_K"] * m["BLOCK_C"] * passes)
+
+    per_prog = -(-(-(-B // bwd.meta["BLOCK_B"])) // n_b) * bwd.meta["BLOCK_B"]
+    macs = products(fwd, fwd.meta["BLOCK_B"], 1) + products(bwd, per_prog, 2)  # backward: dX and P
+    return (fwd, bwd), fwd_bytes + bwd_bytes, post, 2 * B * D * e + 2 * D * C * e, macs
+
+
+@pytest.mark.parametrize("loss,dtype", [("oc", torch.bfloat16), ("am", torch.bfloat16), ("ce", torch.float32)], ids=str)
+def test_budget_counted(loss, dtype, gpu_plan):
+    """Issue 8's small-head budget, counted in the interpreter on the H200 plan (B = 256, D = 512, C = 1 or 2; the
+    bias-and-no-x-term CrossEntropy variant in fp32): 2 launches, x read twice, dX written once, all bytes <= 1.6x
+    the minimum, multiply-adds <= 2x the useful ones; the counts equal the plan's arithmetic, which the H200-shape
+    test below relies on."""
+    B, D, C = 256, 512, 1 if loss == "oc" else 2
+    case = make_case(loss, B, D, C, dtype, seed=1)
+    with count_work() as launches:
+        out, x, w, _ = _direct(loss, case, "mean")
+        out.backward()
+    fwd, bwd = launches
+    assert [(lw.kernel, lw.grid) for lw in launches] == [(p.kernel, p.grid) for p in _planned_work(
+        _params(loss).margin, B, D, C, dtype)[0]]
+    assert (fwd.loaded["X_ptr"] + bwd.loaded["X_ptr"]) / x.nbytes == 2
+    assert bwd.stored["DX_ptr"] / x.nbytes == 1 and "X_ptr" not in fwd.stored and "X_ptr" not in bwd.stored
+    kernel_bytes = sum(sum(lw.loaded.values()) + sum(lw.stored.values()) for lw in launches)
+    _, planned_bytes, post, minimum, macs = _planned_work(_params(loss).margin, B, D, C, dtype)
+    assert kernel_bytes == planned_bytes
+    assert (kernel_bytes + post) / minimum <= 1.6, (kernel_bytes + post) / minimum
+    assert fwd.products + bwd.products == macs <= 2 * 3 * B * D * C
+
+
+@pytest.mark.parametrize("C", [1, 2])
+def test_budget_h200_deepfake_head(C):
+    """The same budget at B = 65536, D = 1024 from the plan's arithmetic (checked against the counter above):
+    bytes <= 1.6x the minimum, multiply-adds <= 2x the useful ones, >= 2 x SM-count programs in every launch."""
+    B, D = 65536, 1024
+    for dtype in (torch.bfloat16, torch.float32):
+        launches, kernel_bytes, post, minimum, macs = _planned_work(
+            Margin.ONE_CLASS if C == 1 else Margin.ADDITIVE, B, D, C, dtype)
+        assert len(launches) == 2 and all(launch.programs >= 2 * 132 for launch in launches)
+        assert (kernel_bytes + post) / minimum <= 1.6, (kernel_bytes + post) / minimum
+        assert macs <= 2 * 3 * B * D * C

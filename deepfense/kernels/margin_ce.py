@@ -18,7 +18,7 @@ import triton.language as tl
 
 from .tiles import (STAT_LSE, STAT_COEF_P, STAT_COEF_T, MARGIN_NONE, MARGIN_ANGULAR, MARGIN_ONE_CLASS, _bias,
                     _clamp_cos, _class_weights, _dot_tile, _dw_finish, _dx_finish, _grad_tile, _logit_tile,
-                    _recip_norm, _row_targets, _softmax_epilogue, _softplus, _store_stats)
+                    _one_class, _recip_norm, _row_targets, _softmax_epilogue, _store_stats)
 
 # Batch sizes change from step to step (the last batch of an epoch, uneven shards): a row count or index that
 # Triton specialised on (== 1, divisible by 16) would recompile the kernels; D, C and the strides stay specialised,
@@ -61,11 +61,8 @@ def _margin_ce_fwd_kernel(
                                   stride_w_d, stride_w_c, DOT_DTYPE, ACC_DTYPE, PRECISION, BLOCK_B, BLOCK_C, BLOCK_K)
         cos = tl.sum(tl.where(cols[None, :] == 0, acc * _recip_norm(xsq)[:, None] * _recip_norm(wsq)[None, :], 0.0), 1)
         cos = _clamp_cos(cos)
-        bona = t_safe == bonafide
-        z = alpha * tl.where(bona, m_real - cos, cos - m_fake)
-        loss = row_w * _softplus(z)
+        loss, coef_t = _one_class(cos, t_safe == bonafide, row_w, m_real, m_fake, alpha)  # coef_t: dL/dcos
         coef_p = tl.zeros_like(loss)
-        coef_t = row_w * tl.sigmoid(z) * alpha * tl.where(bona, -1.0, 1.0)  # dL/dcos: softplus' = sigmoid
         lse = tl.zeros_like(loss)
     else:
         m_i = tl.full((BLOCK_B,), float("-inf"), ACC_DTYPE)

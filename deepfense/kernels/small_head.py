@@ -14,13 +14,14 @@ import triton
 
 from ..params import LossParams, Margin
 from . import small_head_kernels as K
-from .small_head_kernels import _small_head_bwd_kernel, _small_head_fwd_kernel  # noqa: F401  (plan names: tools look them up here)
+# the plan's kernel names resolve here too (compile checks look a Launch's kernel up in this module)
+from .small_head_kernels import _small_head_bwd_kernel, _small_head_fwd_kernel  # noqa: F401
 from .ops import _TL, INTERPRET, _unpack, op_params
 from .plan import Launch, gpu_tiles, sm_count
 
 MAX_CLASSES = 16
-# Elements of the [BLOCK_B, BLOCK_K, BLOCK_C] broadcast product per program: 32 per thread at 4 warps keeps the kernels
-# far below 128 registers (25% occupancy on sm_90) without spills; fp64 takes two registers per element.
+# Elements of the broadcast product tile (BLOCK_B x BLOCK_K x BLOCK_C) per program: 32 per thread at 4 warps keeps
+# the kernels below 128 registers (25% occupancy on sm_90) without spills; fp64 takes two registers per element.
 _TILE_ELEMS = {4: 4096, 8: 2048}
 # The backward's programs write fp32 dW partials [D, C] that are read back once: at most 1/16 of x's bytes.
 _PARTIAL_SHARE = 16
@@ -187,7 +188,8 @@ def small_head_loss(x, w_dc, bias, targets, class_weights, lam, p: LossParams):
         raise RuntimeError("backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 set before importing deepfense "
                            f"to run the kernels on CPU in the interpreter); got tensors on {x.device}.")
     if x.dtype not in _TL or w_dc.dtype not in _TL:
-        raise ValueError(f"backend='triton' supports float16, bfloat16, float32 and float64, got {x.dtype}/{w_dc.dtype}")
+        raise ValueError("backend='triton' supports float16, bfloat16, float32 and float64, "
+                         f"got {x.dtype}/{w_dc.dtype}")
     if not 1 <= w_dc.shape[1] <= MAX_CLASSES:
         raise ValueError(f"the small-head path takes 1..{MAX_CLASSES} classes, got {w_dc.shape[1]}")
     lam = torch.as_tensor(lam, dtype=torch.float32, device=x.device).reshape(1) if p.margin == Margin.ANGULAR else None

@@ -1,14 +1,15 @@
 """Triton kernels of the small-head path (C <= 16 classes: the deepfake heads C = 1 and 2), launched by `small_head`.
 
 With so few classes a `tl.dot` would pad C to 16 columns and do up to 16x the useful work, so the cosines come from a
-row reduction instead: x [BLOCK_B, BLOCK_K, 1] * w [1, BLOCK_K, BLOCK_C] summed over K, with BLOCK_C =
-next_power_of_2(C). One training step is two launches:
+row reduction instead: x and w tiles multiplied by broadcasting and summed over K, the classes padded only to BLOCK_C
+= next_power_of_2(C). One training step is two launches:
 
 * forward (grid: row blocks) reads x once and writes, per row, the loss, the row weight and SAVED [B, C + 1]: the
   unit-upstream-gradient coefficients a_ic = dL/dcos_ic rx_i rw_c (CrossEntropy: dL/dlogit_ic) and
   b_i = `_dx_coef` (0 for CrossEntropy), so that with upstream gradient g_i
       dX_i = g_i (sum_c a_ic w_c + b_i x_i),     P_c = sum_i g_i a_ic x_i,
-      dW_c = P_c - w_hat_c (w_hat_c . P_c)  (w_hat_c . P_c = sum_i dcos_ic cos_ic: dW's cosine term), d bias = sum_i g a;
+      dW_c = P_c - w_hat_c (w_hat_c . P_c)  (w_hat_c . P_c = sum_i dcos_ic cos_ic: dW's cosine term),
+      d bias = sum_i g_i a_ic;
 * backward (grid: about 2 x SM-count persistent programs, each owning a contiguous range of row blocks) reads x once,
   writes dX once and its fp32 partial P [D (+1), C]; the partials are summed afterwards in program order
   (deterministic, no atomics). It loops over K outside its row blocks, so a K slice of P stays in registers.
@@ -20,10 +21,14 @@ import triton
 import triton.language as tl
 
 from .margin_ce import _ROW_ARGS
-from .tiles import (MARGIN_ANGULAR, MARGIN_NONE, MARGIN_ONE_CLASS, _bias, _class_weights, _dcos_tile, _dx_coef, _logit_tile,
-                    _one_class, _row_targets, _softmax_epilogue)
+from .tiles import (MARGIN_ANGULAR, MARGIN_NONE, MARGIN_ONE_CLASS, _bias, _class_weights, _dcos_tile, _dx_coef,
+                    _logit_tile, _one_class, _row_targets, _softmax_epilogue)
 
-_jit = triton.jit(do_not_specialize=_ROW_ARGS + ["blocks_per_prog"])  # batch sizes change: no recompiles
+
+def _jit(fn):
+    """triton.jit leaving the row counts unspecialised (batch sizes change: no recompiles), as margin_ce's kernels."""
+    names = fn.__code__.co_varnames[:fn.__code__.co_argcount]
+    return triton.jit(do_not_specialize=[a for a in _ROW_ARGS + ["blocks_per_prog"] if a in names])(fn)
 
 
 @triton.jit
@@ -68,8 +73,8 @@ def _small_head_fwd_kernel(
     row_mask = rows < B
     cols = tl.arange(0, BLOCK_C)
     col_mask = cols < C
-    t_safe, valid, row_w = _row_targets(T_ptr, CW_ptr, rows, row_mask, ignore_index, 0, n_targets, HAS_CW)
-    row_w = tl.where(valid & (t_safe < 0), float("nan"), row_w)  # out-of-range target: NaN row, no sync or assert
+    # an out-of-range target gets a NaN row weight: a NaN row loss and gradient, no sync or device assert
+    t_safe, valid, row_w = _row_targets(T_ptr, CW_ptr, rows, row_mask, ignore_index, 0, n_targets, n_targets, HAS_CW)
     lam = tl.load(LAM_ptr).to(ACC_DTYPE) if MARGIN == MARGIN_ANGULAR else 0.0
     acc, xsq, wsq = _row_dot(X_ptr, W_ptr, rows, cols, row_mask, col_mask, D, stride_x_row, stride_x_col,
                              stride_w_d, stride_w_c, ACC_DTYPE, BLOCK_B, BLOCK_C, BLOCK_K)
