@@ -69,11 +69,11 @@ def small_head_launches(step: Step, sm_count: int = H200_SMS) -> List[_plan.Laun
 
 
 def _plan_args(step: Step, sm_count: int) -> dict:
+    """`deepfense.kernels.plan.plan`'s arguments for `step` on a GPU (its GPU tiles, even under the interpreter)."""
     import torch
     dt = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[step.dtype]
     return dict(margin=MARGINS[step.loss], B=step.B, D=step.D, C=1 if step.loss == "OCSoftmax" else step.C,
-                x_dtype=dt, w_dtype=dt, sm_count=sm_count, has_bias=step.has_bias, has_cw=False,
-                need_dx=True, need_dw=True, uniform_grad=True)
+                x_dtype=dt, w_dtype=dt, n_sm=sm_count, need_dx=True, need_dw=True, uniform_grad=True, gpu=True)
 
 
 def _current_plan(step: Step, sm_count: int) -> List[_plan.Launch]:

@@ -50,6 +50,8 @@ def launch_work(launch, step: Step) -> Work:
     feature slice (BLOCK_DO) and add the dX / dW dot of the slice.
     """
     m = launch.meta
+    if "HAS_TAIL" in m or "n_splits" in m:  # the launch plan's redesigned kernels: not modelled here yet
+        raise KeyError(f"no work model for the planned kernel {launch.kernel} (launch-plan version)")
     one_class = step.loss == "OCSoftmax"
     B, D, C = step.B, step.D, 1 if one_class else step.C
     xi, wi, f4, i8 = ITEM[step.dtype], ITEM[step.dtype], 4, 8
