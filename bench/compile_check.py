@@ -245,7 +245,9 @@ def variants(dtypes=("bf16", "fp32")):
     planned launches."""
     seen = {}
     for step in representative_steps(dtypes):
-        for launch in step_launches(step) + small_head_launches(step):
+        planned = step_launches(step)
+        kernels = {launch.kernel for launch in planned}  # once the plan routes small heads, they are in it already
+        for launch in planned + [x for x in small_head_launches(step) if x.kernel not in kernels]:
             kernel = getattr(margin_ce, launch.kernel, None)
             if kernel is None:
                 from deepfense.kernels import small_head  # s8's small-head kernels
