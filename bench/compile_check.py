@@ -1,114 +1,355 @@
-"""Compile every fused-kernel variant for an NVIDIA GPU target without a GPU, and report registers and spills.
+"""Compile every planned kernel launch for an NVIDIA GPU without a GPU; read registers, spills and occupancy from it.
 
-The Triton interpreter that runs the kernels in CI is lenient where the GPU compiler is not (tl.dot minimum sizes,
-power-of-two blocks, dtype rules), so this lowers each variant through Triton's full NVIDIA pipeline to a cubin with
-the ptxas that ships in the triton wheel (cuobjdump, also shipped, reads registers and spills from the cubin). Run: `python bench/compile_check.py [--arch 90]` (exit 1 on any failure);
-tests/test_gpu_compile.py runs it in CI. Needs TRITON_INTERPRET unset (it re-execs itself without it).
+The variants are the launches of representative training steps (deepfense/benchmark/launches.py: the launch plan's
+kernel, constexprs, warps and stages; deepfake B=65536 D=1024 C=2, speaker 256x192x5994, face 1024x512x1e6; every
+loss; bf16 and fp32), each lowered through Triton's NVIDIA pipeline to a cubin with the ptxas shipped in the triton
+wheel. What is reported comes from that compiled code, three ways that must agree:
+  - ptxas's own `-v` report of that compile: registers, spill stores / loads (bytes), stack frame (bytes);
+  - `cuobjdump --dump-resource-usage` of the cubin: REG, STACK (spills live here), LOCAL, static SHARED;
+  - the SASS (`cuobjdump -sass`): the number of STL / LDL (local-memory store / load) instructions.
+Occupancy on the target (sm_90: 65,536 registers, 228 KB shared memory, 64 warps, 32 CTAs per SM) counts the
+registers per warp in units of 256, and shared memory = static + Triton's dynamic (compiled metadata) + the 1 KB the
+driver reserves per CTA. Any spill, any disagreement between the readers, or any compile failure fails the run.
+
+Run: `python bench/compile_check.py [--arch 90] [--only TEXT] [--dtypes bf16,fp32]`; exit status 2 when a variant
+does not compile, 1 when one spills (or the readers disagree), else 0. `--self-test` compiles two probe kernels.
+Needs TRITON_INTERPRET unset (it re-execs itself without it).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
+import math
 import os
 import re
 import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 
-if os.environ.get("TRITON_INTERPRET") == "1":  # the interpreter's functions cannot be compiled: start over without it
+if __name__ == "__main__" and os.environ.get("TRITON_INTERPRET") == "1":
+    # the interpreter's functions cannot be compiled: start over without it (importing this module is fine)
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     sys.exit(subprocess.call([sys.executable, *sys.argv], env=env))
 
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
-from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.backends.compiler import BaseBackend, GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from deepfense.kernels import margin_ce as K  # noqa: E402
-from deepfense.kernels.ops import FP32_PRECISION  # noqa: E402
-from deepfense.params import Margin  # noqa: E402
+from deepfense.benchmark.launches import (Step, representative_steps, small_head_launches,  # noqa: E402
+                                          step_launches)
+from deepfense.kernels import margin_ce  # noqa: E402
 
+try:
+    from triton._C.libtriton import native_specialize_impl  # noqa: E402
+except ImportError:  # older triton: no specialisation hints (the compile is still valid, maybe less vectorised)
+    native_specialize_impl = None
+
+TOOLS = os.path.join(os.path.dirname(triton.backends.nvidia.__file__), "bin")
+TL_DTYPES = {"bf16": tl.bfloat16, "fp16": tl.float16, "fp32": tl.float32, "fp64": tl.float64}
 FLOATS = {"s", "m", "gamma", "m_real", "m_fake", "alpha", "eps"}
-ACC_POINTERS = {"STATS_ptr", "PART_ptr", "DWP_ptr", "G_ptr", "BIAS_ptr", "CW_ptr", "LAM_ptr", "DB_ptr"}
+ACC_POINTERS = {"STATS_ptr", "PART_ptr", "DWP_ptr", "G_ptr", "BIAS_ptr", "CW_ptr", "LAM_ptr", "DB_ptr", "LOSS_ptr",
+                "ROWW_ptr", "SAVED_ptr"}
 
 
-def _signature(kernel, constexprs, x_ty, w_ty, dx_ty):
-    sig = {}
-    for name in kernel.arg_names:
+@dataclass(frozen=True)
+class SM:
+    """Per-multiprocessor limits that bound occupancy (CUDA occupancy calculator, compute capability 9.0)."""
+
+    regs: int = 65536
+    reg_unit: int = 256  # registers are allocated per warp in units of 256
+    max_regs_per_thread: int = 255
+    smem: int = 228 * 1024
+    smem_unit: int = 128
+    smem_reserved_per_cta: int = 1024
+    warps: int = 64
+    ctas: int = 32
+
+
+SM90 = SM()
+
+
+def occupancy(regs: int, num_warps: int, shared_bytes: int, sm: SM = SM90) -> tuple[int, float, str]:
+    """(CTAs per SM, fraction of the SM's warp slots in use, the limiting resource) of a kernel using `regs` registers
+    per thread, `num_warps` warps and `shared_bytes` shared memory per CTA."""
+    regs_per_warp = math.ceil(max(regs, 1) * 32 / sm.reg_unit) * sm.reg_unit
+    smem = math.ceil((shared_bytes + sm.smem_reserved_per_cta) / sm.smem_unit) * sm.smem_unit
+    # on a tie the hardware's own ceilings (warps, CTAs) are named first: the kernel's use is then not what limits it
+    limits = {"warps": sm.warps // num_warps, "CTAs": sm.ctas, "registers": (sm.regs // regs_per_warp) // num_warps,
+              "shared": sm.smem // smem}
+    limiter = min(limits, key=limits.get)
+    ctas = limits[limiter]
+    return ctas, ctas * num_warps / sm.warps, limiter
+
+
+@dataclass
+class Usage:
+    """What the compiled kernel uses, per thread unless said. `agree` is False when the readers disagree."""
+
+    regs: int
+    spill_stores: int  # bytes, ptxas -v
+    spill_loads: int  # bytes, ptxas -v
+    stack: int  # bytes of stack frame (ptxas -v and cuobjdump STACK)
+    local: int  # bytes of local memory (cuobjdump LOCAL)
+    stl: int  # local-memory store instructions in the SASS
+    ldl: int  # local-memory load instructions in the SASS
+    shared: int  # bytes per CTA: static + Triton's dynamic
+    agree: bool
+
+    @property
+    def spills(self) -> bool:
+        """Register spills, as ptxas counts them. A stack frame without spills (e.g. libdevice's cosf keeps a small
+        array there for its rare large-argument path) shows as stack and STL/LDL, and is reported, not failed."""
+        return bool(self.spill_stores or self.spill_loads)
+
+
+def parse_ptxas(log: str, name: str) -> dict:
+    """Registers, spill bytes and stack frame of function `name` from a `ptxas -v` log."""
+    start = log.find(f"Compiling entry function '{name}'")
+    text = log[start:] if start >= 0 else log
+    nums = {}
+    for key, pattern in (("regs", r"Used (\d+) registers"), ("stack", r"(\d+) bytes stack frame"),
+                         ("spill_stores", r"(\d+) bytes spill stores"), ("spill_loads", r"(\d+) bytes spill loads")):
+        m = re.search(pattern, text)
+        if m is None:
+            raise ValueError(f"ptxas -v log has no {key!r} for {name}:\n{log[:2000]}")
+        nums[key] = int(m.group(1))
+    return nums
+
+
+def read_cubin(cubin: bytes) -> dict:
+    """REG, STACK, LOCAL, static SHARED (cuobjdump resource usage) and STL / LDL counts (SASS) of a cubin."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "k.cubin")
+        with open(path, "wb") as fh:
+            fh.write(cubin)
+        usage = subprocess.run([os.path.join(TOOLS, "cuobjdump"), "--dump-resource-usage", path],
+                               capture_output=True, text=True, check=True).stdout
+        sass = subprocess.run([os.path.join(TOOLS, "cuobjdump"), "-sass", path], capture_output=True, text=True,
+                              check=True).stdout
+    out = {}
+    for key in ("REG", "STACK", "LOCAL", "SHARED"):
+        m = re.search(rf"\b{key}:(\d+)", usage)
+        if m is None:
+            raise ValueError(f"cuobjdump resource usage has no {key}:\n{usage}")
+        out[key] = int(m.group(1))
+    out["STL"] = len(re.findall(r"\bSTL(?:\.\w+)*\s", sass))
+    out["LDL"] = len(re.findall(r"\bLDL(?:\.\w+)*\s", sass))
+    return out
+
+
+def compile_and_read(src: ASTSource, target: GPUTarget, options: dict):
+    """Compile `src` and read its resource usage. ptxas's report is Triton's own ptxas -v log of this compile (cache
+    bypassed); where this triton cannot print it, ptxas -v runs again on the same PTX with Triton's flags."""
+    knobs = getattr(triton, "knobs", None)
+    saved = None
+    if knobs is not None and hasattr(knobs.nvidia, "dump_ptxas_log"):
+        saved = (knobs.nvidia.dump_ptxas_log, knobs.compilation.always_compile)
+        knobs.nvidia.dump_ptxas_log, knobs.compilation.always_compile = True, True
+    buf = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(buf):
+            compiled = triton.compile(src, target=target, options=options)
+    finally:
+        if saved is not None:
+            knobs.nvidia.dump_ptxas_log, knobs.compilation.always_compile = saved
+    log = buf.getvalue()
+    name = compiled.metadata.name
+    if "Used" not in log:
+        log = _rerun_ptxas(compiled.asm["ptx"], target.arch)
+    px, cb = parse_ptxas(log, name), read_cubin(compiled.asm["cubin"])
+    # ptxas's report describes this cubin: same registers and stack, and spill bytes only with local instructions
+    agree = (px["regs"] == cb["REG"] and px["stack"] == cb["STACK"]
+             and (cb["STL"] > 0 or not px["spill_stores"]) and (cb["LDL"] > 0 or not px["spill_loads"]))
+    usage = Usage(regs=cb["REG"], spill_stores=px["spill_stores"], spill_loads=px["spill_loads"], stack=cb["STACK"],
+                  local=cb["LOCAL"], stl=cb["STL"], ldl=cb["LDL"], shared=cb["SHARED"] + compiled.metadata.shared,
+                  agree=agree)
+    return compiled, usage
+
+
+def _rerun_ptxas(ptx: str, arch: int) -> str:
+    with tempfile.TemporaryDirectory() as tmp:
+        src = os.path.join(tmp, "k.ptx")
+        with open(src, "w") as fh:
+            fh.write(ptx)
+        gpu = f"sm_{arch}a" if arch >= 90 else f"sm_{arch}"
+        res = subprocess.run([os.path.join(TOOLS, "ptxas"), "-lineinfo", "-v", f"--gpu-name={gpu}", src, "-o",
+                              os.path.join(tmp, "k.o")], capture_output=True, text=True, check=True)
+    return res.stdout + res.stderr
+
+
+# ---- the planned variants ------------------------------------------------------------------------------------------
+
+def _arg_values(step: Step) -> dict:
+    """Sample runtime values of the kernels' integer arguments for `step` on contiguous tensors (x [B, D]; W [D, C],
+    CrossEntropy's fc.weight [C, D] seen transposed), so Triton's divisibility / ==1 specialisation matches a launch."""
+    B, D, C = step.B, step.D, (1 if step.loss == "OCSoftmax" else step.C)
+    w_d, w_c = (1, D) if step.loss == "CrossEntropy" else (C, 1)
+    return dict(B=B, D=D, C=C, stride_x_row=D, stride_x_col=1, stride_w_d=w_d, stride_w_c=w_c, stride_g=0,
+                stride_dw_d=w_d, stride_dw_c=w_c, stride_dx_split=B * D, stride_dx_row=D)
+
+
+def _signature(kernel, constexprs: dict, dtype: str, values: dict):
+    """Triton signature and specialisation attributes of `kernel` for inputs of `dtype`."""
+    sig, attrs = {}, {}
+    skip = {p.name for p in getattr(kernel, "params", ()) if getattr(p, "do_not_specialize", False)}
+    for i, name in enumerate(kernel.arg_names):
         if name in constexprs:
             sig[name] = "constexpr"
-        elif name.endswith("_ptr"):
-            sig[name] = ("*fp32" if name in ACC_POINTERS else "*i64" if name == "T_ptr" else "*" + x_ty if
-                         name == "X_ptr" else "*" + w_ty if name in ("W_ptr", "DW_ptr") else "*" + dx_ty)
+            continue
+        if name.endswith("_ptr"):
+            sig[name] = "*" + ("fp32" if name in ACC_POINTERS else "i64" if name == "T_ptr" else dtype)
+            desc = "D"
+        elif name in FLOATS:
+            sig[name], desc = "fp32", ""
+        elif name in values and name not in skip and native_specialize_impl is not None:
+            ty, desc = native_specialize_impl(BaseBackend, values[name], False, True, True)
+            if ty == "constexpr":  # an argument equal to 1 becomes a constant, as at a launch
+                sig[name] = "constexpr"
+                constexprs = dict(constexprs, **{name: 1})
+                continue
+            sig[name] = ty
         else:
-            sig[name] = "fp32" if name in FLOATS else "i32"
-    return sig
+            sig[name], desc = "i32", ""
+        if desc == "D" and native_specialize_impl is not None:
+            attrs[(i,)] = BaseBackend.parse_attr(desc)
+    return sig, attrs, constexprs
 
 
-def variants():
-    """(label, kernel, constexprs, x dtype, w dtype, dX dtype) for every code shape the launchers produce on a GPU."""
-    out = []
-    for margin in Margin:
-        for dt in ("bf16", "fp32"):
-            dot = {"bf16": tl.bfloat16, "fp32": tl.float32}[dt]
-            block_c = 16 if margin == Margin.ONE_CLASS else 64
-            meta = dict(MARGIN=int(margin), HAS_BIAS=margin == Margin.NONE, HAS_CW=True, DOT_DTYPE=dot,
-                        ACC_DTYPE=tl.float32, PRECISION=FP32_PRECISION, BLOCK_B=64, BLOCK_K=64)
-            tag = f"{margin.name.lower()}-{dt}"
-            fused = dict(meta, BLOCK_C=16, SPLIT=False, FUSE_DX=True, FUSE_DW=True)
-            out.append((f"fwd-fused-{tag}", K._margin_ce_fwd_kernel, fused, dt, dt, dt))
-            if margin == Margin.ONE_CLASS:
-                continue  # one class: always the fused single-tile forward
-            for split in (False, True):
-                fwd = dict(meta, BLOCK_C=block_c, SPLIT=split, FUSE_DX=False, FUSE_DW=False)
-                out.append((f"fwd-{'split' if split else 'tiled'}-{tag}", K._margin_ce_fwd_kernel, fwd, dt, dt, dt))
-            bwd = dict(meta, BLOCK_C=block_c, BLOCK_DO=128)
-            out.append((f"bwd-dx-{tag}", K._margin_ce_bwd_dx_kernel, bwd, dt, dt, dt))
-            out.append((f"bwd-dw-{tag}", K._margin_ce_bwd_dw_kernel, bwd, dt, dt, dt))
-            combine = {k: meta[k] for k in ("MARGIN", "HAS_CW", "ACC_DTYPE", "BLOCK_B")}
-            out.append((f"combine-{tag}", K._margin_ce_combine_kernel, combine, dt, dt, dt))
+def _constexprs(meta: dict, kernel, step: Step) -> dict:
+    """The launch's constexprs; those a plan leaves to the launcher (the loss, flags, dtypes) from the step."""
+    from deepfense.benchmark.launches import MARGINS
+    from deepfense.kernels.ops import FP32_PRECISION
+    step_meta = dict(MARGIN=int(MARGINS[step.loss]), HAS_BIAS=step.has_bias, HAS_CW=False,
+                     DOT_DTYPE=step.dtype, ACC_DTYPE="fp32",
+                     PRECISION=FP32_PRECISION if step.dtype == "fp32" else "ieee", NEED_DX=True, NEED_DW=True,
+                     HAS_XCOEF=step.loss != "CrossEntropy")
+    out = {}
+    for p in kernel.params:
+        if not p.is_constexpr:
+            continue
+        if p.name not in meta and p.name not in step_meta:
+            raise KeyError(f"{kernel.__name__}: constexpr {p.name} is neither in the plan's meta nor a step default")
+        v = meta.get(p.name, step_meta.get(p.name))
+        out[p.name] = TL_DTYPES.get(v, v) if p.name.endswith("_DTYPE") else v
     return out
+
+
+def variants(dtypes=("bf16", "fp32")):
+    """Unique (label, kernel, constexprs, dtype, num_warps, num_stages, values, steps) over the representative steps'
+    planned launches."""
+    seen = {}
+    for step in representative_steps(dtypes):
+        planned = step_launches(step)
+        kernels = {launch.kernel for launch in planned}  # once the plan routes small heads, they are in it already
+        for launch in planned + [x for x in small_head_launches(step) if x.kernel not in kernels]:
+            kernel = getattr(margin_ce, launch.kernel, None)
+            if kernel is None:
+                from deepfense.kernels import small_head  # s8's small-head kernels
+                kernel = getattr(small_head, launch.kernel)
+            const = _constexprs(launch.meta, kernel, step)
+            values = _arg_values(step)
+            key = (launch.kernel, tuple(sorted((k, str(v)) for k, v in const.items())), step.dtype, launch.num_warps,
+                   launch.num_stages, tuple(sorted((k, _spec(v)) for k, v in values.items())))
+            if key not in seen:
+                short = launch.kernel.replace("_margin_ce_", "").replace("_kernel", "").strip("_")
+                short = short.replace("small_head_", "small-")
+                label = f"{short}-{step.loss}-{step.dtype}-{launch.num_warps}w"
+                seen[key] = [label, kernel, const, step.dtype, launch.num_warps, launch.num_stages, values, []]
+            seen[key][7].append(f"{step.loss} {step.B}x{step.D}x{step.C}")
+    labels = {}
+    for v in seen.values():  # the same kernel/loss/dtype with other tiles: number them
+        n = labels.setdefault(v[0], 0)
+        labels[v[0]] = n + 1
+        if n:
+            v[0] = f"{v[0]}#{n + 1}"
+    return [tuple(v) for v in seen.values()]
+
+
+def _spec(v: int) -> str:
+    return "1" if v == 1 else "D" if v % 16 == 0 else ""
+
+
+# ---- known answers for the readers (tests/test_gpu_compile.py) ----------------------------------------------------
+
+@triton.jit
+def _probe_trivial_kernel(X_ptr, Y_ptr, BLOCK: tl.constexpr):
+    """y = x + 1 over one block: a handful of registers, no stack."""
+    offs = tl.arange(0, BLOCK)
+    tl.store(Y_ptr + offs, tl.load(X_ptr + offs) + 1.0)
+
+
+@triton.jit
+def _probe_spill_kernel(X_ptr, Y_ptr, n, BLOCK: tl.constexpr):
+    """A BLOCK-wide running product kept live across a loop: with one warp, BLOCK / 32 values per thread, so under
+    maxnreg = 32 a BLOCK of 2048 (64 values per thread) must spill."""
+    offs = tl.arange(0, BLOCK)
+    acc = tl.load(X_ptr + offs)
+    for i in range(n):
+        acc = acc * tl.load(X_ptr + i + offs) + 1.0
+    tl.store(Y_ptr + offs, acc)
+
+
+def self_test(arch: int = 90) -> int:
+    """Compile the two probe kernels and print what the readers find (the tests check the known answers)."""
+    target = GPUTarget("cuda", arch, 32)
+    probes = [("trivial", _probe_trivial_kernel, {"X_ptr": "*fp32", "Y_ptr": "*fp32", "BLOCK": "constexpr"},
+               {"BLOCK": 128}, {"num_warps": 4}),
+              ("spill", _probe_spill_kernel, {"X_ptr": "*fp32", "Y_ptr": "*fp32", "n": "i32", "BLOCK": "constexpr"},
+               {"BLOCK": 2048}, {"num_warps": 1, "maxnreg": 32})]
+    for name, kernel, sig, const, opts in probes:
+        _, u = compile_and_read(ASTSource(fn=kernel, signature=sig, constexprs=const), target, opts)
+        ctas, occ, limiter = occupancy(u.regs, opts["num_warps"], u.shared)
+        print(f"probe {name} regs={u.regs} spill_stores={u.spill_stores} spill_loads={u.spill_loads} "
+              f"stack={u.stack} local={u.local} stl={u.stl} ldl={u.ldl} shared={u.shared} agree={u.agree} "
+              f"spills={u.spills} ctas={ctas} occupancy={occ:.4f} limiter={limiter}")
+    return 0
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--arch", type=int, default=90, help="compute capability x10 (90: H100/H200)")
     ap.add_argument("--only", default="", help="substring filter on the variant labels")
-    ap.add_argument("--num-warps", type=int, default=4, help="warps per program (the launchers use Triton's 4)")
+    ap.add_argument("--dtypes", default="bf16,fp32", help="comma list of input dtypes (bf16, fp16, fp32)")
+    ap.add_argument("--self-test", action="store_true", help="only compile the two probe kernels (known answers)")
     args = ap.parse_args(argv)
+    if args.self_test:
+        return self_test(args.arch)
     target = GPUTarget("cuda", args.arch, 32)
-    cuobjdump = os.path.join(os.path.dirname(triton.backends.nvidia.__file__), "bin", "cuobjdump")
-    failures = 0
-    print(f"triton {triton.__version__}, target sm_{args.arch}, {args.num_warps} warps")
-    for label, kernel, constexprs, x_ty, w_ty, dx_ty in variants():
+    failures = broken = 0
+    print(f"triton {triton.__version__}, target sm_{args.arch}; registers/spills read from ptxas -v, cuobjdump "
+          f"and the SASS of each compiled variant")
+    print(f"{'':5s} {'variant':34s} {'regs':>4s} {'spill st/ld B':>13s} {'stack':>6s} {'STL/LDL':>9s} "
+          f"{'smem KB':>7s} {'CTAs':>4s} {'occup':>6s} {'limit':9s} {'s':>5s}  used by")
+    for label, kernel, const, dtype, warps, stages, values, steps in variants(tuple(args.dtypes.split(","))):
         if args.only not in label:
             continue
         t0 = time.perf_counter()
         try:
-            src = ASTSource(fn=kernel, signature=_signature(kernel, constexprs, x_ty, w_ty, dx_ty),
-                            constexprs=constexprs)
-            compiled = triton.compile(src, target=target, options={"num_warps": args.num_warps, "num_stages": 3})
-            usage = _resource_usage(cuobjdump, compiled.asm["cubin"])
-            print(f"ok    {label:28s} {time.perf_counter() - t0:5.1f} s  {usage}", flush=True)
+            sig, attrs, const2 = _signature(kernel, const, dtype, values)
+            src = ASTSource(fn=kernel, signature=sig, constexprs=const2, attrs=attrs)
+            _, u = compile_and_read(src, target, {"num_warps": warps, "num_stages": stages})
         except Exception as exc:  # report every variant, then fail
-            failures += 1
+            broken += 1
             msg = str(exc).strip().splitlines()
-            print(f"FAIL  {label:28s} {type(exc).__name__}: {' | '.join(msg[-3:])[:400]}", flush=True)
-    print(f"{failures} failed")
-    return 1 if failures else 0
-
-
-def _resource_usage(cuobjdump, cubin: bytes) -> str:
-    """Registers, local memory (spills) and shared memory per thread block, read from the cubin (no driver needed)."""
-    with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "k.cubin")
-        with open(path, "wb") as fh:
-            fh.write(cubin)
-        text = subprocess.run([cuobjdump, "--dump-resource-usage", path], capture_output=True, text=True).stdout
-    found = {key: re.search(rf"{key}:(\d+)", text) for key in ("REG", "LOCAL", "SHARED")}
-    return ", ".join(f"{key.lower()} {m.group(1) if m else '?'}" for key, m in found.items())
+            print(f"FAIL  {label:34s} {type(exc).__name__}: {' | '.join(msg[-3:])[:400]}", flush=True)
+            continue
+        ctas, occ, limiter = occupancy(u.regs, warps, u.shared)
+        bad = u.spills or not u.agree
+        failures += bad
+        status = "DIFF" if not u.agree else "SPILL" if u.spills else "ok*" if u.stack else "ok"
+        print(f"{status:5s} {label:34s} {u.regs:4d} {u.spill_stores:6d}/{u.spill_loads:<6d} {u.stack:6d} "
+              f"{u.stl:4d}/{u.ldl:<4d} {u.shared / 1024:7.1f} {ctas:4d} {occ:6.1%} {limiter:9s} "
+              f"{time.perf_counter() - t0:5.1f}  {'; '.join(steps[:3])}{' ...' if len(steps) > 3 else ''}",
+              flush=True)
+    print("ok*: a stack frame without spills (local memory that is not a register spill); DIFF: the readers disagree")
+    print(f"{broken} failed to compile, {failures} spilled or the readers disagreed")
+    return 2 if broken else 1 if failures else 0
 
 
 if __name__ == "__main__":

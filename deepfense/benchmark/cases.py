@@ -138,7 +138,8 @@ def default_cases(device: str, quick: bool = False, dtypes=None) -> list[Case]:
         dt = dtypes or ["bf16"]
         fake = [(b, 192, 2) for b in (32, 256, 4096, 65536)] + [(65536, 160, 2), (65536, 1024, 2)]
         fake_anchor = set(ISSUE2) | {(n, 65536, 1024, _classes(n, 2)) for n in ALL}
-        speaker = [(128, 192, 5994), (256, 192, 5994), (512, 192, 5994), (256, 192, 17982), (256, 256, 5994),
+        speaker = [(128, 192, 5994), (256, 192, 5994), (512, 192, 5994), (128, 192, 17982), (256, 192, 17982),
+                   (256, 256, 5994),
                    (256, 256, 17982)]
         face = [(1024, 512, c) for c in (93431, 360232, 1_000_000)]
         fp32 = [] if dtypes else [Case(n, b, d, c, "fp32", "issue2") for n, b, d, c in ISSUE2]

@@ -10,6 +10,7 @@ import argparse
 import datetime
 import os
 import sys
+import time
 
 # Names for --help and `list` without importing torch; tests/test_benchmark_cli.py checks them against cases.py and
 # the loss registry.
@@ -82,6 +83,10 @@ def _parser():
     b.add_argument("--validate", action="store_true",
                    help="force deepfense's synchronous value checks on (DEEPFENSE_VALIDATE=1; off by default, "
                         "library default with --suite)")
+    b.add_argument("--plan", action="store_true",
+                   help="print each case's launch plan with counted work and a predicted H200 roofline time; no run")
+    b.add_argument("--sm-count", type=int, help="multiprocessors to plan for (default: the GPU's, else 132: H200)")
+    b.add_argument("--no-roofline", action="store_true", help="on CUDA, skip the per-launch roofline lines")
     c = sub.add_parser("check", help="the fused path against the float64 reference: PASS/FAIL per loss")
     c.add_argument("--device", choices=["cpu", "cuda"])
     c.add_argument("--backend", default="auto", choices=["auto", "torch", "triton", "reference"])
@@ -140,6 +145,8 @@ def _bench(a) -> int:
         cases = custom_cases(losses, shapes, dtypes or (["bf16"] if device == "cuda" else ["fp32"]))
     else:
         cases = [c for c in default_cases(device, a.quick, dtypes) if c.loss in losses]
+    if a.plan:
+        return _print_plans(cases, a.sm_count or _sms(device))
     compile_mode = a.compile or ("none" if a.quick else "anchors")
     reps = a.reps or (10 if a.quick else 200 if a.suite else 30 if device == "cpu" else 50)
     budget = 0.15 if a.quick else (0.4 if device == "cpu" else 0.1)
@@ -169,7 +176,47 @@ def _bench(a) -> int:
     runner.log("wrote " + ", ".join(paths))
     if report.busy(meta):
         runner.log(report.busy(meta))
+    if device == "cuda" and not a.no_roofline:
+        _print_roofline(cases, a.sm_count or _sms(device))
     return 0
+
+
+def _sms(device: str) -> int:
+    if device != "cuda":
+        return 132
+    import torch
+    return torch.cuda.get_device_properties(0).multi_processor_count
+
+
+def _print_plans(cases, sm_count: int) -> int:
+    from .roofline import format_plan, step_of
+    for case in cases:
+        print(format_plan(step_of(case), sm_count) + "\n")
+    return 0
+
+
+ROOFLINE_BUDGET_S = 25.0  # profiling every case of a sweep would double the GPU check's bench time
+
+
+def _print_roofline(cases, sm_count: int):
+    """Per-launch achieved rates of the fused path (profiled kernel times) against the roofline of its counts; the
+    issue-8 heads first, no new case after ROOFLINE_BUDGET_S seconds."""
+    from . import runner
+    from .roofline import measure_kernels, roofline_lines, step_of
+    key = {(65536, 1024, 2), (256, 192, 5994), (1024, 512, 1_000_000)}
+    cases = sorted(cases, key=lambda c: (c.B, c.D, c.C) not in key and (c.B, c.D, 2) not in key)
+    start = time.perf_counter()
+    for i, case in enumerate(cases):
+        if time.perf_counter() - start > ROOFLINE_BUDGET_S:
+            runner.log(f"roofline: stopped after {i} of {len(cases)} cases (time budget {ROOFLINE_BUDGET_S:.0f} s)")
+            break
+        try:
+            times = measure_kernels(case)
+        except Exception as exc:  # a failed profile leaves the lines labelled unmeasured
+            runner.log(f"roofline {case.label}: profile failed ({type(exc).__name__}: {exc})")
+            times = None
+        for line in roofline_lines(step_of(case), times, sm_count):
+            print(line)
 
 
 def _key_text(key, default) -> str:

@@ -22,9 +22,13 @@ from .tiles import N_STATS, STAT_LOSS, STAT_ROWW
 # triton.jit reads TRITON_INTERPRET when the kernels are decorated; this launcher follows the same switch.
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
-# fp32 inputs: TF32 (Triton's default) errs ~3e-4 relative, which s = 30..64 turns into 0.01-0.03 logit error, so fp32
-# dots run in IEEE fp32. 16-bit inputs use the tensor cores with fp32 accumulation.
-FP32_PRECISION = "ieee"
+# fp32 inputs: the dots' input_precision, chosen by measurement (bench/precision_study.py, README "fp32 dot
+# precision"): tf32x3 (three tf32 tensor-core dots) meets the error rule as well as IEEE fp32, which runs on the FMA
+# units; plain tf32 fails it (s = 30..64 turns its ~1e-3 operand rounding into 0.01-0.03 logit error).
+# DEEPFENSE_FP32_PRECISION=ieee|tf32x3|tf32 overrides it. 16-bit inputs use the tensor cores with fp32 accumulation.
+FP32_PRECISION = os.environ.get("DEEPFENSE_FP32_PRECISION", "tf32x3")
+if FP32_PRECISION not in ("ieee", "tf32x3", "tf32"):
+    raise ValueError(f"DEEPFENSE_FP32_PRECISION must be ieee, tf32x3 or tf32, got {FP32_PRECISION!r}")
 
 _TL = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32, torch.float64: tl.float64}
 
@@ -65,7 +69,7 @@ def _common(x, w, bias, targets, class_weights, lam, margin):
     args = (x, w, dummy if bias is None else bias, targets, dummy if class_weights is None else class_weights,
             dummy if lam is None else lam)
     meta = dict(MARGIN=margin, HAS_BIAS=bias is not None, HAS_CW=class_weights is not None, DOT_DTYPE=dot_dtype,
-                ACC_DTYPE=_TL[acc], PRECISION=FP32_PRECISION)
+                ACC_DTYPE=_TL[acc], PRECISION=FP32_PRECISION if dot_dtype == tl.float32 else "ieee")
     return args, meta, acc, n_targets
 
 

@@ -1,0 +1,123 @@
+"""The launches of one fused training step (forward + backward), read from the launch plan without a GPU.
+
+Shared by `python -m deepfense bench --plan` (deepfense/benchmark/roofline.py) and bench/compile_check.py, so the
+roofline and the register check look at exactly the kernels, tiles, warps and stages the launchers use.
+
+A training step here is: reduction='mean', no class weights, CrossEntropy with its bias, every input requiring grad.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import List
+
+import triton
+
+from ..kernels import plan as _plan
+from ..params import Margin
+
+# loss name (as in deepfense.benchmark.cases.LOSSES) -> the kernels' MARGIN
+MARGINS = {"AMSoftmax": Margin.ADDITIVE, "ASoftmax": Margin.ANGULAR, "OCSoftmax": Margin.ONE_CLASS,
+           "CrossEntropy": Margin.NONE}
+H200_SMS = 132
+
+
+@dataclass(frozen=True)
+class Step:
+    """One training step's shape. dtype: 'bf16', 'fp16' or 'fp32' (x and W alike); bias: CrossEntropy's fc.bias
+    (the module has one; the benchmark's cases do not)."""
+
+    loss: str
+    B: int
+    D: int
+    C: int
+    dtype: str = "bf16"
+    bias: bool = True
+
+    @property
+    def has_bias(self) -> bool:
+        return self.loss == "CrossEntropy" and self.bias
+
+    @property
+    def label(self) -> str:
+        return f"{self.loss} B={self.B} D={self.D} C={self.C} {self.dtype}"
+
+
+def step_launches(step: Step, sm_count: int = H200_SMS) -> List[_plan.Launch]:
+    """Every launch of `step` on a GPU with `sm_count` multiprocessors, in order (fwd, [combine], dX, dW).
+
+    Uses `deepfense.kernels.plan.plan` where it exists; otherwise the current launchers' tile rules (_current_plan).
+    """
+    if hasattr(_plan, "plan"):
+        return list(_plan.plan(**_plan_args(step, sm_count)))
+    return _current_plan(step, sm_count)
+
+
+def small_head_launches(step: Step, sm_count: int = H200_SMS) -> List[_plan.Launch]:
+    """The small-head path's launches (deepfense/kernels/small_head.py, C <= 16) for `step`; [] where it does not
+    apply or is not built. Listed separately while the launchers do not route small heads to it yet."""
+    try:
+        from ..kernels import small_head
+    except ImportError:
+        return []
+    C = 1 if step.loss == "OCSoftmax" else step.C
+    if C > small_head.MAX_CLASSES:
+        return []
+    import torch
+    dt = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[step.dtype]
+    return list(small_head.plan_small(MARGINS[step.loss], step.B, step.D, C, dt, dt, n_sm=sm_count))
+
+
+def _plan_args(step: Step, sm_count: int) -> dict:
+    """`deepfense.kernels.plan.plan`'s arguments for `step` on a GPU (its GPU tiles, even under the interpreter)."""
+    import torch
+    dt = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[step.dtype]
+    return dict(margin=MARGINS[step.loss], B=step.B, D=step.D, C=1 if step.loss == "OCSoftmax" else step.C,
+                x_dtype=dt, w_dtype=dt, n_sm=sm_count, need_dx=True, need_dw=True, uniform_grad=True, gpu=True)
+
+
+def _current_plan(step: Step, sm_count: int) -> List[_plan.Launch]:
+    """The launches `deepfense.kernels.ops` makes today on a GPU (its `_blocks`, `_splits` and `fuse_plan` rules with
+    the interpreter switch off), until the launch plan (`deepfense.kernels.plan.plan`) replaces them."""
+    margin = MARGINS[step.loss]
+    B, D, C = step.B, step.D, 1 if margin == Margin.ONE_CLASS else step.C
+    bb, bk, bdo = 64, 64, max(16, min(triton.next_power_of_2(D), 128))
+    bc = 16 if margin == Margin.ONE_CLASS else max(16, min(triton.next_power_of_2(C), 64))
+    rows, tiles = triton.cdiv(max(B, 1), bb), triton.cdiv(C, bc)
+    fused = C <= bc  # one class tile: dW partials in the forward (dX stays in backward: FUSE_DX is opt-in)
+    wanted = 1 if fused or tiles < 256 else min(triton.cdiv(2 * sm_count, rows), tiles // 8)
+    per_split = triton.cdiv(tiles, max(1, min(wanted, tiles)))
+    splits = triton.cdiv(tiles, per_split)
+    common = dict(MARGIN=int(margin), HAS_BIAS=step.has_bias, HAS_CW=False, DOT_DTYPE=step.dtype,
+                  ACC_DTYPE="fp32", PRECISION=_precision(step.dtype), BLOCK_B=bb)
+    tiles_meta = dict(common, BLOCK_C=bc, BLOCK_K=bk)
+    out = [_plan.Launch("_margin_ce_fwd_kernel", (rows, splits), 4, 3,
+                        dict(tiles_meta, SPLIT=splits > 1, FUSE_DX=False, FUSE_DW=fused))]
+    if splits > 1:
+        out.append(_plan.Launch("_margin_ce_combine_kernel", (rows,), 4, 3,
+                                {k: common[k] for k in ("MARGIN", "HAS_CW", "ACC_DTYPE", "BLOCK_B")}))
+    out.append(_plan.Launch("_margin_ce_bwd_dx_kernel", (rows, triton.cdiv(D, bdo), splits), 4, 3,
+                            dict(tiles_meta, BLOCK_DO=bdo)))
+    if not fused:
+        out.append(_plan.Launch("_margin_ce_bwd_dw_kernel", (tiles, triton.cdiv(D, bdo)), 4, 3,
+                                dict(tiles_meta, BLOCK_DO=bdo)))
+    return out
+
+
+def _precision(dtype: str) -> str:
+    """The dots' input_precision: the fp32 choice for fp32 inputs (ops.FP32_PRECISION), ieee (unused) otherwise."""
+    from ..kernels import ops
+    return ops.FP32_PRECISION if dtype == "fp32" else "ieee"
+
+
+# Representative training steps (issue 8): deepfake, speaker and face heads, each loss, bf16 and fp32.
+def representative_steps(dtypes=("bf16", "fp32")) -> List[Step]:
+    shapes = {"deepfake": (65536, 1024, 2), "speaker": (256, 192, 5994), "face": (1024, 512, 1_000_000)}
+    out = []
+    for dtype in dtypes:
+        for family, (B, D, C) in shapes.items():
+            for loss in MARGINS:
+                if loss == "OCSoftmax" and family != "deepfake":
+                    continue  # one centre: the class count does not change its launches
+                out.append(Step(loss, B, D, C, dtype))
+    return out
