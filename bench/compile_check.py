@@ -64,7 +64,7 @@ def variants():
             for split in (False, True):
                 fwd = dict(meta, BLOCK_C=block_c, SPLIT=split, FUSE_DX=False, FUSE_DW=False)
                 out.append((f"fwd-{'split' if split else 'tiled'}-{tag}", K._margin_ce_fwd_kernel, fwd, dt, dt, dt))
-            bwd = dict(meta, BLOCK_C=block_c, BLOCK_DO=128)
+            bwd = dict(meta, BLOCK_C=block_c, BLOCK_DO=128, HAS_TAIL=False, BLOCK_DT=16)
             out.append((f"bwd-dx-{tag}", K._margin_ce_bwd_dx_kernel, bwd, dt, dt, dt))
             out.append((f"bwd-dw-{tag}", K._margin_ce_bwd_dw_kernel, bwd, dt, dt, dt))
             combine = {k: meta[k] for k in ("MARGIN", "HAS_CW", "ACC_DTYPE", "BLOCK_B")}
