@@ -50,9 +50,13 @@ def one_compile_thread():
 
 
 @pytest.mark.parametrize("backend", FAST_BACKENDS)
-def test_inductor_fullgraph_matches_eager(backend, one_compile_thread):
+def test_inductor_fullgraph_matches_eager(monkeypatch, backend, one_compile_thread):
     """Forward and gradients under torch.compile(fullgraph=True) with inductor equal eager's for every loss x C kind x
-    reduction x dtype, all in one graph (inductor asserts each custom op's real output strides against its fake's)."""
+    reduction x dtype, all in one graph (inductor asserts each custom op's real output strides against its fake's).
+    Heads with C <= 16 run the large-head kernels' one-tile path here (where issue 8's stride bug was); the
+    small-head path has its own inductor test (tests/test_small_head.py)."""
+    from deepfense.kernels import plan
+    monkeypatch.setattr(plan, "SMALL_HEADS", False)
     torch._dynamo.reset()
     combos = _combos(backend)
     cases = [make_case(loss, B, D, C, dtype, seed=C, ignore_some=True) for loss, C, dtype, _ in combos]

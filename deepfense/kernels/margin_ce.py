@@ -188,16 +188,18 @@ def _margin_ce_bwd_dx_kernel(
         s, m, eps, ignore_index,
         MARGIN: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_CW: tl.constexpr, DOT_DTYPE: tl.constexpr,
         ACC_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
-        BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_DO: tl.constexpr):
+        BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_DO: tl.constexpr,
+        HAS_TAIL: tl.constexpr = False, BLOCK_DT: tl.constexpr = 16):
     """dX[rows, d-slice] = sum over class tiles of recomputed dL/dcos tiles times W^T; G [B] is the upstream gradient
     per row (stride 0 for a scalar). Grid: (row blocks, D / BLOCK_DO, class splits); with several class splits each
     writes its own partial DX[split] (summed afterwards in split order). No atomics: deterministic. The feature
-    chunk is the fastest grid axis, so a row block's chunks run together and share its x tiles through L2."""
+    chunk is the fastest grid axis, so a row block's chunks run together and share its x tiles through L2. HAS_TAIL
+    (one chunk only): features [BLOCK_DO, BLOCK_DO + BLOCK_DT) in a second accumulator, so D = 192 is 128 + 64
+    rather than 256 padded."""
     pid = tl.program_id(1).to(tl.int64)
     rows = pid * BLOCK_B + tl.arange(0, BLOCK_B)
     row_mask = rows < B
     ds = tl.program_id(0).to(tl.int64) * BLOCK_DO + tl.arange(0, BLOCK_DO)
-    dmask = ds < D
     t_safe, valid, _ = _row_targets(T_ptr, CW_ptr, rows, row_mask, ignore_index, c_offset, n_targets, n_targets,
                                     HAS_CW)
     lam = _load_lam(LAM_ptr, MARGIN, ACC_DTYPE)
@@ -206,6 +208,8 @@ def _margin_ce_bwd_dx_kernel(
     coef_t = tl.load(STATS_ptr + STAT_COEF_T * B + rows, mask=row_mask, other=0.0)
     g = tl.load(G_ptr + rows * stride_g, mask=row_mask, other=0.0).to(ACC_DTYPE)
     acc_x = tl.zeros((BLOCK_B, BLOCK_DO), ACC_DTYPE)
+    ds_t = BLOCK_DO + tl.arange(0, BLOCK_DT)
+    acc_t = tl.zeros((BLOCK_B, BLOCK_DT), ACC_DTYPE)
     ssum = tl.zeros((BLOCK_B,), ACC_DTYPE)
     xsum = tl.zeros((BLOCK_B,), ACC_DTYPE)
     rx = tl.zeros((BLOCK_B,), ACC_DTYPE)
@@ -219,17 +223,38 @@ def _margin_ce_bwd_dx_kernel(
                                            ACC_DTYPE, PRECISION, BLOCK_B, BLOCK_C, BLOCK_K)
         ssum += tl.sum(dcos * cos, 1)
         xsum += xs
-        w = tl.load(W_ptr + ds[:, None] * stride_w_d + cols[None, :] * stride_w_c,
-                    mask=dmask[:, None] & col_mask[None, :], other=0.0).to(ACC_DTYPE)
-        w_hat = w if MARGIN == MARGIN_NONE else w * rw[None, :]
-        acc_x = tl.dot(dcos.to(DOT_DTYPE), tl.trans(w_hat.to(DOT_DTYPE)), acc_x, input_precision=PRECISION,
-                       out_dtype=ACC_DTYPE)
-    x = tl.load(X_ptr + rows[:, None] * stride_x_row + ds[None, :] * stride_x_col,
-                mask=row_mask[:, None] & dmask[None, :], other=0.0).to(ACC_DTYPE)
-    dx = _dx_finish(acc_x, x, rx, ssum, xsum, MARGIN)
+        acc_x = _dx_acc(W_ptr, dcos, rw, ds, cols, col_mask, acc_x, D, stride_w_d, stride_w_c, MARGIN, DOT_DTYPE,
+                        ACC_DTYPE, PRECISION)
+        if HAS_TAIL:
+            acc_t = _dx_acc(W_ptr, dcos, rw, ds_t, cols, col_mask, acc_t, D, stride_w_d, stride_w_c, MARGIN,
+                            DOT_DTYPE, ACC_DTYPE, PRECISION)
     DX_ptr += tl.program_id(2).to(tl.int64) * stride_dx_split
-    tl.store(DX_ptr + rows[:, None] * stride_dx_row + ds[None, :], dx.to(DX_ptr.dtype.element_ty),
-             mask=row_mask[:, None] & dmask[None, :])
+    _dx_store(X_ptr, DX_ptr, acc_x, rows, row_mask, ds, rx, ssum, xsum, D, stride_x_row, stride_x_col, stride_dx_row,
+              MARGIN, ACC_DTYPE)
+    if HAS_TAIL:
+        _dx_store(X_ptr, DX_ptr, acc_t, rows, row_mask, ds_t, rx, ssum, xsum, D, stride_x_row, stride_x_col,
+                  stride_dx_row, MARGIN, ACC_DTYPE)
+
+
+@triton.jit
+def _dx_acc(W_ptr, dcos, rw, ds, cols, col_mask, acc, D, stride_w_d, stride_w_c, MARGIN: tl.constexpr,
+            DOT_DTYPE: tl.constexpr, ACC_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
+    """acc [BLOCK_B, len(ds)] += dcos @ W_hat[ds, cols]^T."""
+    w = tl.load(W_ptr + ds[:, None] * stride_w_d + cols[None, :] * stride_w_c,
+                mask=(ds < D)[:, None] & col_mask[None, :], other=0.0).to(ACC_DTYPE)
+    w_hat = w if MARGIN == MARGIN_NONE else w * rw[None, :]
+    return tl.dot(dcos.to(DOT_DTYPE), tl.trans(w_hat.to(DOT_DTYPE)), acc, input_precision=PRECISION,
+                  out_dtype=ACC_DTYPE)
+
+
+@triton.jit
+def _dx_store(X_ptr, DX_ptr, acc, rows, row_mask, ds, rx, ssum, xsum, D, stride_x_row, stride_x_col, stride_dx_row,
+              MARGIN: tl.constexpr, ACC_DTYPE: tl.constexpr):
+    """Finish and store dX[rows, ds] from its accumulated product (see `_dx_finish`)."""
+    mask = row_mask[:, None] & (ds < D)[None, :]
+    x = tl.load(X_ptr + rows[:, None] * stride_x_row + ds[None, :] * stride_x_col, mask=mask, other=0.0)
+    dx = _dx_finish(acc, x.to(ACC_DTYPE), rx, ssum, xsum, MARGIN)
+    tl.store(DX_ptr + rows[:, None] * stride_dx_row + ds[None, :], dx.to(DX_ptr.dtype.element_ty), mask=mask)
 
 
 @_jit_rows
@@ -239,18 +264,20 @@ def _margin_ce_bwd_dw_kernel(
         tiles_per_split, stride_dw_split, stride_dw_d, stride_dw_c, s, m, eps, ignore_index,
         MARGIN: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_CW: tl.constexpr, DOT_DTYPE: tl.constexpr,
         ACC_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
-        BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_DO: tl.constexpr):
+        BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_DO: tl.constexpr,
+        HAS_TAIL: tl.constexpr = False, BLOCK_DT: tl.constexpr = 16):
     """dW[d-slice, class block] (and d bias) over the rows of one row split, in fp32; grid: (D / BLOCK_DO, class
     blocks, row splits). With several row splits each writes its partial DW[split] [D, C] (d bias DB[split] [C]),
     summed afterwards in split order; each program owns its output tile, so every sum runs in a fixed order:
-    deterministic."""
+    deterministic. HAS_TAIL: a second accumulator for features [BLOCK_DO, BLOCK_DO + BLOCK_DT), as in dX."""
     cols = tl.program_id(1).to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C)
     col_mask = cols < C
     pid_d = tl.program_id(0)
     ds = pid_d.to(tl.int64) * BLOCK_DO + tl.arange(0, BLOCK_DO)
-    dmask = ds < D
     lam = _load_lam(LAM_ptr, MARGIN, ACC_DTYPE)
     acc_w = tl.zeros((BLOCK_DO, BLOCK_C), ACC_DTYPE)
+    ds_t = BLOCK_DO + tl.arange(0, BLOCK_DT)
+    acc_t = tl.zeros((BLOCK_DT, BLOCK_C), ACC_DTYPE)
     csum = tl.zeros((BLOCK_C,), ACC_DTYPE)
     rw = tl.zeros((BLOCK_C,), ACC_DTYPE)
     split = tl.program_id(2).to(tl.int64)
@@ -268,17 +295,39 @@ def _margin_ce_bwd_dw_kernel(
                                           valid, lse, coef_p, coef_t, g, lam, D, n_smooth, stride_x_row, stride_x_col,
                                           stride_w_d, stride_w_c, s, m, eps, MARGIN, HAS_BIAS, HAS_CW, DOT_DTYPE,
                                           ACC_DTYPE, PRECISION, BLOCK_B, BLOCK_C, BLOCK_K)
-        x = tl.load(X_ptr + rows[:, None] * stride_x_row + ds[None, :] * stride_x_col,
-                    mask=row_mask[:, None] & dmask[None, :], other=0.0).to(ACC_DTYPE)
-        xs = x if MARGIN == MARGIN_NONE else x * rx[:, None]
-        acc_w = tl.dot(tl.trans(xs).to(DOT_DTYPE), dcos.to(DOT_DTYPE), acc_w, input_precision=PRECISION,
-                       out_dtype=ACC_DTYPE)
+        acc_w = _dw_acc(X_ptr, dcos, rx, rows, row_mask, ds, acc_w, D, stride_x_row, stride_x_col, MARGIN, DOT_DTYPE,
+                        ACC_DTYPE, PRECISION)
+        if HAS_TAIL:
+            acc_t = _dw_acc(X_ptr, dcos, rx, rows, row_mask, ds_t, acc_t, D, stride_x_row, stride_x_col, MARGIN,
+                            DOT_DTYPE, ACC_DTYPE, PRECISION)
         csum += tl.sum(dcos, 0) if MARGIN == MARGIN_NONE else tl.sum(dcos * cos, 0)
-    w = tl.load(W_ptr + ds[:, None] * stride_w_d + cols[None, :] * stride_w_c,
-                mask=dmask[:, None] & col_mask[None, :], other=0.0).to(ACC_DTYPE)
-    dw = _dw_finish(acc_w, csum, rw, w, MARGIN)
-    tl.store(DW_ptr + split * stride_dw_split + ds[:, None] * stride_dw_d + cols[None, :] * stride_dw_c,
-             dw.to(DW_ptr.dtype.element_ty), mask=dmask[:, None] & col_mask[None, :])
+    DW_ptr += split * stride_dw_split
+    _dw_store(W_ptr, DW_ptr, acc_w, csum, rw, ds, cols, col_mask, D, stride_w_d, stride_w_c, stride_dw_d,
+              stride_dw_c, MARGIN, ACC_DTYPE)
+    if HAS_TAIL:
+        _dw_store(W_ptr, DW_ptr, acc_t, csum, rw, ds_t, cols, col_mask, D, stride_w_d, stride_w_c, stride_dw_d,
+                  stride_dw_c, MARGIN, ACC_DTYPE)
     if HAS_BIAS:
         if pid_d == 0:
             tl.store(DB_ptr + split * C + cols, csum.to(DB_ptr.dtype.element_ty), mask=col_mask)
+
+
+@triton.jit
+def _dw_acc(X_ptr, dcos, rx, rows, row_mask, ds, acc, D, stride_x_row, stride_x_col, MARGIN: tl.constexpr,
+            DOT_DTYPE: tl.constexpr, ACC_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
+    """acc [len(ds), BLOCK_C] += X_hat[rows, ds]^T @ dcos (X itself for CrossEntropy)."""
+    x = tl.load(X_ptr + rows[:, None] * stride_x_row + ds[None, :] * stride_x_col,
+                mask=row_mask[:, None] & (ds < D)[None, :], other=0.0).to(ACC_DTYPE)
+    xs = x if MARGIN == MARGIN_NONE else x * rx[:, None]
+    return tl.dot(tl.trans(xs).to(DOT_DTYPE), dcos.to(DOT_DTYPE), acc, input_precision=PRECISION, out_dtype=ACC_DTYPE)
+
+
+@triton.jit
+def _dw_store(W_ptr, DW_ptr, acc, csum, rw, ds, cols, col_mask, D, stride_w_d, stride_w_c, stride_dw_d, stride_dw_c,
+              MARGIN: tl.constexpr, ACC_DTYPE: tl.constexpr):
+    """Finish and store dW[ds, cols] from its accumulated product (see `_dw_finish`)."""
+    mask = (ds < D)[:, None] & col_mask[None, :]
+    w = tl.load(W_ptr + ds[:, None] * stride_w_d + cols[None, :] * stride_w_c, mask=mask, other=0.0)
+    dw = _dw_finish(acc, csum, rw, w.to(ACC_DTYPE), MARGIN)
+    tl.store(DW_ptr + ds[:, None] * stride_dw_d + cols[None, :] * stride_dw_c, dw.to(DW_ptr.dtype.element_ty),
+             mask=mask)

@@ -108,7 +108,8 @@ def plan(margin, B: int, D: int, C: int, x_dtype: torch.dtype, w_dtype: torch.dt
     Large heads: `_margin_ce_fwd_kernel` (row blocks x class splits; one-tile heads also write dW partials),
     `_margin_ce_combine_kernel` when the classes are split, `_margin_ce_bwd_dx_kernel` (feature chunks x row blocks x
     class splits, each recomputing the logits once over the whole D), `_margin_ce_bwd_dw_kernel` (feature chunks x
-    class blocks x row splits). Splits are chosen so that every launch has about 2 x n_sm programs; split partials
+    class blocks x row splits; a D between powers of two is one main chunk plus a tail, e.g. 192 = 128 + 64, rather than
+    256 padded). Splits are chosen so that every launch has about 2 x n_sm programs; split partials
     are summed in split order. Launch.meta holds the constexprs (UPPER case) and the split counts (lower case).
     """
     del deterministic  # no atomics anywhere yet
@@ -123,11 +124,16 @@ def plan(margin, B: int, D: int, C: int, x_dtype: torch.dtype, w_dtype: torch.dt
         bc_f = 16 if one_class else max(16, min(_pow2(C), 64))
         d_pad = max(16, _pow2(D))
         do = min(d_pad, _MAX_DO)
+        # one chunk of a D between powers of two: a power-of-two main part and a short tail (192 = 128 + 64)
+        main = max(16, _pow2(D) // 2) if d_pad > D else d_pad
+        tail = max(16, _pow2(D - main)) if D > main else 0
+        if do == d_pad and tail and main + tail < d_pad:
+            do = main
         narrow = max(16, min(64, _ACC_ELEMS // do))  # the tile side that meets the whole feature chunk
         bb_x, bc_x, bc_w, bb_w, warps_b = narrow, min(narrow, bc_f), min(narrow, bc_f), narrow, 8
     else:  # small tiles, so small test shapes still run several row / class / feature tiles
         bb_f = bk = bc_f = do = bb_x = bc_x = bc_w = bb_w = 16
-        warps_b = 4
+        warps_b, main, tail = 4, 16, 0
     single = C <= bc_f
     fuse_dx = (fuse_dx_default() if fuse_dx is None else fuse_dx) and single and need_dx
     fuse_dw = single and need_dw and uniform_grad
@@ -141,8 +147,9 @@ def plan(margin, B: int, D: int, C: int, x_dtype: torch.dtype, w_dtype: torch.dt
         out.append(Launch("_margin_ce_combine_kernel", (n_rows,), 4, 3, dict(BLOCK_B=bb_f)))
     if B == 0:
         return tuple(out)
-    n_do = _cdiv(D, do)
-    blocks = dict(BLOCK_K=bk, BLOCK_DO=do)
+    has_tail = do == main and tail > 0 and main + tail >= D
+    n_do = 1 if has_tail else _cdiv(D, do)
+    blocks = dict(BLOCK_K=bk, BLOCK_DO=do, HAS_TAIL=has_tail, BLOCK_DT=tail if has_tail else 16)
     if need_dx and not fuse_dx:
         n_rb = _cdiv(B, bb_x)
         splits, per = _split(_cdiv(C, bc_x), n_rb * n_do, n_sm, gpu)
