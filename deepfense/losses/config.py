@@ -72,6 +72,11 @@ def list_losses() -> List[str]:
     return sorted(_REGISTRY)
 
 
+def loss_classes() -> List[type]:
+    """The registered loss classes, each once (aliases such as AAMSoftmax share ArcFace's), by registered name."""
+    return list(dict.fromkeys(_REGISTRY[n] for n in list_losses()))
+
+
 def get_loss_class(name: str) -> type:
     """The class registered as `name`; an `UnknownLossError` naming the registered ones otherwise."""
     if not isinstance(name, str):
@@ -149,7 +154,7 @@ def _split_entry(entry: Mapping):
 
 
 def _check_keys(name: str, cls: type, kwargs: dict) -> None:
-    checks.check_unknown_keys(cls, kwargs, siblings=[_REGISTRY[n] for n in list_losses()], also=("weight",))
+    checks.check_unknown_keys(cls, kwargs, siblings=loss_classes(), also=("weight",))
     for key, p in _parameters(cls).items():
         if p.default is p.empty and key not in kwargs:
             raise MissingKeyError(f"{name}: missing required key {key!r}", key)

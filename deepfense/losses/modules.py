@@ -36,8 +36,9 @@ class _LossHead(nn.Module):
 
     def __new__(cls, *args, **kwargs):
         # an unknown keyword gets build_loss's error (naming the loss that takes it, or the nearest key), not
-        # Python's bare "unexpected keyword argument"
-        checks.check_unknown_keys(cls, kwargs, siblings=_LossHead.__subclasses__())
+        # Python's bare "unexpected keyword argument"; the siblings are the registry's, as build_loss names them
+        from .config import loss_classes  # config imports this module: resolved at call time
+        checks.check_unknown_keys(cls, kwargs, siblings=loss_classes())
         return super().__new__(cls)
 
     def _init_common(self, embedding_dim, n_weights, *, class_weights, reduction, ignore_index, label_smoothing,
