@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import Dict, List, Optional
 
 from .launches import Step, step_launches
-from .work import ITEM, SMALL_KERNELS, Work, launch_work  # noqa: F401  (Work, ITEM: this module's API before)
+from .work import ITEM, SMALL_KERNELS, Work, launch_work, partial_sum_bytes  # noqa: F401  (Work, ITEM: this module's API before)
 
 H200 = {"name": "H200 SXM", "hbm_Bps": 4.8e12, "bf16": 989.4e12, "fp16": 989.4e12, "tf32": 494.7e12,
         "fp32": 66.9e12}
@@ -91,6 +91,10 @@ def format_plan(step: Step, sm_count: int = 132, device=H200) -> str:
     minimal = _minimal_bytes(step) / device["hbm_Bps"]
     rows.append(f"total: roofline {total * 1e6:.3g} µs ({worst * 1e6:.3g} µs if every load came from HBM); the "
                 f"step's memory floor (read x and W, write dX and dW once) {minimal * 1e6:.3g} µs")
+    post = partial_sum_bytes(step, step_launches(step, sm_count))
+    if post:
+        rows.append(f"after the kernels, torch sums the split partials: about {post / 1e6:.4g} MB, "
+                    f"{post / device['hbm_Bps'] * 1e6:.3g} µs at HBM bandwidth (not in the total above)")
     return "\n".join(rows)
 
 

@@ -146,3 +146,24 @@ def _small_bwd(l, step, s, plan) -> Work:
 _MODELS = {"_margin_ce_fwd_kernel": _fwd, "_margin_ce_combine_kernel": _combine,
            "_margin_ce_bwd_dx_kernel": _bwd_dx, "_margin_ce_bwd_dw_kernel": _bwd_dw,
            "_small_head_fwd_kernel": _small_fwd, "_small_head_bwd_kernel": _small_bwd}
+
+
+def partial_sum_bytes(step, plan) -> int:
+    """Bytes the launchers' torch ops move after the kernels to sum split partials (an estimate from the tensors'
+    sizes, not counted by the interpreter): dX partials [splits, B, D] fp32 summed and cast, dW partials
+    [splits, D, C] (d bias [splits, C]) summed and copied, the one-tile forward's dW partials [row blocks, D + 1, C],
+    the small head's [programs, D (+1), C] summed and (every loss but CrossEntropy) projected, then cast."""
+    s, total = _Shape(step), 0
+    for item in plan:
+        m, k = item.meta, item.kernel
+        if k == "_margin_ce_bwd_dx_kernel" and m["n_splits"] > 1:
+            total += (m["n_splits"] + 2) * s.B * s.D * ACC + s.B * s.D * s.xi
+        elif k == "_margin_ce_bwd_dw_kernel" and m["n_splits"] > 1:
+            total += (m["n_splits"] + 2) * (s.D * s.C + (s.C if s.bi else 0)) * ACC + s.D * s.C * s.wi
+        elif k == "_margin_ce_fwd_kernel" and m["FUSE_DW"]:
+            total += (item.grid[0] + 1) * (s.D + 1) * s.C * ACC
+        elif k == "_small_head_bwd_kernel":
+            rows = s.D + bool(s.bi)
+            total += ((item.grid[0] + 1) * rows * s.C * ACC + (3 * s.D * s.C * ACC if s.xcoef else 0)
+                      + s.D * s.C * s.wi)
+    return total
