@@ -79,7 +79,10 @@ def _fwd(l, step, s, plan) -> Work:
 
 
 def _combine(l, step, s, plan) -> Work:
-    n_splits = next(p for p in plan if p.kernel == "_margin_ce_fwd_kernel").meta["n_splits"]
+    fwd = next((p for p in plan if p.kernel == "_margin_ce_fwd_kernel"), None)
+    if fwd is None:
+        raise ValueError("the combine's work needs the step's plan (its forward's split count): pass plan=")
+    n_splits = fwd.meta["n_splits"]
     read, written = s.B * (TGT + N_STATS * n_splits * ACC), N_STATS * s.B * ACC
     return Work(0, read, written, read + written)
 
