@@ -87,7 +87,7 @@ def _combine(l, step, s, plan) -> Work:
     return Work(0, read, written, read + written)
 
 
-def _chunks(m, D):
+def _chunks(m):
     """(feature chunk width, tail width) of a backward kernel's meta: the dot sizes per chunk."""
     return m["BLOCK_DO"], m["BLOCK_DT"] if m["HAS_TAIL"] else 0
 
@@ -95,7 +95,7 @@ def _chunks(m, D):
 def _bwd_dx(l, step, s, plan) -> Work:
     m, (n_do, n_rb, n_splits) = l.meta, l.grid
     bb, bc, bk = m["BLOCK_B"], m["BLOCK_C"], m["BLOCK_K"]
-    do, dt = _chunks(m, s.D)
+    do, dt = _chunks(m)
     tiles = cdiv(s.C, bc)
     macs = n_do * n_rb * tiles * bb * bc * (cdiv(s.D, bk) * bk + do + dt)
     per_row = TGT + 3 * ACC + ACC  # target, lse / coef_p / coef_t, upstream gradient
@@ -111,7 +111,7 @@ def _bwd_dx(l, step, s, plan) -> Work:
 def _bwd_dw(l, step, s, plan) -> Work:
     m, (n_do, n_cb, n_splits) = l.meta, l.grid
     bb, bc, bk = m["BLOCK_B"], m["BLOCK_C"], m["BLOCK_K"]
-    do, dt = _chunks(m, s.D)
+    do, dt = _chunks(m)
     n_rb = cdiv(s.B, bb)
     macs = n_do * n_cb * n_rb * bb * bc * (cdiv(s.D, bk) * bk + do + dt)
     per_row = TGT + 3 * ACC + ACC
