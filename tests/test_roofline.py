@@ -1,108 +1,64 @@
-"""`bench --plan` and the roofline (deepfense/benchmark/roofline.py): the work it computes from a launch's tiles and
-grid equals what the kernels do in the Triton interpreter, counted as they run; and the CUDA-only roofline lines'
-arithmetic, from a fake profile.
+"""`bench --plan` and the roofline (deepfense/benchmark/roofline.py, work.py): the work it computes from a launch's grid
+and meta equals, exactly, what the kernels do in the Triton interpreter as tests/work_counter.py counts it (executed
+multiply-adds incl. padding, bytes loaded and stored), on the GPU launch plan (DEEPFENSE_TILES=gpu,
+DEEPFENSE_SM_COUNT=132: an H200's); and the CUDA-only roofline lines' arithmetic, from a fake profile.
 
-The interpreter runs the GPU tile plan (64-row, 64-class, 64-feature tiles, 128-wide feature slices) on shapes
-chosen so that every loop runs more than once and ends ragged: B = 70 (two row blocks, the second 6 rows),
-D = 160 (three K steps, two feature slices), C = 150 (three class tiles)."""
+Shapes are small but make every loop run more than once and end ragged: B = 70 (two 64-row blocks, the second 6
+rows), C = 150 (three 64-class tiles, split three ways in the forward and dX, rows split in dW), D = 192 (one
+128-wide main chunk plus a 64-wide tail in the backward, three K steps) or 160 / 40 (ragged K steps)."""
 
 import os
 
-import numpy as np
 import pytest
 import torch
 
 from deepfense.benchmark import cli
 from deepfense.benchmark.launches import Step, step_launches
-from deepfense.benchmark.roofline import kernel_times, launch_work, roofline_lines
-from deepfense.kernels.plan import Launch
+from deepfense.benchmark.roofline import kernel_times, roofline_lines
+from deepfense.benchmark.work import launch_work
+from deepfense.kernels import plan as P
 
-pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="counts in the Triton interpreter")
+LOSS = {"am": "AMSoftmax", "a": "ASoftmax", "oc": "OCSoftmax", "ce": "CrossEntropy"}
+DTYPE = {torch.float32: "fp32", torch.bfloat16: "bf16"}
 
 
 @pytest.fixture
-def counted(monkeypatch):
-    """Run the launchers with GPU tiles in the interpreter, recording each launch and what it executes: tl.dot
-    FLOPs (2 M N K, padding included) and bytes loaded / stored (masked-off elements excluded)."""
-    from triton.runtime import interpreter as I
-
-    from deepfense.kernels import ops
-    launches = []
-
-    def run(self, *args, grid, warmup, **kwargs):
-        rec = {"kernel": self.fn.__name__, "grid": tuple(grid) + (1,) * (3 - len(grid)), "meta": kwargs,
-               "flops": 0, "read": 0, "written": 0}
-        launches.append(rec)
-        return orig_run(self, *args, grid=grid, warmup=warmup, **kwargs)
-
-    def dot(self, a, b, d, *rest):
-        launches[-1]["flops"] += 2 * a.data.shape[0] * a.data.shape[1] * b.data.shape[1]
-        return orig_dot(self, a, b, d, *rest)
-
-    def load(self, ptrs, mask, other, *rest):
-        size = ptrs.get_element_ty().primitive_bitwidth // 8
-        launches[-1]["read"] += int(np.count_nonzero(np.broadcast_to(mask.data, ptrs.data.shape))) * size
-        return orig_load(self, ptrs, mask, other, *rest)
-
-    def store(self, ptrs, value, mask, *rest):
-        size = ptrs.get_element_ty().primitive_bitwidth // 8
-        launches[-1]["written"] += int(np.count_nonzero(np.broadcast_to(mask.data, ptrs.data.shape))) * size
-        return orig_store(self, ptrs, value, mask, *rest)
-
-    orig_run, orig_dot = I.InterpretedFunction.run, I.InterpreterBuilder.create_dot
-    orig_load, orig_store = I.InterpreterBuilder.create_masked_load, I.InterpreterBuilder.create_masked_store
-    monkeypatch.setattr(I.InterpretedFunction, "run", run)
-    monkeypatch.setattr(I.InterpreterBuilder, "create_dot", dot)
-    monkeypatch.setattr(I.InterpreterBuilder, "create_masked_load", load)
-    monkeypatch.setattr(I.InterpreterBuilder, "create_masked_store", store)
-    monkeypatch.setenv("DEEPFENSE_TILES", "gpu")  # the launch plan's switch to the GPU tiles in the interpreter
+def h200_plan(monkeypatch):
+    monkeypatch.setenv("DEEPFENSE_TILES", "gpu")
     monkeypatch.setenv("DEEPFENSE_SM_COUNT", "132")
-    if hasattr(ops, "_blocks"):  # launchers from before the launch plan pick their tiles in ops._blocks
-        interp_blocks = ops._blocks
-
-        def gpu_blocks(D, C, margin):  # the launchers' GPU tiles (their interpreter switch off for this call)
-            monkeypatch.setattr(ops, "INTERPRET", False)
-            try:
-                return interp_blocks(D, C, margin)
-            finally:
-                monkeypatch.setattr(ops, "INTERPRET", True)
-
-        monkeypatch.setattr(ops, "_blocks", gpu_blocks)
-    return launches
 
 
-def _train_step(loss, B, D, C):
-    """fwd + bwd of the benchmark's case (fp32, no bias) through the fused kernels."""
-    from deepfense.benchmark.cases import LOSSES, Case, make_inputs
-    (x, w, t), = make_inputs(Case(loss, B, D, 1 if loss == "OCSoftmax" else C, "fp32"), "cpu")
-    spec = LOSSES[loss]
-    spec.functional(x, w, t, backend="triton", **spec.options).backward()  # w in the functional API's layout
-
-
-# every loss with the plan's class splits (one here); AMSoftmax also with two forced splits (the combine kernel and
-# the split dX partials)
-@pytest.mark.parametrize("loss,splits", [("AMSoftmax", None), ("ASoftmax", None), ("OCSoftmax", None),
-                                         ("CrossEntropy", None), ("AMSoftmax", 2)])
-def test_counted_work_matches_the_kernels(counted, loss, splits, monkeypatch):
-    from deepfense.kernels import ops, plan
-    if hasattr(plan, "plan"):
-        pytest.skip("the roofline's work model predates the launch plan's redesigned kernels (kernels.plan.plan)")
-    monkeypatch.setattr(ops, "FORCE_SPLITS", splits)
-    B, D, C = 70, 160, 150
-    _train_step(loss, B, D, C)
-    step = Step(loss, B, D, C, "fp32", bias=False)
-    assert counted, "no launch recorded"
-    if splits is None:  # the plan's launches are the launchers' (kernels and grids)
-        planned = [(l.kernel, tuple(l.grid) + (1,) * (3 - len(l.grid))) for l in step_launches(step)]
-        assert planned == [(r["kernel"], r["grid"]) for r in counted]
-    fwd_splits = next(r for r in counted if r["kernel"] == "_margin_ce_fwd_kernel")["grid"][1]
-    for rec in counted:
-        # the combine's work depends on the forward's split count, which its own launch does not carry
-        meta = dict(rec["meta"], SPLITS=fwd_splits) if rec["kernel"] == "_margin_ce_combine_kernel" else rec["meta"]
-        work = launch_work(Launch(rec["kernel"], rec["grid"], meta=meta), step)
-        got = (rec["flops"], rec["read"], rec["written"])
-        assert (work.dot_flops, work.bytes_read, work.bytes_written) == got, (rec["kernel"], rec["grid"])
-        assert work.unique_bytes <= work.bytes
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="counts in the Triton interpreter")
+@pytest.mark.parametrize("loss,B,D,C,dtype,splits", [
+    ("am", 70, 192, 150, torch.float32, None),  # class splits, the combine, dX/dW with a tail accumulator
+    ("a", 70, 192, 150, torch.float32, None),  # lambda loaded per program
+    ("ce", 70, 160, 150, torch.float32, None),  # with a bias; ragged K, no tail (160 = 128 + 32)
+    ("ce", 70, 192, 150, torch.bfloat16, None),  # 16-bit x, W, dX and dW
+    ("am", 70, 192, 150, torch.float32, 1),  # forced: no splits, no combine, dX / dW stored in x's / w's dtype
+    ("am", 70, 128, 40, torch.float32, None),  # one class tile: dW partials fused into the forward
+    ("oc", 70, 40, 1, torch.float32, None),  # the small-head path: one centre
+    ("am", 70, 40, 2, torch.bfloat16, None),  # the deepfake head
+    ("ce", 70, 40, 3, torch.float32, None),  # small head with a bias, no x coefficient
+    ("a", 70, 40, 5, torch.float32, None),
+], ids=str)
+def test_counted_work_matches_the_kernels(h200_plan, monkeypatch, loss, B, D, C, dtype, splits):
+    from backend_cases import FUNCS, make_case, options
+    from work_counter import WorkCounter
+    monkeypatch.setattr(P, "FORCE_SPLITS", splits)
+    case = make_case(loss, B, D, C, dtype, seed=0)
+    x, w = case["x"].requires_grad_(), case["w"].requires_grad_()
+    bias = dict(bias=case["bias"].requires_grad_()) if loss == "ce" else {}
+    with WorkCounter() as wc:
+        FUNCS[loss](x, w, case["t"], backend="triton", **bias, **options(loss)).backward()
+    step = Step(LOSS[loss], B, D, C, DTYPE[dtype], bias=loss == "ce")
+    plan = step_launches(step)
+    assert wc.grids() == [(item.kernel, item.grid) for item in plan]  # the launchers ran exactly this plan
+    for item, rec in zip(plan, wc.launches):
+        work = launch_work(item, step, plan)
+        got = (rec.macs, sum(rec.loaded.values()), sum(rec.stored.values()))
+        assert (work.macs, work.bytes_read, work.bytes_written) == got, (item.kernel, rec.loaded, rec.stored)
+        assert 0 < work.unique_bytes <= work.bytes
+    assert sum(launch_work(item, step, plan).macs for item in plan) >= 2 * B * D * C  # a counter reading 0 fails
 
 
 class _Avg:
@@ -113,10 +69,8 @@ class _Avg:
 def test_roofline_lines_from_a_fake_profile():
     # GPU-only path exercised with made-up kernel times (not a measurement): 2 steps profiled
     step = Step("AMSoftmax", 256, 192, 5994, "bf16")
-    try:
-        work = launch_work(step_launches(step)[0], step)
-    except KeyError as exc:
-        pytest.skip(f"{exc}: the roofline's work model predates the launch plan's kernels")
+    plan = step_launches(step)
+    work = launch_work(plan[0], step, plan)
     avgs = [_Avg("_margin_ce_fwd_kernel", 40.0), _Avg("_margin_ce_bwd_dx_kernel", 60.0), _Avg("aten::mm", 99.0)]
     times = kernel_times(avgs, steps=2)
     assert times == pytest.approx({"_margin_ce_fwd_kernel": 20e-6, "_margin_ce_bwd_dx_kernel": 30e-6})
@@ -133,4 +87,16 @@ def test_bench_plan_prints_every_launch(capsys):
     out = capsys.readouterr().out
     for kernel in ("_margin_ce_fwd_kernel", "_margin_ce_bwd_dx_kernel", "_margin_ce_bwd_dw_kernel"):
         assert f"| {kernel} |" in out
-    assert "not a measurement" in out and "roofline" in out
+    assert "not a measurement" in out and "roofline" in out and "no work model" not in out
+    assert "torch sums the split partials: about 48.89 MB" in out  # 94 dX splits + 4 dW splits (see work.py)
+
+
+@pytest.mark.parametrize("loss,B,D,C", [("AMSoftmax", 65536, 1024, 2), ("OCSoftmax", 65536, 1024, 1),
+                                        ("AMSoftmax", 256, 192, 5994), ("CrossEntropy", 1024, 512, 10 ** 6)])
+def test_every_planned_launch_has_a_work_model(loss, B, D, C):
+    """The issue's shapes, planned for an H200: every launch is modelled (no '?' rows) and the step does at least
+    its useful multiply-adds (3 B D C: forward, dX, dW)."""
+    step = Step(loss, B, D, C, "bf16")
+    plan = step_launches(step)
+    macs = sum(launch_work(item, step, plan).macs for item in plan)
+    assert macs >= 3 * B * D * C

@@ -11,8 +11,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import List
 
-import triton
-
 from ..kernels import plan as _plan
 from ..params import Margin
 
@@ -44,13 +42,9 @@ class Step:
 
 
 def step_launches(step: Step, sm_count: int = H200_SMS) -> List[_plan.Launch]:
-    """Every launch of `step` on a GPU with `sm_count` multiprocessors, in order (fwd, [combine], dX, dW).
-
-    Uses `deepfense.kernels.plan.plan` where it exists; otherwise the current launchers' tile rules (_current_plan).
-    """
-    if hasattr(_plan, "plan"):
-        return list(_plan.plan(**_plan_args(step, sm_count)))
-    return _current_plan(step, sm_count)
+    """Every launch of `step` on a GPU with `sm_count` multiprocessors, in order, from `deepfense.kernels.plan.plan`
+    (large heads: fwd, [combine], dX, [dW]; C <= SMALL_C: the small-head forward and backward)."""
+    return list(_plan.plan(**_plan_args(step, sm_count)))
 
 
 def small_head_launches(step: Step, sm_count: int = H200_SMS) -> List[_plan.Launch]:
@@ -74,40 +68,6 @@ def _plan_args(step: Step, sm_count: int) -> dict:
     dt = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[step.dtype]
     return dict(margin=MARGINS[step.loss], B=step.B, D=step.D, C=1 if step.loss == "OCSoftmax" else step.C,
                 x_dtype=dt, w_dtype=dt, n_sm=sm_count, need_dx=True, need_dw=True, uniform_grad=True, gpu=True)
-
-
-def _current_plan(step: Step, sm_count: int) -> List[_plan.Launch]:
-    """The launches `deepfense.kernels.ops` makes today on a GPU (its `_blocks`, `_splits` and `fuse_plan` rules with
-    the interpreter switch off), until the launch plan (`deepfense.kernels.plan.plan`) replaces them."""
-    margin = MARGINS[step.loss]
-    B, D, C = step.B, step.D, 1 if margin == Margin.ONE_CLASS else step.C
-    bb, bk, bdo = 64, 64, max(16, min(triton.next_power_of_2(D), 128))
-    bc = 16 if margin == Margin.ONE_CLASS else max(16, min(triton.next_power_of_2(C), 64))
-    rows, tiles = triton.cdiv(max(B, 1), bb), triton.cdiv(C, bc)
-    fused = C <= bc  # one class tile: dW partials in the forward (dX stays in backward: FUSE_DX is opt-in)
-    wanted = 1 if fused or tiles < 256 else min(triton.cdiv(2 * sm_count, rows), tiles // 8)
-    per_split = triton.cdiv(tiles, max(1, min(wanted, tiles)))
-    splits = triton.cdiv(tiles, per_split)
-    common = dict(MARGIN=int(margin), HAS_BIAS=step.has_bias, HAS_CW=False, DOT_DTYPE=step.dtype,
-                  ACC_DTYPE="fp32", PRECISION=_precision(step.dtype), BLOCK_B=bb)
-    tiles_meta = dict(common, BLOCK_C=bc, BLOCK_K=bk)
-    out = [_plan.Launch("_margin_ce_fwd_kernel", (rows, splits), 4, 3,
-                        dict(tiles_meta, SPLIT=splits > 1, FUSE_DX=False, FUSE_DW=fused))]
-    if splits > 1:
-        out.append(_plan.Launch("_margin_ce_combine_kernel", (rows,), 4, 3,
-                                {k: common[k] for k in ("MARGIN", "HAS_CW", "ACC_DTYPE", "BLOCK_B")}))
-    out.append(_plan.Launch("_margin_ce_bwd_dx_kernel", (rows, triton.cdiv(D, bdo), splits), 4, 3,
-                            dict(tiles_meta, BLOCK_DO=bdo)))
-    if not fused:
-        out.append(_plan.Launch("_margin_ce_bwd_dw_kernel", (tiles, triton.cdiv(D, bdo)), 4, 3,
-                                dict(tiles_meta, BLOCK_DO=bdo)))
-    return out
-
-
-def _precision(dtype: str) -> str:
-    """The dots' input_precision: the fp32 choice for fp32 inputs (ops.FP32_PRECISION), ieee (unused) otherwise."""
-    from ..kernels import ops
-    return ops.FP32_PRECISION if dtype == "fp32" else "ieee"
 
 
 # Representative training steps (issue 8): deepfake, speaker and face heads, each loss, bf16 and fp32.

@@ -1,8 +1,9 @@
 """Counted work per launch of a training step, and the roofline time it implies on an H200.
 
 `python -m deepfense bench --plan` prints, for each launch of the plan (deepfense/benchmark/launches.py): kernel,
-grid, programs, warps, the `tl.dot` FLOPs it executes (tile padding included), the bytes it loads and stores (masked
-elements excluded; every load counted, so a tile re-read from L2 counts again), and the roofline time
+grid, programs, warps, the `tl.dot` FLOPs it executes (tile padding included; the small-head kernels' broadcast
+products on the FMA units), the bytes it loads and stores (masked elements excluded; every load counted, so a tile
+re-read from L2 counts again), all from deepfense/benchmark/work.py, and the roofline time
 max(dot FLOPs / (peak FLOP/s x min(1, programs / SMs)), unique bytes / HBM bandwidth), where the unique bytes read
 each input element and write each output element once. That time is a bound from counts, not a measurement: it
 assumes the dots run at the tensor cores' (for IEEE fp32, the FMA units') peak on every SM that has a program, and
@@ -20,94 +21,18 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Dict, List, Optional
 
-import triton
-
 from .launches import Step, step_launches
+from .work import ITEM, SMALL_KERNELS, Work, launch_work, partial_sum_bytes  # noqa: F401  (Work, ITEM: this module's API before)
 
 H200 = {"name": "H200 SXM", "hbm_Bps": 4.8e12, "bf16": 989.4e12, "fp16": 989.4e12, "tf32": 494.7e12,
         "fp32": 66.9e12}
-ITEM = {"bf16": 2, "fp16": 2, "fp32": 4, "fp64": 8}
 
 
-@dataclass(frozen=True)
-class Work:
-    """Counted work of one launch: dot FLOPs executed (padding included), bytes loaded and stored."""
-
-    dot_flops: int
-    bytes_read: int
-    bytes_written: int
-    unique_bytes: int = 0  # each distinct input element read once, each output written once: the HBM floor
-
-    @property
-    def bytes(self) -> int:
-        return self.bytes_read + self.bytes_written
-
-
-def launch_work(launch, step: Step) -> Work:
-    """Work of one launch of today's kernels (deepfense/kernels/margin_ce.py), from the plan's tiles and grid.
-
-    Per (row block, class tile) the logits cost a dot over all of D; the backward kernels recompute them once per
-    feature slice (BLOCK_DO) and add the dX / dW dot of the slice.
-    """
-    m = launch.meta
-    if "HAS_TAIL" in m or "n_splits" in m:  # the launch plan's redesigned kernels: not modelled here yet
-        raise KeyError(f"no work model for the planned kernel {launch.kernel} (launch-plan version)")
-    one_class = step.loss == "OCSoftmax"
-    B, D, C = step.B, step.D, 1 if one_class else step.C
-    xi, wi, f4, i8 = ITEM[step.dtype], ITEM[step.dtype], 4, 8
-    bb = m["BLOCK_B"]
-    rows = triton.cdiv(B, bb)
-    lam = 4 if step.loss == "ASoftmax" else 0  # lambda, read once per program
-    bias = wi if step.has_bias else 0  # bias bytes per class, per logit tile
-    name = launch.kernel
-    if name == "_margin_ce_combine_kernel":
-        splits = m.get("SPLITS") or _splits_of(step)  # the forward's class splits, merged here
-        read, written = B * (5 * splits * f4 + i8), 5 * B * f4
-        return Work(0, read, written, read + written)
-    bc, bk = m["BLOCK_C"], m["BLOCK_K"]
-    tiles, ksteps = triton.cdiv(C, bc), triton.cdiv(D, bk)
-    logit_dot = ksteps * 2 * bb * bc * bk  # one [BLOCK_B, BLOCK_C] logit tile over all of D
-    logit_read = B * D * xi * tiles + D * C * wi * rows + C * bias * rows  # every (row block, class tile) once
-    programs = launch.programs
-    if name == "_margin_ce_fwd_kernel":
-        splits = launch.grid[1] if len(launch.grid) > 1 else 1
-        flops, read = rows * tiles * logit_dot, logit_read + B * i8 * splits + lam * programs
-        written = 5 * B * f4 * splits
-        if m.get("FUSE_DW") or m.get("FUSE_DX"):  # recompute the tile, then per K step: x, w, the dW (dX) dots
-            n_grad_dots = bool(m.get("FUSE_DW")) + bool(m.get("FUSE_DX"))
-            flops += rows * logit_dot + rows * ksteps * 2 * bb * bc * bk * n_grad_dots
-            read += logit_read + B * D * xi + D * C * wi * rows
-            written += (rows * (D + 1) * C * f4 if m.get("FUSE_DW") else 0) + (B * D * f4 if m.get("FUSE_DX") else 0)
-        unique = B * D * xi + D * C * wi + C * bias + B * i8 + written
-        return Work(flops, read, written, min(unique, read + written))
-    bdo = m["BLOCK_DO"]
-    slices = triton.cdiv(D, bdo)
-    per_row = i8 + 4 * f4  # target, lse, coef_p, coef_t, upstream gradient
-    slice_dot = 2 * bb * bc * bdo
-    if name == "_margin_ce_bwd_dx_kernel":
-        splits = launch.grid[2] if len(launch.grid) > 2 else 1
-        flops = rows * slices * tiles * (logit_dot + slice_dot)
-        read = (slices * logit_read + D * C * wi * rows + B * D * xi * splits + B * per_row * slices * splits
-                + lam * programs)
-        written = B * D * (xi if splits == 1 else f4 * splits)
-        return Work(flops, read, written, B * D * xi + D * C * wi + C * bias + B * per_row + written)
-    if name == "_margin_ce_bwd_dw_kernel":
-        flops = tiles * slices * rows * (logit_dot + slice_dot)
-        read = (slices * logit_read + tiles * B * D * xi + B * per_row * tiles * slices + D * C * wi
-                + lam * programs)
-        written = D * C * wi + (C * f4 if bias else 0)
-        return Work(flops, read, written, B * D * xi + D * C * wi + C * bias + B * per_row + written)
-    raise KeyError(f"no work model for kernel {name}")
-
-
-def _splits_of(step: Step) -> int:
-    fwd = next(l for l in step_launches(step) if l.kernel == "_margin_ce_fwd_kernel")
-    return fwd.grid[1]
-
-
-def dot_peak(dtype: str, precision: str, device=H200) -> float:
+def dot_peak(dtype: str, precision: str, device=H200, kernel: str = "") -> float:
     """Dot FLOP/s the kernel's dots can reach: tensor cores for 16-bit and tf32, a third of tf32 for tf32x3 (three
-    dots per dot), the FMA units for IEEE fp32."""
+    dots per dot), the FMA units for IEEE fp32 and for the small-head kernels (fp32 broadcast products, no tl.dot)."""
+    if kernel in SMALL_KERNELS:
+        return device["fp32"]
     if dtype in ("bf16", "fp16"):
         return device[dtype]
     return {"ieee": device["fp32"], "tf32": device["tf32"], "tf32x3": device["tf32"] / 3}[precision]
@@ -128,15 +53,16 @@ class Line:
 def plan_lines(step: Step, sm_count: int = 132, device=H200) -> List[Line]:
     """Each launch of `step` with its counted work and roofline-predicted time on `device`."""
     out = []
-    for launch in step_launches(step, sm_count):
+    plan = step_launches(step, sm_count)
+    for launch in plan:
         try:
-            w = launch_work(launch, step)
+            w = launch_work(launch, step, plan)
         except KeyError:  # a kernel this module has no work model for: listed, not guessed
             out.append(Line(launch, None, float("nan"), "no work model", float("nan")))
             continue
-        precision = launch.meta.get("PRECISION", "ieee")
         # a program runs on one SM: fewer programs than SMs leave the other SMs' tensor cores idle
-        t_dot = w.dot_flops / (dot_peak(step.dtype, precision, device) * min(1.0, launch.programs / sm_count))
+        peak = dot_peak(step.dtype, _precision(launch, step), device, launch.kernel)
+        t_dot = w.dot_flops / (peak * min(1.0, launch.programs / sm_count))
         t_mem = w.unique_bytes / device["hbm_Bps"]
         out.append(Line(launch, w, max(t_dot, t_mem), "compute" if t_dot > t_mem else "memory",
                         max(t_dot, w.bytes / device["hbm_Bps"])))
@@ -165,7 +91,21 @@ def format_plan(step: Step, sm_count: int = 132, device=H200) -> str:
     minimal = _minimal_bytes(step) / device["hbm_Bps"]
     rows.append(f"total: roofline {total * 1e6:.3g} µs ({worst * 1e6:.3g} µs if every load came from HBM); the "
                 f"step's memory floor (read x and W, write dX and dW once) {minimal * 1e6:.3g} µs")
+    post = partial_sum_bytes(step, step_launches(step, sm_count))
+    if post:
+        rows.append(f"after the kernels, torch sums the split partials: about {post / 1e6:.4g} MB, "
+                    f"{post / device['hbm_Bps'] * 1e6:.3g} µs at HBM bandwidth (not in the total above)")
     return "\n".join(rows)
+
+
+def _precision(launch, step: Step) -> str:
+    """The dots' input_precision: the launch's, else the launchers' fp32 choice (ops.FP32_PRECISION) for fp32."""
+    if "PRECISION" in launch.meta:
+        return launch.meta["PRECISION"]
+    if step.dtype != "fp32":
+        return "ieee"  # unused: 16-bit dots run on the tensor cores
+    from ..kernels import ops
+    return ops.FP32_PRECISION
 
 
 def _minimal_bytes(step: Step) -> int:
@@ -189,7 +129,7 @@ def roofline_lines(step: Step, kernel_s: Optional[Dict[str, float]], sm_count: i
             out.append(f"{head}, unmeasured")
             continue
         tbps, tflops = ln.work.bytes / t / 1e12, ln.work.dot_flops / t / 1e12
-        peak = dot_peak(step.dtype, k.meta.get("PRECISION", "ieee"), device)
+        peak = dot_peak(step.dtype, _precision(k, step), device, k.kernel)
         out.append(f"{head}, measured {t * 1e6:.3g} µs: {tbps:.3g} TB/s = {tbps * 1e12 / device['hbm_Bps']:.1%} of "
                    f"HBM, {tflops:.3g} TFLOP/s = {tflops * 1e12 / peak:.1%} of the dot peak")
     return out
