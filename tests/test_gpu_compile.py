@@ -81,9 +81,11 @@ def test_every_planned_bf16_variant_compiles_for_hopper(bf16_check):
     assert len(rows) >= 20 and not any(ln.startswith("DIFF") for ln in rows), out
 
 
-@pytest.mark.xfail(strict=True, reason="issue 8 item 4: the current tiles spill in the backward kernels (255 "
-                                       "registers at 4 warps); the launch plan is being reshaped to remove them")
 def test_no_planned_bf16_variant_spills(bf16_check):
+    # issue 8 item 4: every bf16 launch of the representative steps compiles at its planned warps without a
+    # register spill (exit status 1 and a SPILL row otherwise); ok* rows (libdevice's cosf stack array) are not spills
+    rows = [ln for ln in bf16_check.stdout.splitlines() if re.match(r"^(ok\*?|SPILL|DIFF)\s", ln)]
+    assert rows and not any(ln.startswith("SPILL") for ln in rows), bf16_check.stdout[-3000:]
     assert bf16_check.returncode == 0, bf16_check.stdout[-3000:]
 
 

@@ -54,6 +54,16 @@ def test_gpu_plan_matches_reference(h200_plan, loss):
     assert_close_to_gold(loss, case, "triton", options(loss, reduction="none", smoothing=0.1), torch.float32)
 
 
+def test_gpu_plan_fp32_halves_a_wide_feature_chunk(h200_plan):
+    """fp32 with D >= 512 accumulates the whole D as two halves (main + tail, so tf32x3 fits the registers without
+    spills): against the float64 reference."""
+    launches = P.plan(Margin.ANGULAR, 20, 512, 40, torch.float32, torch.float32, n_sm=N_SM, gpu=True)
+    backward = [item.meta for item in launches if "bwd" in item.kernel]
+    assert backward and all(m["HAS_TAIL"] and m["BLOCK_DO"] == m["BLOCK_DT"] == 256 for m in backward), backward
+    case = make_case("a", 20, 512, 40, torch.float32, seed=5, class_weights=True, ignore_some=True)
+    assert_close_to_gold("a", case, "triton", options("a", reduction="none", smoothing=0.1), torch.float32)
+
+
 @pytest.mark.parametrize("margin,B,D,C", [
     (Margin.ADDITIVE, 256, 192, 5994),  # a speaker head
     (Margin.NONE, 1024, 512, 10 ** 6),  # a face head

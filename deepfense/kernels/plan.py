@@ -120,7 +120,11 @@ def plan(margin, B: int, D: int, C: int, x_dtype: torch.dtype, w_dtype: torch.dt
         return plan_small(margin, B, D, C, x_dtype, w_dtype, n_sm=n_sm, need_dx=need_dx, need_dw=need_dw, gpu=gpu)
     one_class = margin == 3  # Margin.ONE_CLASS (params is not imported here: plan sits below it)
     if gpu:
-        bb_f, bk = 64, 64
+        # fp32 inputs: tf32x3 dots split every operand into high and low halves, so the K slices, the backward's
+        # accumulators and dX's class tiles shrink, the forward takes 8 warps and a whole D >= 512 is two halves (main
+        # + tail): every variant then fits 255 registers without a spill (bench/compile_check.py)
+        fp32 = torch.float32 in (x_dtype, w_dtype)
+        bb_f, bk = 64, (32 if fp32 else 64)
         bc_f = 16 if one_class else max(16, min(_pow2(C), 64))
         d_pad = max(16, _pow2(D))
         do = min(d_pad, _MAX_DO)
@@ -129,17 +133,24 @@ def plan(margin, B: int, D: int, C: int, x_dtype: torch.dtype, w_dtype: torch.dt
         tail = max(16, _pow2(D - main)) if D > main else 0
         if do == d_pad and tail and main + tail < d_pad:
             do = main
-        narrow = max(16, min(64, _ACC_ELEMS // do))  # the tile side that meets the whole feature chunk
-        bb_x, bc_x, bc_w, bb_w, warps_b = narrow, min(narrow, bc_f), min(narrow, bc_f), narrow, 8
+        if fp32 and tail == 0 and do == D >= 512:  # fp32: two half-width dX dots (main + tail), not one wide one
+            do = main = tail = D // 2
+        span = main + tail if do == main and tail else do  # the features one backward program accumulates
+        acc = _ACC_ELEMS // 2 if fp32 else _ACC_ELEMS
+        narrow = max(16, min(64, _pow2(acc // span + 1) // 2))  # the tile side that meets the whole feature chunk
+        # ASoftmax's psi and ArcFace's cos(m1 theta + m2) keep more per-logit values live: narrower class tiles in dX
+        bc_x = min(narrow, bc_f, 32 if margin in (2, 4) else 64, 16 if fp32 else 64)
+        bb_x, bc_w, bb_w, warps_b = narrow, min(narrow, bc_f), narrow, 8
+        warps_f = 8 if fp32 else 4
     else:  # small tiles, so small test shapes still run several row / class / feature tiles
         bb_f = bk = bc_f = do = bb_x = bc_x = bc_w = bb_w = 16
-        warps_b, main, tail = 4, 16, 0
+        warps_b, warps_f, main, tail = 4, 4, 16, 0
     single = C <= bc_f
     fuse_dx = (fuse_dx_default() if fuse_dx is None else fuse_dx) and single and need_dx
     fuse_dw = single and need_dw and uniform_grad
     n_rows = _cdiv(max(B, 1), bb_f)
     n_splits, per = (1, 1) if single else _split(_cdiv(C, bc_f), n_rows, n_sm, gpu)
-    fwd = Launch("_margin_ce_fwd_kernel", (n_rows, n_splits), 4, 3,
+    fwd = Launch("_margin_ce_fwd_kernel", (n_rows, n_splits), warps_f, 3,
                  dict(BLOCK_B=bb_f, BLOCK_C=bc_f, BLOCK_K=bk, SPLIT=n_splits > 1, FUSE_DX=fuse_dx, FUSE_DW=fuse_dw,
                       n_splits=n_splits, tiles_per_split=per))
     out = [fwd]
