@@ -237,11 +237,12 @@ def margin_loss(x, w_dc, bias, targets, class_weights, lam, p: LossParams):
 
 
 def kernel_lam(lam, p: LossParams, x: torch.Tensor, w: torch.Tensor) -> Optional[torch.Tensor]:
-    """The kernels' LAM tensor: ASoftmax's lambda [1] (fp32); CombinedMargin's scalars [ARC_N] in the accumulator
+    """The kernels' LAM tensor: ASoftmax's lambda [1] or 0-dim (fp32); CombinedMargin's scalars [ARC_N] in the accumulator
     dtype, the runtime (s, m2, m3) from `lam` [3] and the static (m1, fallback, straight_through, filter threshold)
     from p; None for the other losses."""
-    if p.margin == Margin.ANGULAR:
-        return torch.as_tensor(lam, dtype=torch.float32, device=x.device).reshape(1)
+    if p.margin == Margin.ANGULAR:  # the kernels read one value: a 0-dim or [1] tensor goes as it is (no view op)
+        lam = torch.as_tensor(lam, dtype=torch.float32, device=x.device)
+        return lam if lam.numel() == 1 and lam.dim() <= 1 else lam.reshape(1)
     if p.margin != Margin.COMBINED:
         return None
     acc = _dtypes(x, w)[1]
