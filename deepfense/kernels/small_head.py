@@ -155,9 +155,9 @@ def small_head_bwd(x: torch.Tensor, w: torch.Tensor, saved: torch.Tensor, grad: 
     K._small_head_bwd_kernel[launch.grid](
         x, w, saved, grad, grad if den is None else den, dx, part, B, D, C, saved.shape[1],
         triton.cdiv(triton.cdiv(B, launch.meta["BLOCK_B"]), n_prog),
-        x.stride(0), x.stride(1), w.stride(0), w.stride(1), grad.stride(0) if grad.dim() else 0, HAS_XCOEF=margin != int(Margin.NONE),
-        HAS_DEN=den is not None,
-        HAS_BIAS=has_bias, NEED_DX=need_dx, NEED_DW=need_dw, ACC_DTYPE=_TL[acc], num_warps=launch.num_warps,
+        x.stride(0), x.stride(1), w.stride(0), w.stride(1), grad.stride(0) if grad.dim() else 0,
+        HAS_XCOEF=margin != int(Margin.NONE), HAS_DEN=den is not None, HAS_BIAS=has_bias, NEED_DX=need_dx,
+        NEED_DW=need_dw, ACC_DTYPE=_TL[acc], num_warps=launch.num_warps,
         num_stages=launch.num_stages, **launch.meta)
     # fixed-order sum over programs: deterministic; the partials already hold dW's cosine term
     return dx, part.sum(0) if need_dw else part

@@ -124,8 +124,9 @@ def _small_head_fwd_kernel(
 def _small_head_bwd_kernel(
         X_ptr, W_ptr, SAVED_ptr, G_ptr, DEN_ptr, DX_ptr, PART_ptr,
         B, D, C, n_saved, blocks_per_prog, stride_x_row, stride_x_col, stride_w_d, stride_w_c, stride_g,
-        HAS_XCOEF: tl.constexpr, HAS_DEN: tl.constexpr, HAS_BIAS: tl.constexpr, NEED_DX: tl.constexpr, NEED_DW: tl.constexpr,
-        ACC_DTYPE: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr):
+        HAS_XCOEF: tl.constexpr, HAS_DEN: tl.constexpr, HAS_BIAS: tl.constexpr, NEED_DX: tl.constexpr,
+        NEED_DW: tl.constexpr, ACC_DTYPE: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr,
+        BLOCK_C: tl.constexpr):
     """dX and this program's partial P (and d bias) over its `blocks_per_prog` row blocks; grid: (programs,).
 
     X [B, D], W [D, C] (any strides), SAVED [B, n_saved] from the forward, G [B] the upstream gradient per row (any
