@@ -92,20 +92,27 @@ def _chunks(m):
     return m["BLOCK_DO"], m["BLOCK_DT"] if m["HAS_TAIL"] else 0
 
 
+BWD_ROW_BYTES = TGT + 3 * ACC + ACC  # what a backward kernel reads per row: target, lse / coef_p / coef_t, gradient
+
+
+def _bwd_unique(s, written) -> int:
+    """Bytes a backward kernel touches at least once: x, W (and bias), the per-row statistics and its output."""
+    return s.B * s.D * s.xi + s.C * (s.D * s.wi + s.bi) + s.B * BWD_ROW_BYTES + written
+
+
 def _bwd_dx(l, step, s, plan) -> Work:
     m, (n_do, n_rb, n_splits) = l.meta, l.grid
     bb, bc, bk = m["BLOCK_B"], m["BLOCK_C"], m["BLOCK_K"]
     do, dt = _chunks(m)
     tiles = cdiv(s.C, bc)
     macs = n_do * n_rb * tiles * bb * bc * (cdiv(s.D, bk) * bk + do + dt)
-    per_row = TGT + 3 * ACC + ACC  # target, lse / coef_p / coef_t, upstream gradient
+    per_row = BWD_ROW_BYTES
     read = (n_do * n_splits * s.B * per_row + l.programs * s.lam
             + n_do * (tiles * s.B * s.D * s.xi + n_rb * s.C * (s.D * s.wi + s.bi))  # the recomputed logit tiles
             + n_rb * s.D * s.C * s.wi  # W[feature chunk, class tile] for the dX dot
             + n_splits * s.B * s.D * s.xi)  # x for the finish
     written = n_splits * s.B * s.D * (s.xi if n_splits == 1 else ACC)
-    unique = s.B * s.D * s.xi + s.C * (s.D * s.wi + s.bi) + s.B * per_row + written
-    return Work(macs, read, written, min(unique, read + written))
+    return Work(macs, read, written, min(_bwd_unique(s, written), read + written))
 
 
 def _bwd_dw(l, step, s, plan) -> Work:
@@ -114,14 +121,13 @@ def _bwd_dw(l, step, s, plan) -> Work:
     do, dt = _chunks(m)
     n_rb = cdiv(s.B, bb)
     macs = n_do * n_cb * n_rb * bb * bc * (cdiv(s.D, bk) * bk + do + dt)
-    per_row = TGT + 3 * ACC + ACC
+    per_row = BWD_ROW_BYTES
     read = (n_do * n_cb * s.B * per_row + l.programs * s.lam
             + n_do * (n_cb * s.B * s.D * s.xi + n_rb * s.C * (s.D * s.wi + s.bi))  # the recomputed logit tiles
             + n_cb * s.B * s.D * s.xi  # x[rows, feature chunk] for the dW dot
             + n_splits * s.D * s.C * s.wi)  # w for the finish
     written = n_splits * s.D * s.C * (s.wi if n_splits == 1 else ACC) + (n_splits * s.C * ACC if s.bi else 0)
-    unique = s.B * s.D * s.xi + s.C * (s.D * s.wi + s.bi) + s.B * per_row + written
-    return Work(macs, read, written, min(unique, read + written))
+    return Work(macs, read, written, min(_bwd_unique(s, written), read + written))
 
 
 def _small_fwd(l, step, s, plan) -> Work:
