@@ -57,8 +57,9 @@ def _dispatch(p: LossParams, x, w, bias, targets, class_weights, lam, backend, p
         raise ValueError(f"OCSoftmax weight must have shape [embedding_dim, 1], got {tuple(w.shape)}")
     name = resolve_backend(backend, x.device)
     validate = validating(targets, validate)
-    if name == "torch" and validate and torch_plain.applies(p, x, n_classes, bias, class_weights, w.dtype):
-        loss = _plain(p, x, w, bias, targets, n_targets)
+    if (p.margin == Margin.ONE_CLASS and name == "torch" and validate
+            and torch_plain.applies(p, x, n_classes, bias, class_weights, w.dtype)):
+        loss = _plain_oc(p, x, w, targets)
         if loss is not None:
             return loss
     w_dc = w.t() if ce else w
@@ -81,17 +82,36 @@ def _dispatch(p: LossParams, x, w, bias, targets, class_weights, lam, backend, p
     return loss
 
 
-def _plain(p: LossParams, x, w, bias, targets, n_targets):
-    """The small-batch plain-autograd loss (`deepfense.torch_plain`) with its value checks, or None where the general
-    path must answer: some OCSoftmax row ignored, or a loss that is not finite (every CrossEntropy row ignored, where
-    torch's mean is NaN and ours 0, or NaN/Inf inputs, which the general path then names)."""
-    if p.margin == Margin.ONE_CLASS and not check_targets(targets, n_targets, p):
+def _plain_oc(p: LossParams, x, w, targets):
+    """OCSoftmax's small-batch plain-autograd loss (`deepfense.torch_plain`), or None where the general path must
+    answer: some row ignored, or a loss that is not finite (NaN/Inf inputs, which the general path then names)."""
+    if not check_targets(targets, 2, p):
+        return None
+    return _finite_or_none(torch_plain.margin_loss(x, w, None, targets, p))
+
+
+def _plain_ce(p: LossParams, x, w, bias, targets, backend, validate):
+    """CrossEntropy's small-batch path, taken before any other work: torch's `linear` + `cross_entropy`
+    (`deepfense.torch_plain`) when the call is well-formed, the backend resolves to 'torch', the value checks run and
+    `torch_plain.applies`; else None, and the general path answers (and names any problem). torch checks the targets
+    itself: an out-of-range one raises inside, and the general path then raises our error for it. A loss that is not
+    finite also goes to the general path: every row ignored (torch's mean is NaN, ours 0) or NaN/Inf inputs (named
+    there). At B = 8 a forward costs ~10 us of torch ops, so these checks are kept to attribute reads."""
+    if not (isinstance(x, torch.Tensor) and isinstance(targets, torch.Tensor) and x.dim() == 2 and targets.dim() == 1
+            and targets.dtype == torch.int64 and w.shape[1] == x.shape[1] and targets.shape[0] == x.shape[0]
+            and (bias is None or bias.shape == (w.shape[0],))):
+        return None
+    if (resolve_backend(backend, x.device) != "torch" or not validating(targets, validate)
+            or not torch_plain.applies(p, x, w.shape[0], bias, None, w.dtype)):
         return None
     try:
         loss = torch_plain.margin_loss(x, w, bias, targets, p)
-    except IndexError:  # torch's cross_entropy checks CrossEntropy targets itself; say it in our words
-        check_targets(targets, n_targets, p)
-        raise
+    except (IndexError, RuntimeError):  # a target out of range, tensors on two devices: named by the general path
+        return None
+    return _finite_or_none(loss)
+
+
+def _finite_or_none(loss):
     return loss if (math.isfinite(loss.item()) if loss.dim() == 0 else bool(torch.isfinite(loss).all())) else None
 
 
@@ -186,6 +206,10 @@ def cross_entropy_loss(embeddings, weight, targets, *, bias=None, class_weights=
     if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
         raise ValueError("weight must be a 2-D tensor [n_classes, embedding_dim]")
     p = _params(Margin.NONE, ignore_index=ignore_index, label_smoothing=float(label_smoothing), reduction=reduction)
+    if class_weights is None and process_group is None:
+        loss = _plain_ce(p, embeddings, weight, bias, targets, backend, validate)
+        if loss is not None:
+            return loss
     return _dispatch(p, embeddings, weight, bias, targets, class_weights, None, backend, process_group, validate)
 
 

@@ -20,8 +20,13 @@ from .params import LossParams, Margin
 # Largest batch for which this path is faster than the Function (measured on 2 CPU cores, fwd+bwd, C = 2, D = 160 and
 # 1024: the plain path wins up to B = 4096 for CrossEntropy and about B = 2048 for OCSoftmax).
 MAX_ROWS = {Margin.NONE: 4096, Margin.ONE_CLASS: 1024}
-MAX_CLASSES = 16
-_REDUCTION = {"none": 0, "mean": 1, "sum": 2}  # torch's reduction enum (torch.nn._reduction.get_enum)  # heads this narrow: the [B, C] logits are no bigger than the [B] statistics
+MAX_CLASSES = 16  # heads this narrow: the [B, C] logits are no bigger than the [B] statistics
+# From B*D = 2^17 on, CrossEntropy's logits are computed as W X^T (an [C, B] product with the long D inside), whose
+# backward products are W^T G^T and G^T X: on 2 CPU cores (MKL) the [B, D] x [D, C] product behind `linear` and the
+# X^T G of its weight gradient take a slow path for C this narrow (~75 and ~90 us at B = 256, D = 1024, C = 2, against
+# ~17 and ~19 for these); below it the one `linear` node costs less than the extra transposes' autograd nodes.
+WIDE_GEMM = 1 << 17
+_REDUCTION = {"none": 0, "mean": 1, "sum": 2}  # torch's reduction enum (torch.nn._reduction.get_enum)
 
 
 def applies(p: LossParams, x, n_classes: int, bias, class_weights, w_dtype: torch.dtype) -> bool:
@@ -39,9 +44,13 @@ def margin_loss(x, w, bias, targets, p: LossParams):
     """The loss on `x` [B, D], `w` (CrossEntropy: fc.weight [C, D]; OCSoftmax: [D, 1]), `bias` [C] or None, `targets`
     [B] all in range; reduced per `p.reduction`, in x's dtype."""
     if p.margin == Margin.NONE:
+        if x.shape[0] * x.shape[1] < WIDE_GEMM:
+            logits = F.linear(x, w, bias)
+        else:  # [C, D] @ [D, B], then a transposed view: see WIDE_GEMM
+            logits = (torch.mm(w, x.t()) if bias is None else torch.addmm(bias[:, None], w, x.t())).t()
         # torch's own op behind F.cross_entropy, without its Python wrapper (~2 us of the ~10 a small forward costs)
-        return torch._C._nn.cross_entropy_loss(F.linear(x, w, bias), targets, None, _REDUCTION[p.reduction],
-                                               p.ignore_index, p.label_smoothing)
+        return torch._C._nn.cross_entropy_loss(logits, targets, None, _REDUCTION[p.reduction], p.ignore_index,
+                                               p.label_smoothing)
     norm = torch.linalg.vector_norm(x, dim=1, keepdim=True) * torch.linalg.vector_norm(w)
     # 1/|x||w|, and 0 for a zero vector: 1/inf is 0 with a zero gradient, where 1/0 would make the gradient NaN; a
     # NaN norm is not > 0 either, and 0 times the row's NaN dot product stays NaN

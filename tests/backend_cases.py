@@ -58,7 +58,7 @@ def run(loss, case, backend, opts, grad_seed=1, dtype=None):
     if "cw" in case:
         kw["class_weights"] = case["cw"].to(dtype) if dtype else case["cw"]
     if loss == "ce":
-        kw["bias"] = leaves["bias"]
+        kw["bias"] = leaves.get("bias")  # a case without "bias": CrossEntropy without one
     out = FUNCS[loss](leaves["x"], leaves["w"], case["t"], backend=backend, **kw)
     gen = torch.Generator().manual_seed(grad_seed)
     g = (torch.rand(out.shape, generator=gen, dtype=torch.float64) * 2 + 0.5).to(out)  # non-unit upstream gradient

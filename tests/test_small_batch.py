@@ -42,10 +42,11 @@ def cuda_policy(monkeypatch):
 
 
 # B = 1 (one row), 8 and 33 (DeepFense's sizes, 33 odd); D = 1 (every cosine +-1) and 160 (a DeepFense embedding);
-# C = 2 (the deepfake head) and 5 (a wider small head); float64 checks the formulation tightly.
+# C = 2 (the deepfake head) and 5 (a wider small head); 130 x 1024 takes CrossEntropy's W X^T layout
+# (torch_plain.WIDE_GEMM); float64 checks the formulation tightly.
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
-@pytest.mark.parametrize("B,D,C", [(1, 1, 2), (8, 160, 2), (33, 7, 5)])
+@pytest.mark.parametrize("B,D,C", [(1, 1, 2), (8, 160, 2), (33, 7, 5), (130, 1024, 3)])
 @pytest.mark.parametrize("loss", ["ce", "oc"])
 def test_plain_path_matches_reference(loss, B, D, C, reduction, dtype, plain_calls, monkeypatch):
     monkeypatch.delenv("DEEPFENSE_VALIDATE", raising=False)
@@ -69,6 +70,16 @@ def test_plain_path_zero_vectors_and_smoothing(loss, plain_calls, monkeypatch):
         plain = make_case(loss, 12, 9, 3, torch.float64, seed=5)
         assert_close_to_gold(loss, plain, "torch", options(loss, ignore_index=1), torch.float64)
     assert plain_calls
+
+
+@pytest.mark.parametrize("B,D", [(8, 160), (130, 1024)])
+def test_plain_cross_entropy_without_bias(B, D, plain_calls, monkeypatch):
+    """fc without bias (DeepFense's benchmark head) on both of CrossEntropy's layouts (torch_plain.WIDE_GEMM)."""
+    monkeypatch.delenv("DEEPFENSE_VALIDATE", raising=False)
+    case = make_case("ce", B, D, 2, torch.float32, seed=B)
+    del case["bias"]
+    assert_close_to_gold("ce", case, "torch", options("ce"), torch.float32)
+    assert plain_calls == [Margin.NONE]
 
 
 def test_plain_path_nan_row_stays_nan():
