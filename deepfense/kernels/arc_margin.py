@@ -25,6 +25,28 @@ ARC_N = 7
 
 
 @triton.jit
+def _sincos(a):
+    """(sin a, cos a) for |a| up to ~1e4 (the angles here are at most m1 pi + m2), without libdevice: its sinf/cosf
+    keep a local-memory frame for the Payne-Hanek reduction of huge arguments, which compile_check counts as a spill
+    (4 B in the bf16 small-head ArcFace forward on sm_90). a = q pi/2 + r with |r| <= pi/4, then Taylor polynomials to
+    r^17 / r^18 (truncation below 1e-18, so fp64 keeps its accuracy too) and q's quadrant. NaN and Inf give NaN."""
+    q = tl.floor(a * 0.6366197723675814 + 0.5)
+    # pi/2 in three parts (Cody-Waite; Cephes' split): q times each of the first two is exact in fp32 for these q
+    r = ((a - q * 1.5703125) - q * 4.837512969970703125e-4) - q * 7.549789954891882e-08
+    z = r * r
+    sin = r + r * z * (-1.6666666666666666e-01 + z * (8.3333333333333332e-03 + z * (-1.9841269841269841e-04 + z * (
+        2.7557319223985893e-06 + z * (-2.5052108385441720e-08 + z * (1.6059043836821613e-10 + z * (
+            -7.6471637318198164e-13 + z * 2.8114572543455206e-15)))))))
+    cos = 1.0 + z * (-0.5 + z * (4.1666666666666664e-02 + z * (-1.3888888888888889e-03 + z * (
+        2.4801587301587302e-05 + z * (-2.7557319223985888e-07 + z * (2.0876756987868100e-09 + z * (
+            -1.1470745597729725e-11 + z * 4.7794773323873853e-14)))))))
+    quad = (q - 4.0 * tl.floor(q * 0.25)).to(tl.int32)  # q mod 4 (0 for NaN rows too, whose sin and cos are NaN)
+    s_out = tl.where(quad == 0, sin, tl.where(quad == 1, cos, tl.where(quad == 2, -sin, -cos)))
+    c_out = tl.where(quad == 0, cos, tl.where(quad == 1, -sin, tl.where(quad == 2, -cos, sin)))
+    return s_out, c_out
+
+
+@triton.jit
 def _acos(c):
     """acos(c), c in [-1, 1], from asin on |t| <= 1/2 (no libdevice: the interpreter has none): Cephes' asinf
     polynomial, then one Newton step on sin(y) = t (|y| <= pi/6, so cos y > 0.86) for fp64 accuracy."""
@@ -33,7 +55,8 @@ def _acos(c):
     z = t * t
     y = ((((4.2163199048e-2 * z + 2.4181311049e-2) * z + 4.5470025998e-2) * z + 7.4953002686e-2) * z
          + 1.6666752422e-1) * z * t + t
-    y = y - (tl.sin(y) - t) / tl.cos(y)
+    sin_y, cos_y = _sincos(y)
+    y = y - (sin_y - t) / cos_y
     return tl.where(big, tl.where(c > 0, 2.0 * y, 3.141592653589793 - 2.0 * y), 1.5707963267948966 - y)
 
 
@@ -47,12 +70,12 @@ def _arc_margin(cos, LAM):
     c = tl.where(fb == FALLBACK_SPEECHBRAIN, tl.minimum(tl.maximum(cos, -1.0 + 1e-7), 1.0 - 1e-7), cos)
     sin = tl.sqrt(tl.maximum((1.0 - c) * (1.0 + c), 0.0))  # 1 - c^2 loses digits near |c| = 1
     rsin = tl.where(sin > 0, 1.0 / tl.where(sin > 0, sin, 1.0), 0.0)  # at cos = +-1, dcos/dx = 0: any finite value
-    cm, sm = tl.cos(m2), tl.sin(m2)
-    ang = m1 * _acos(c) + m2
+    sm, cm = _sincos(m2)
+    s_ang, c_ang = _sincos(m1 * _acos(c) + m2)
     # m1 = 1: c cos m2 - sin sin m2, d/dc = cos m2 + sin m2 c / sin; else d cos(m1 theta + m2)/dc = m1 sin(.) / sin
-    phi = tl.where(m1 == 1.0, c * cm - sin * sm, tl.cos(ang))
-    dphi = tl.where(m1 == 1.0, cm + sm * c * rsin, m1 * tl.sin(ang) * rsin)
-    th = tl.cos(tl.minimum(tl.maximum((3.141592653589793 - m2) / m1, 0.0), 3.141592653589793))
+    phi = tl.where(m1 == 1.0, c * cm - sin * sm, c_ang)
+    dphi = tl.where(m1 == 1.0, cm + sm * c * rsin, m1 * s_ang * rsin)
+    _, th = _sincos(tl.minimum(tl.maximum((3.141592653589793 - m2) / m1, 0.0), 3.141592653589793))
     # WeSpeaker cos - (1 + cos(pi - m2)); SpeechBrain cos - m2 sin(pi - m2) and pml cos - m2 sin m2 are the same
     shift = tl.where(fb == FALLBACK_WESPEAKER, 1.0 - cm, m2 * sm)
     past = tl.where(fb == FALLBACK_EASY, c <= 0.0, (fb != FALLBACK_NONE) & (c <= th))
