@@ -230,17 +230,18 @@ def test_one_gradient_only(loss, frozen):
 
 def _planned_work(margin, B, D, C, dtype, n_sm=132):
     """Bytes of one training step by the plan's arithmetic, following the kernels' loads and stores line by line:
-    (launches, kernel bytes, bytes of the torch sum of the partials and dW's projection, minimum, executed
+    (launches, kernel bytes, bytes of the torch sum of the partials and dW's cast, minimum, executed
     multiply-adds). The minimum reads x and w once and writes dX and dW once."""
     fwd, bwd = plan_small(margin, B, D, C, dtype, dtype, n_sm=n_sm)
     e, acc, xcoef = torch.finfo(dtype).bits // 8, 4, int(margin != Margin.NONE)
     n_f, n_b, n_k = fwd.grid[0], bwd.grid[0], -(-D // bwd.meta["BLOCK_K"])
     rows_d = D + 1 - xcoef  # CrossEntropy (with a bias here): the partials' row D is d bias
-    # forward: x; w (and bias) per row block; targets; loss, row weight and the C + 1 coefficients
-    fwd_bytes = B * D * e + n_f * (D * C * e + (1 - xcoef) * C * e) + B * 8 + B * (3 + C) * acc
+    # forward: x; w (and bias) per row block; targets; loss, row weight and the C + 1 (+ C) coefficients
+    fwd_bytes = B * D * e + n_f * (D * C * e + (1 - xcoef) * C * e) + B * 8 + (B * (3 + C + xcoef * C) + 2) * acc
     bwd_bytes = (B * D * e + n_b * D * C * e + n_k * B * (1 + C + xcoef) * acc  # x, w per program, g/a/b per K chunk
-                 + B * D * e + n_b * rows_d * C * acc)  # dX, partials
-    post = (n_b + 1) * rows_d * C * acc + (3 * D * C * acc if xcoef else 0) + D * C * e  # sum, projection, dW cast
+                 + B * D * e + n_b * rows_d * C * acc  # dX, partials
+                 + xcoef * B * (1 + C) * acc + n_b * acc)  # g and e once more (dW's cosine term); the mean's sum
+    post = (n_b + 1) * rows_d * C * acc + D * C * e  # the sum of the partials, dW cast
 
     def products(launch, rows_per_prog, passes):
         m = launch.meta

@@ -92,7 +92,8 @@ def margin_ce_fwd(x: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor]
     fwd = launches[0]
     n_prog, n_splits = fwd.grid
     stats = torch.empty(N_STATS, B, dtype=acc, device=x.device)
-    part = torch.empty((N_STATS, n_splits, B) if n_splits > 1 else (0,), dtype=acc, device=x.device)
+    # without class splits the kernel never touches the partials (SPLIT is off): stats stands in, no allocation
+    part = torch.empty((N_STATS, n_splits, B), dtype=acc, device=x.device) if n_splits > 1 else stats
     dx = torch.empty((B, D) if fuse_dx else (0,), dtype=acc, device=x.device)  # fp32: rounded once, after g
     dwp = torch.empty((n_prog, D + 1, C) if fuse_dw else (0,), dtype=acc, device=x.device)
     if B > 0:
@@ -182,10 +183,13 @@ def _setup_context(ctx, inputs, output):
     stats, dx_unit, dw_unit = output
     ctx.save_for_backward(x, w, bias, targets, class_weights, lam, stats, dx_unit, dw_unit)
     ctx.floats, ctx.ints, ctx.fuse_dx, ctx.fuse_dw = floats, ints, fuse_dx, fuse_dw
+    ctx.set_materialize_grads(False)  # dX and dW units carry no gradient: no zeros for them (issue 12)
 
 
 def _backward(ctx, grad_stats, _grad_dx, _grad_dw):
     x, w, bias, targets, class_weights, lam, stats, dx_unit, dw_unit = ctx.saved_tensors
+    if grad_stats is None:
+        return None, None, None, None, None, None, None, None, None, None
     g = grad_stats[int(STAT_LOSS)]  # only the per-row loss is differentiable; the other stats are saved values
     need_x, need_w, need_b = ctx.needs_input_grad[:3]
     dx, dw, db = margin_ce_bwd(x, w, bias, targets, class_weights, lam, stats, g, ctx.floats, ctx.ints,
@@ -237,11 +241,12 @@ def margin_loss(x, w_dc, bias, targets, class_weights, lam, p: LossParams):
 
 
 def kernel_lam(lam, p: LossParams, x: torch.Tensor, w: torch.Tensor) -> Optional[torch.Tensor]:
-    """The kernels' LAM tensor: ASoftmax's lambda [1] (fp32); CombinedMargin's scalars [ARC_N] in the accumulator
-    dtype, the runtime (s, m2, m3) from `lam` [3] and the static (m1, fallback, straight_through, filter threshold)
-    from p; None for the other losses."""
-    if p.margin == Margin.ANGULAR:
-        return torch.as_tensor(lam, dtype=torch.float32, device=x.device).reshape(1)
+    """The kernels' LAM tensor: ASoftmax's lambda [1] or 0-dim (fp32); CombinedMargin's scalars [ARC_N] in the
+    accumulator dtype, the runtime (s, m2, m3) from `lam` [3] and the static (m1, fallback, straight_through, filter
+    threshold) from p; None for the other losses."""
+    if p.margin == Margin.ANGULAR:  # the kernels read one value: a 0-dim or [1] tensor goes as it is (no view op)
+        lam = torch.as_tensor(lam, dtype=torch.float32, device=x.device)
+        return lam if lam.numel() == 1 and lam.dim() <= 1 else lam.reshape(1)
     if p.margin != Margin.COMBINED:
         return None
     acc = _dtypes(x, w)[1]

@@ -66,6 +66,11 @@ def plan_small(margin, B: int, D: int, C: int, x_dtype: torch.dtype, w_dtype: to
     return fwd, bwd
 
 
+def n_saved(margin, C: int) -> int:
+    """Columns of the forward's saved coefficients per row: a [C], b [1] and (every loss but CrossEntropy) e [C]."""
+    return C + 1 if int(margin) == int(Margin.NONE) else 2 * C + 1
+
+
 def _acc_dtype(x: torch.Tensor, w: torch.Tensor) -> torch.dtype:
     return torch.float64 if torch.float64 in (x.dtype, w.dtype) else torch.float32
 
@@ -75,101 +80,113 @@ def _plan(x, w, margin, need_dx, need_dw) -> Tuple[Launch, ...]:
                       need_dx=need_dx, need_dw=need_dw, gpu=gpu_tiles())
 
 
+REDUCTIONS = {"none": 0, "sum": 1, "mean": 2}
+
+
 @torch.library.custom_op("deepfense::small_head_fwd", mutates_args=())
 def small_head_fwd(x: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor], targets: torch.Tensor,
                    class_weights: Optional[torch.Tensor], lam: Optional[torch.Tensor], floats: List[float],
-                   ints: List[int]) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Forward launcher.
+                   ints: List[int], reduction: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Forward launcher, with the reduction (`REDUCTIONS`) inside the op: a step's forward is 2 allocations, a sum
+    and a division besides the launch.
 
     Args: x [B, D], w [D, C] (any strides, C <= 16), bias [C], targets [B] int, class_weights [C] ([2] OCSoftmax),
     lam [1] (ASoftmax); floats, ints from `ops.op_params`.
-    Returns: row losses [B], row weights [B] and the backward coefficients [B, C + 1], fp32 (fp64 for fp64 inputs).
+    Returns: the loss (row losses [B] for 'none', else a scalar), the backward coefficients [B, n_saved(margin, C)]
+    and the sums (loss, row weight + tiny) [2] (the row weights [B] for 'none'); fp32 (fp64 for fp64 inputs).
+    'mean' divides by the row weights' sum, 0 (not NaN) when every row is ignored.
     """
     margin, s, m, gamma, m_real, m_fake, alpha, eps, ignore_index, bonafide, _, _ = _unpack(floats, ints)
     (B, D), C = x.shape, w.shape[1]
     acc = _acc_dtype(x, w)
-    loss = torch.empty(B, dtype=acc, device=x.device)
-    row_w = torch.empty(B, dtype=acc, device=x.device)
-    saved = torch.empty(B, C + 1, dtype=acc, device=x.device)
+    reduced = reduction != REDUCTIONS["none"]
+    # 'sum'/'mean': loss and row weights side by side in one buffer [2, B + 1], padded with (0, tiny)
+    lw = torch.empty((2, B + 1) if reduced else (B,), dtype=acc, device=x.device)
+    row_w = lw if reduced else torch.empty(B, dtype=acc, device=x.device)
+    saved = torch.empty(B, n_saved(margin, C), dtype=acc, device=x.device)
     if B > 0:
         launch = _plan(x, w, margin, False, False)[0]
         dummy = targets  # never read: its constexpr flag is off
         K._small_head_fwd_kernel[launch.grid](
             x, w, dummy if bias is None else bias, targets, dummy if class_weights is None else class_weights,
-            dummy if lam is None else lam, loss, row_w, saved, B, D, C, 2 if margin == int(Margin.ONE_CLASS) else C,
-            x.stride(0), x.stride(1), w.stride(0), w.stride(1), s, m, gamma, m_real, m_fake, alpha, eps,
-            ignore_index, bonafide, MARGIN=margin, HAS_BIAS=bias is not None, HAS_CW=class_weights is not None,
-            ACC_DTYPE=_TL[acc], num_warps=launch.num_warps, num_stages=launch.num_stages, **launch.meta)
-    return loss, row_w, saved
+            dummy if lam is None else lam, lw, row_w, saved, B, D, C, 2 if margin == int(Margin.ONE_CLASS) else C,
+            saved.shape[1], B + 1 if reduced else 0, torch.finfo(acc).tiny, x.stride(0), x.stride(1),
+            w.stride(0), w.stride(1), s, m, gamma, m_real, m_fake, alpha, eps, ignore_index, bonafide,
+            MARGIN=margin, HAS_BIAS=bias is not None, HAS_CW=class_weights is not None, ACC_DTYPE=_TL[acc],
+            PAD=reduced, num_warps=launch.num_warps, num_stages=launch.num_stages, **launch.meta)
+    if not reduced:
+        return lw, saved, row_w
+    if B == 0:  # an empty batch: loss 0
+        return torch.zeros((), dtype=acc, device=x.device), saved, torch.ones(2, dtype=acc, device=x.device)
+    tot = lw.sum(1)  # fixed order: deterministic
+    if reduction == REDUCTIONS["sum"]:
+        return tot[0].clone(), saved, tot
+    return torch.div(*tot.unbind()), saved, tot
 
 
 @small_head_fwd.register_fake
-def _(x, w, bias, targets, class_weights, lam, floats, ints):
+def _(x, w, bias, targets, class_weights, lam, floats, ints, reduction):
     (B, _), C = x.shape, w.shape[1]
     acc = _acc_dtype(x, w)
-    return x.new_empty(B, dtype=acc), x.new_empty(B, dtype=acc), x.new_empty((B, C + 1), dtype=acc)
+    reduced = reduction != REDUCTIONS["none"]
+    return (x.new_empty(() if reduced else (B,), dtype=acc), x.new_empty((B, n_saved(ints[0], C)), dtype=acc),
+            x.new_empty(2 if reduced else B, dtype=acc))
 
 
 @torch.library.custom_op("deepfense::small_head_bwd", mutates_args=())
-def small_head_bwd(x: torch.Tensor, w: torch.Tensor, saved: torch.Tensor, grad: torch.Tensor, margin: int,
-                   has_bias: bool, need_dx: bool, need_dw: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def small_head_bwd(x: torch.Tensor, w: torch.Tensor, saved: torch.Tensor, grad: torch.Tensor,
+                   den: Optional[torch.Tensor], margin: int,
+                   has_bias: bool, need_dx: bool, need_dw: bool) -> Tuple[torch.Tensor, torch.Tensor]:
     """Backward launcher.
 
-    Args: x, w as the forward; saved [B, C + 1] its coefficients; grad [B] the upstream gradient of each row's loss
-    (any stride). Returns dX [B, D] in x's dtype, dW [D, C] in w's dtype, d bias [C] fp32/fp64 (contiguous; [0]
-    where not needed).
+    Args: x, w as the forward; saved [B, n_saved] its coefficients; grad [B] the upstream gradient of each row's loss
+    (any stride; a scalar for 'sum'/'mean'); den: the forward's sums [2] for 'mean' (grad is divided by den[1]), else
+    None. Returns dX [B, D] in x's dtype and dW with d bias as its row D [D (+1), C] fp32/fp64 (contiguous;
+    [0] where not needed): one output, so the step allocates and sums one buffer.
     """
     (B, D), C = x.shape, w.shape[1]
     acc = _acc_dtype(x, w)
     dx = torch.empty((B, D) if need_dx else (0,), dtype=x.dtype, device=x.device)
-    dw = torch.zeros((D, C) if need_dw else (0,), dtype=w.dtype, device=x.device)
-    db = torch.zeros(C if need_dw and has_bias else 0, dtype=acc, device=x.device)
-    if B == 0 or not (need_dx or need_dw):
-        return dx, dw, db
+    if B == 0 or not (need_dx or need_dw):  # nothing to launch: the gradients of an empty batch are zero
+        return dx, torch.zeros((D + has_bias, C) if need_dw else (0,), dtype=acc, device=x.device)
     launch = _plan(x, w, margin, need_dx, need_dw)[1]
     n_prog = launch.grid[0]
     part = torch.empty((n_prog, D + has_bias, C) if need_dw else (0,), dtype=acc, device=x.device)
     K._small_head_bwd_kernel[launch.grid](
-        x, w, saved, grad, dx, part, B, D, C, triton.cdiv(triton.cdiv(B, launch.meta["BLOCK_B"]), n_prog),
-        x.stride(0), x.stride(1), w.stride(0), w.stride(1), grad.stride(0), HAS_XCOEF=margin != int(Margin.NONE),
-        HAS_BIAS=has_bias, NEED_DX=need_dx, NEED_DW=need_dw, ACC_DTYPE=_TL[acc], num_warps=launch.num_warps,
+        x, w, saved, grad, grad if den is None else den, dx, part, B, D, C, saved.shape[1],
+        triton.cdiv(triton.cdiv(B, launch.meta["BLOCK_B"]), n_prog),
+        x.stride(0), x.stride(1), w.stride(0), w.stride(1), grad.stride(0) if grad.dim() else 0,
+        HAS_XCOEF=margin != int(Margin.NONE), HAS_DEN=den is not None, HAS_BIAS=has_bias, NEED_DX=need_dx,
+        NEED_DW=need_dw, ACC_DTYPE=_TL[acc], num_warps=launch.num_warps,
         num_stages=launch.num_stages, **launch.meta)
-    if need_dw:
-        total = part.sum(0)  # fixed-order sum over programs: deterministic
-        p_w = total[:D]
-        if margin != int(Margin.NONE):
-            # dW_c = P_c - w_hat_c (w_hat_c . P_c): the second term is -(sum_i dcos_ic cos_ic) rw_c^2 w_c
-            wf = w.to(acc)
-            norm = torch.linalg.vector_norm(wf, dim=0)
-            w_hat = wf * torch.where(norm == 0, 0.0, 1.0 / torch.where(norm == 0, 1.0, norm))  # NaN/Inf stay NaN
-            p_w = p_w - w_hat * (w_hat * p_w).sum(0)
-        dw = p_w.to(w.dtype).clone()
-        if has_bias:
-            db = total[D].clone()
-    return dx, dw, db
+    # fixed-order sum over programs: deterministic; the partials already hold dW's cosine term
+    return dx, part.sum(0) if need_dw else part
 
 
 @small_head_bwd.register_fake
-def _(x, w, saved, grad, margin, has_bias, need_dx, need_dw):
+def _(x, w, saved, grad, den, margin, has_bias, need_dx, need_dw):
     (B, D), C = x.shape, w.shape[1]
-    acc = _acc_dtype(x, w)
-    return (x.new_empty((B, D) if need_dx else (0,)), w.new_empty((D, C) if need_dw else (0,)),
-            x.new_empty(C if need_dw and has_bias else 0, dtype=acc))
+    return (x.new_empty((B, D) if need_dx else (0,)),
+            x.new_empty((D + has_bias, C) if need_dw else (0,), dtype=_acc_dtype(x, w)))
 
 
 def _setup_context(ctx, inputs, output):
-    x, w, bias, _, _, _, _, ints = inputs
-    ctx.save_for_backward(x, w, output[2])
+    x, w, bias, _, _, _, _, ints, reduction = inputs
+    ctx.save_for_backward(x, w, output[1], output[2] if reduction == REDUCTIONS["mean"] else None)
     ctx.margin, ctx.bias_dtype = ints[0], None if bias is None else bias.dtype
+    ctx.set_materialize_grads(False)  # the row weights and coefficients carry no gradient: no zeros for them
 
 
-def _backward(ctx, grad_loss, _grad_row_w, _grad_saved):
-    x, w, saved = ctx.saved_tensors
+def _backward(ctx, grad_loss, _grad_saved, _grad_sums):
+    x, w, saved, den = ctx.saved_tensors
     need_x, need_w, need_b = ctx.needs_input_grad[:3]
-    dx, dw, db = small_head_bwd(x, w, saved, grad_loss, ctx.margin, ctx.bias_dtype is not None, need_x,
-                                need_w or need_b)
-    return (dx if need_x else None, dw if need_w else None, db.to(ctx.bias_dtype) if need_b else None,
-            None, None, None, None, None)
+    if grad_loss is None:
+        return None, None, None, None, None, None, None, None, None
+    has_bias = ctx.bias_dtype is not None
+    dx, dwb = small_head_bwd(x, w, saved, grad_loss, den, ctx.margin, has_bias, need_x, need_w or need_b)
+    dw = (dwb[:-1] if has_bias else dwb) if need_w else None
+    return (dx if need_x else None, None if dw is None else dw.to(w.dtype),
+            dwb[-1].to(ctx.bias_dtype) if need_b else None, None, None, None, None, None, None)
 
 
 small_head_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -193,15 +210,12 @@ def small_head_loss(x, w_dc, bias, targets, class_weights, lam, p: LossParams):
     if not 1 <= w_dc.shape[1] <= MAX_CLASSES:
         raise ValueError(f"the small-head path takes 1..{MAX_CLASSES} classes, got {w_dc.shape[1]}")
     if p.margin == Margin.ANGULAR:
-        lam = torch.as_tensor(lam, dtype=torch.float32, device=x.device).reshape(1)
+        lam = torch.as_tensor(lam, dtype=torch.float32, device=x.device)
+        lam = lam if lam.numel() == 1 and lam.dim() <= 1 else lam.reshape(1)  # one value: 0-dim or [1], no view
     elif p.margin != Margin.COMBINED:  # CombinedMargin's LAM comes from ops.kernel_lam
         lam = None
     class_weights = None if class_weights is None else class_weights.contiguous()
     floats, ints = op_params(p, w_dc.shape[1])
-    rows, row_w, _ = small_head_fwd(x, w_dc, bias, targets.contiguous(), class_weights, lam, floats, ints)
-    if p.reduction == "none":
-        return rows
-    if p.reduction == "sum":
-        return rows.sum()
-    # row weights carry no gradient: a detached denominator keeps ~10 backward ops out of every step (issue 12)
-    return rows.sum() / row_w.detach().sum().clamp_min(torch.finfo(rows.dtype).tiny)
+    # the reduction runs inside the op: no autograd graph of torch ops around it (issue 12: ops per step)
+    return small_head_fwd(x, w_dc, bias, targets.contiguous(), class_weights, lam, floats, ints,
+                          REDUCTIONS[p.reduction])[0]
