@@ -24,9 +24,9 @@ def small(monkeypatch):
     """Route backend='triton' to `small_head_loss`; counts the calls so a test can tell the path ran."""
     calls = []
 
-    def route(x, w_dc, bias, targets, class_weights, lam, p):
-        calls.append(w_dc.shape[1])
-        return small_head_loss(x, w_dc, bias, targets, class_weights, lam, p)
+    def route(x, w_dc, bias, targets, class_weights, lam, p, classes_first=False):
+        calls.append(w_dc.shape[0 if classes_first else 1])
+        return small_head_loss(x, w_dc, bias, targets, class_weights, lam, p, classes_first)
 
     monkeypatch.setattr(deepfense.kernels, "margin_loss", route)
     return calls

@@ -135,8 +135,8 @@ def _small_fwd(l, step, s, plan) -> Work:
     bb, bk, bc = m["BLOCK_B"], m["BLOCK_K"], m["BLOCK_C"]
     macs = n_prog * cdiv(s.D, bk) * bc * bk * bb
     read = s.B * (s.D * s.xi + TGT) + n_prog * (s.C * (s.D * s.wi + s.bi) + s.lam)
-    # loss and row weight (plus the 'mean' buffer's padding pair), the saved coefficients a, b (and e but for CE)
-    written = (s.B * (2 + s.C + 1 + s.xcoef * s.C) + 2) * ACC
+    # one buffer of B + 1 columns (the last: program 0's padding): loss, row weight, coefficients a, b (e but for CE)
+    written = (s.B + 1) * (2 + s.C + 1 + s.xcoef * s.C) * ACC
     unique = s.B * (s.D * s.xi + TGT) + s.C * (s.D * s.wi + s.bi) + written
     return Work(macs, read, written, min(unique, read + written))
 

@@ -208,8 +208,10 @@ def _backward(ctx, grad_stats, _grad_dx, _grad_dw):
 margin_ce_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
-def margin_loss(x, w_dc, bias, targets, class_weights, lam, p: LossParams):
-    """Loss of any of the four kinds on the fused Triton kernels (see `deepfense.torch_backend.margin_loss`)."""
+def margin_loss(x, w_dc, bias, targets, class_weights, lam, p: LossParams, classes_first: bool = False):
+    """Loss of any of the four kinds on the fused Triton kernels (see `deepfense.torch_backend.margin_loss`).
+    classes_first: w_dc is CrossEntropy's fc.weight [C, D] as it is (the small-head kernels take it by its strides,
+    no transpose op; the large-head path takes its [D, C] view)."""
     if x.device.type != "cuda" and not INTERPRET:
         raise RuntimeError("backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 set before importing deepfense "
                            f"to run the kernels on CPU in the interpreter); got tensors on {x.device}. "
@@ -223,9 +225,10 @@ def margin_loss(x, w_dc, bias, targets, class_weights, lam, p: LossParams):
     grad_on = torch.is_grad_enabled()
     need_x, need_w = grad_on and x.requires_grad, grad_on and (w_dc.requires_grad or
                                                               (bias is not None and bias.requires_grad))
-    if w_dc.shape[1] <= P.SMALL_C and P._small_head_ready():
+    if w_dc.shape[0 if classes_first else 1] <= P.SMALL_C and P._small_head_ready():
         from .small_head import small_head_loss
-        return small_head_loss(x, w_dc, bias, targets, class_weights, lam, p)
+        return small_head_loss(x, w_dc, bias, targets, class_weights, lam, p, classes_first)
+    w_dc = w_dc.t() if classes_first else w_dc
     fwd = _plan(x, w_dc, int(p.margin), need_dx=need_x, need_dw=need_w, uniform_grad=p.reduction != "none")[0]
     fuse_dx, fuse_dw = fwd.meta["FUSE_DX"], fwd.meta["FUSE_DW"]
     floats, ints = op_params(p, w_dc.shape[1])

@@ -75,87 +75,110 @@ def _acc_dtype(x: torch.Tensor, w: torch.Tensor) -> torch.dtype:
     return torch.float64 if torch.float64 in (x.dtype, w.dtype) else torch.float32
 
 
-def _plan(x, w, margin, need_dx, need_dw) -> Tuple[Launch, ...]:
-    return plan_small(Margin(margin), x.shape[0], x.shape[1], w.shape[1], x.dtype, w.dtype, n_sm=sm_count(x.device),
+def _plan(x, w, C, margin, need_dx, need_dw) -> Tuple[Launch, ...]:
+    return plan_small(Margin(margin), x.shape[0], x.shape[1], C, x.dtype, w.dtype, n_sm=sm_count(x.device),
                       need_dx=need_dx, need_dw=need_dw, gpu=gpu_tiles())
 
 
 REDUCTIONS = {"none": 0, "sum": 1, "mean": 2}
 
 
+def _w_layout(w: torch.Tensor, classes_first: bool):
+    """(C, stride along D, stride along C) of the weight: [D, C], or CrossEntropy's fc.weight [C, D] taken as it is
+    (by its strides: no transpose op each way)."""
+    if classes_first:
+        return w.shape[0], w.stride(1), w.stride(0)
+    return w.shape[1], w.stride(0), w.stride(1)
+
+
 @torch.library.custom_op("deepfense::small_head_fwd", mutates_args=())
 def small_head_fwd(x: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor], targets: torch.Tensor,
                    class_weights: Optional[torch.Tensor], lam: Optional[torch.Tensor], floats: List[float],
-                   ints: List[int], reduction: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Forward launcher, with the reduction (`REDUCTIONS`) inside the op: a step's forward is 2 allocations, a sum
-    and a division besides the launch.
+                   ints: List[int], reduction: int,
+                   classes_first: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Forward launcher, with the reduction (`REDUCTIONS`) inside the op: a step's forward is 1 allocation, a sum,
+    an unbind and a division besides the launch.
 
-    Args: x [B, D], w [D, C] (any strides, C <= 16), bias [C], targets [B] int, class_weights [C] ([2] OCSoftmax),
-    lam [1] (ASoftmax); floats, ints from `ops.op_params`.
-    Returns: the loss (row losses [B] for 'none', else a scalar), the backward coefficients [B, n_saved(margin, C)]
-    and the sums (loss, row weight + tiny) [2] (the row weights [B] for 'none'); fp32 (fp64 for fp64 inputs).
-    'mean' divides by the row weights' sum, 0 (not NaN) when every row is ignored.
+    Args: x [B, D], w [D, C] or, when classes_first, [C, D] (any strides, C <= 16), bias [C], targets [B] int,
+    class_weights [C] ([2] OCSoftmax), lam [1] (ASoftmax); floats, ints from `ops.op_params`.
+    Returns: the loss (row losses [B] for 'none', else a scalar), the backward coefficients (see
+    `small_head_kernels`; 'sum'/'mean': the whole buffer [2 + n, B + 1] whose rows are the row losses, the row
+    weights and the n = n_saved(margin, C) coefficients; 'none': [n, B]) and the buffer's row sums [2 + n] (loss,
+    row weight + tiny, ...) (the row weights [B] for 'none'); fp32 (fp64 for fp64 inputs). 'mean' divides by the
+    row weights' sum, 0 (not NaN) when every row is ignored.
     """
     margin, s, m, gamma, m_real, m_fake, alpha, eps, ignore_index, bonafide, _, _ = _unpack(floats, ints)
-    (B, D), C = x.shape, w.shape[1]
+    B, D = x.shape
+    C, stride_w_d, stride_w_c = _w_layout(w, classes_first)
     acc = _acc_dtype(x, w)
+    n = n_saved(margin, C)
     reduced = reduction != REDUCTIONS["none"]
-    # 'sum'/'mean': loss and row weights side by side in one buffer [2, B + 1], padded with (0, tiny)
-    lw = torch.empty((2, B + 1) if reduced else (B,), dtype=acc, device=x.device)
-    row_w = lw if reduced else torch.empty(B, dtype=acc, device=x.device)
-    saved = torch.empty(B, n_saved(margin, C), dtype=acc, device=x.device)
+    if reduced:  # one buffer: loss, row weight and coefficient rows, padded with a column (0, tiny, 0 ...)
+        buf = torch.empty(2 + n, B + 1, dtype=acc, device=x.device)
+        out, row_w, saved, offsets = buf, buf, buf, (B + 1, 2 * (B + 1), B + 1)
+    else:
+        out, row_w = torch.empty(B, dtype=acc, device=x.device), torch.empty(B, dtype=acc, device=x.device)
+        saved, offsets = torch.empty(n, B, dtype=acc, device=x.device), (0, 0, B)
     if B > 0:
-        launch = _plan(x, w, margin, False, False)[0]
+        launch = _plan(x, w, C, margin, False, False)[0]
         dummy = targets  # never read: its constexpr flag is off
         K._small_head_fwd_kernel[launch.grid](
             x, w, dummy if bias is None else bias, targets, dummy if class_weights is None else class_weights,
-            dummy if lam is None else lam, lw, row_w, saved, B, D, C, 2 if margin == int(Margin.ONE_CLASS) else C,
-            saved.shape[1], B + 1 if reduced else 0, torch.finfo(acc).tiny, x.stride(0), x.stride(1),
-            w.stride(0), w.stride(1), s, m, gamma, m_real, m_fake, alpha, eps, ignore_index, bonafide,
+            dummy if lam is None else lam, out, row_w, saved, B, D, C, 2 if margin == int(Margin.ONE_CLASS) else C,
+            n, *offsets, torch.finfo(torch.float32).tiny, x.stride(0), x.stride(1), stride_w_d, stride_w_c,
+            s, m, gamma, m_real, m_fake, alpha, eps, ignore_index, bonafide,
             MARGIN=margin, HAS_BIAS=bias is not None, HAS_CW=class_weights is not None, ACC_DTYPE=_TL[acc],
             PAD=reduced, num_warps=launch.num_warps, num_stages=launch.num_stages, **launch.meta)
     if not reduced:
-        return lw, saved, row_w
-    if B == 0:  # an empty batch: loss 0
-        return torch.zeros((), dtype=acc, device=x.device), saved, torch.ones(2, dtype=acc, device=x.device)
-    tot = lw.sum(1)  # fixed order: deterministic
+        return out, saved, row_w
+    if B == 0:  # an empty batch: loss 0 (no backward launch reads the buffer)
+        return torch.zeros((), dtype=acc, device=x.device), buf, torch.ones(2 + n, dtype=acc, device=x.device)
+    tot = buf.sum(1)  # fixed order: deterministic
     if reduction == REDUCTIONS["sum"]:
-        return tot[0].clone(), saved, tot
-    return torch.div(*tot.unbind()), saved, tot
+        return tot[0].clone(), buf, tot
+    loss_sum, weight_sum = tot.unbind()[:2]
+    return torch.div(loss_sum, weight_sum), buf, tot
 
 
 @small_head_fwd.register_fake
-def _(x, w, bias, targets, class_weights, lam, floats, ints, reduction):
-    (B, _), C = x.shape, w.shape[1]
+def _(x, w, bias, targets, class_weights, lam, floats, ints, reduction, classes_first):
+    B = x.shape[0]
     acc = _acc_dtype(x, w)
-    reduced = reduction != REDUCTIONS["none"]
-    return (x.new_empty(() if reduced else (B,), dtype=acc), x.new_empty((B, n_saved(ints[0], C)), dtype=acc),
-            x.new_empty(2 if reduced else B, dtype=acc))
+    n = n_saved(ints[0], _w_layout(w, classes_first)[0])
+    if reduction != REDUCTIONS["none"]:
+        return x.new_empty((), dtype=acc), x.new_empty((2 + n, B + 1), dtype=acc), x.new_empty(2 + n, dtype=acc)
+    return x.new_empty(B, dtype=acc), x.new_empty((n, B), dtype=acc), x.new_empty(B, dtype=acc)
 
 
 @torch.library.custom_op("deepfense::small_head_bwd", mutates_args=())
 def small_head_bwd(x: torch.Tensor, w: torch.Tensor, saved: torch.Tensor, grad: torch.Tensor,
-                   den: Optional[torch.Tensor], margin: int,
-                   has_bias: bool, need_dx: bool, need_dw: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+                   den: Optional[torch.Tensor], margin: int, has_bias: bool, need_dx: bool, need_dw: bool,
+                   classes_first: bool) -> Tuple[torch.Tensor, torch.Tensor]:
     """Backward launcher.
 
-    Args: x, w as the forward; saved [B, n_saved] its coefficients; grad [B] the upstream gradient of each row's loss
-    (any stride; a scalar for 'sum'/'mean'); den: the forward's sums [2] for 'mean' (grad is divided by den[1]), else
-    None. Returns dX [B, D] in x's dtype and dW with d bias as its row D [D (+1), C] fp32/fp64 (contiguous;
-    [0] where not needed): one output, so the step allocates and sums one buffer.
+    Args: x, w, classes_first as the forward; saved its coefficients (either layout it returns); grad [B] the
+    upstream gradient of each row's loss (any stride; a scalar for 'sum'/'mean'); den: the forward's sums for
+    'mean' (grad is divided by den[1]), else None. Returns dX [B, D] in x's dtype and dW fp32/fp64: [D, C] or
+    [C, D] like w (contiguous), or with a bias flat [D * C + C], d bias last ([0] where not needed): one output,
+    so the step allocates and sums one buffer.
     """
-    (B, D), C = x.shape, w.shape[1]
+    B, D = x.shape
+    C, stride_w_d, stride_w_c = _w_layout(w, classes_first)
     acc = _acc_dtype(x, w)
+    dw_shape = (D * C + C,) if has_bias else tuple(w.shape)
     dx = torch.empty((B, D) if need_dx else (0,), dtype=x.dtype, device=x.device)
     if B == 0 or not (need_dx or need_dw):  # nothing to launch: the gradients of an empty batch are zero
-        return dx, torch.zeros((D + has_bias, C) if need_dw else (0,), dtype=acc, device=x.device)
-    launch = _plan(x, w, margin, need_dx, need_dw)[1]
+        return dx, torch.zeros(dw_shape if need_dw else (0,), dtype=acc, device=x.device)
+    launch = _plan(x, w, C, margin, need_dx, need_dw)[1]
     n_prog = launch.grid[0]
-    part = torch.empty((n_prog, D + has_bias, C) if need_dw else (0,), dtype=acc, device=x.device)
+    part = torch.empty((n_prog, *dw_shape) if need_dw else (0,), dtype=acc, device=x.device)
+    stride_s = saved.shape[1]
     K._small_head_bwd_kernel[launch.grid](
-        x, w, saved, grad, grad if den is None else den, dx, part, B, D, C, saved.shape[1],
+        x, w, saved, grad, grad if den is None else den, dx, part, B, D, C,
+        (saved.shape[0] - n_saved(margin, C)) * stride_s, stride_s,
         triton.cdiv(triton.cdiv(B, launch.meta["BLOCK_B"]), n_prog),
-        x.stride(0), x.stride(1), w.stride(0), w.stride(1), grad.stride(0) if grad.dim() else 0,
+        x.stride(0), x.stride(1), stride_w_d, stride_w_c, grad.stride(0) if grad.dim() else 0,
+        *((1, D) if classes_first else (C, 1)),
         HAS_XCOEF=margin != int(Margin.NONE), HAS_DEN=den is not None, HAS_BIAS=has_bias, NEED_DX=need_dx,
         NEED_DW=need_dw, ACC_DTYPE=_TL[acc], num_warps=launch.num_warps,
         num_stages=launch.num_stages, **launch.meta)
@@ -164,16 +187,18 @@ def small_head_bwd(x: torch.Tensor, w: torch.Tensor, saved: torch.Tensor, grad: 
 
 
 @small_head_bwd.register_fake
-def _(x, w, saved, grad, den, margin, has_bias, need_dx, need_dw):
-    (B, D), C = x.shape, w.shape[1]
+def _(x, w, saved, grad, den, margin, has_bias, need_dx, need_dw, classes_first):
+    B, D = x.shape
+    C = _w_layout(w, classes_first)[0]
     return (x.new_empty((B, D) if need_dx else (0,)),
-            x.new_empty((D + has_bias, C) if need_dw else (0,), dtype=_acc_dtype(x, w)))
+            x.new_empty(((D * C + C,) if has_bias else tuple(w.shape)) if need_dw else (0,),
+                        dtype=_acc_dtype(x, w)))
 
 
 def _setup_context(ctx, inputs, output):
-    x, w, bias, _, _, _, _, ints, reduction = inputs
+    x, w, bias, _, _, _, _, ints, reduction, classes_first = inputs
     ctx.save_for_backward(x, w, output[1], output[2] if reduction == REDUCTIONS["mean"] else None)
-    ctx.margin, ctx.bias_dtype = ints[0], None if bias is None else bias.dtype
+    ctx.margin, ctx.bias_dtype, ctx.classes_first = ints[0], None if bias is None else bias.dtype, classes_first
     ctx.set_materialize_grads(False)  # the row weights and coefficients carry no gradient: no zeros for them
 
 
@@ -181,23 +206,29 @@ def _backward(ctx, grad_loss, _grad_saved, _grad_sums):
     x, w, saved, den = ctx.saved_tensors
     need_x, need_w, need_b = ctx.needs_input_grad[:3]
     if grad_loss is None:
-        return None, None, None, None, None, None, None, None, None
+        return (None,) * 10
     has_bias = ctx.bias_dtype is not None
-    dx, dwb = small_head_bwd(x, w, saved, grad_loss, den, ctx.margin, has_bias, need_x, need_w or need_b)
-    dw = (dwb[:-1] if has_bias else dwb) if need_w else None
-    return (dx if need_x else None, None if dw is None else dw.to(w.dtype),
-            dwb[-1].to(ctx.bias_dtype) if need_b else None, None, None, None, None, None, None)
+    dx, dwb = small_head_bwd(x, w, saved, grad_loss, den, ctx.margin, has_bias, need_x, need_w or need_b,
+                             ctx.classes_first)
+    dw = db = None
+    if has_bias:  # views of the one summed buffer: dW contiguous in w's shape, then d bias
+        dw = dwb.as_strided(w.shape, (w.shape[1], 1)).to(w.dtype) if need_w else None
+        db = dwb[w.numel():].to(ctx.bias_dtype) if need_b else None
+    elif need_w:
+        dw = dwb.to(w.dtype)
+    return (dx if need_x else None, dw, db) + (None,) * 7
 
 
 small_head_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
-def small_head_loss(x, w_dc, bias, targets, class_weights, lam, p: LossParams):
+def small_head_loss(x, w_dc, bias, targets, class_weights, lam, p: LossParams, classes_first: bool = False):
     """Loss of any of the four kinds with at most `MAX_CLASSES` classes, on the small-head kernels; the contract of
     `deepfense.kernels.ops.margin_loss`.
 
-    Args: x [B, D], w_dc [D, C] (any strides; OCSoftmax [D, 1]), bias [C] or None (CrossEntropy), targets [B] int,
-    class_weights [C] ([2] OCSoftmax) or None, lam (ASoftmax: float or 0-dim tensor), p the loss options.
+    Args: x [B, D], w_dc [D, C] (any strides; OCSoftmax [D, 1]) or, when classes_first, CrossEntropy's fc.weight
+    [C, D] as it is, bias [C] or None (CrossEntropy), targets [B] int, class_weights [C] ([2] OCSoftmax) or None,
+    lam (ASoftmax: float or 0-dim tensor), p the loss options.
     Returns: fp32 (fp64 for fp64 inputs) loss, a scalar or [B] for reduction='none'; 'mean' divides by the row
     weights' sum (0, not NaN, when every row is ignored).
     """
@@ -207,15 +238,16 @@ def small_head_loss(x, w_dc, bias, targets, class_weights, lam, p: LossParams):
     if x.dtype not in _TL or w_dc.dtype not in _TL:
         raise ValueError("backend='triton' supports float16, bfloat16, float32 and float64, "
                          f"got {x.dtype}/{w_dc.dtype}")
-    if not 1 <= w_dc.shape[1] <= MAX_CLASSES:
-        raise ValueError(f"the small-head path takes 1..{MAX_CLASSES} classes, got {w_dc.shape[1]}")
+    C = _w_layout(w_dc, classes_first)[0]
+    if not 1 <= C <= MAX_CLASSES:
+        raise ValueError(f"the small-head path takes 1..{MAX_CLASSES} classes, got {C}")
     if p.margin == Margin.ANGULAR:
         lam = torch.as_tensor(lam, dtype=torch.float32, device=x.device)
         lam = lam if lam.numel() == 1 and lam.dim() <= 1 else lam.reshape(1)  # one value: 0-dim or [1], no view
     elif p.margin != Margin.COMBINED:  # CombinedMargin's LAM comes from ops.kernel_lam
         lam = None
     class_weights = None if class_weights is None else class_weights.contiguous()
-    floats, ints = op_params(p, w_dc.shape[1])
+    floats, ints = op_params(p, C)
     # the reduction runs inside the op: no autograd graph of torch ops around it (issue 12: ops per step)
     return small_head_fwd(x, w_dc, bias, targets.contiguous(), class_weights, lam, floats, ints,
-                          REDUCTIONS[p.reduction])[0]
+                          REDUCTIONS[p.reduction], classes_first)[0]
