@@ -83,7 +83,7 @@ def main(only: str = "") -> int:
     B, D, bad = 65536, 1024, 0
     print(f"triton {triton.__version__}, sm_90, B={B} D={D}, n_sm=132")
     for dtype in NAMES:
-        for C in (1, 2, 3, 16):
+        for C in (1, 2, 3, 8, 16):
             for margin in Margin:
                 label = f"{margin.name.lower()}-C{C}-{NAMES[dtype]}"
                 if (margin == Margin.ONE_CLASS and C != 1) or only not in label:

@@ -41,14 +41,20 @@ def plan_small(margin, B: int, D: int, C: int, x_dtype: torch.dtype, w_dtype: to
     del margin
     bc = triton.next_power_of_2(C)
     acc_bytes = 8 if torch.float64 in (x_dtype, w_dtype) else 4
+    warps = 4
     if gpu:
-        elems = _TILE_ELEMS[acc_bytes]
+        # 8 or more classes: 8 warps and twice the rows (forward) or features (backward) per program, the same
+        # registers per thread; the forward then re-reads w for half as many rows, the backward its per-row
+        # coefficients for half as many K chunks (issue 8's bytes budget at C = 8)
+        warps = 16 if bc >= 8 else 4
+        elems = _TILE_ELEMS[acc_bytes] * warps // 4
         # at most 64 bytes of its row per thread per K step: 32 fp32 values took 130-150 registers
         x_bytes_el = torch.finfo(x_dtype).bits // 8
-        bk_f = max(1, min(triton.next_power_of_2(D), elems // (bc * 128), 64 // x_bytes_el))
-        bb_f = 128 if bc < 16 else 64  # one row per thread at 4 warps; 16 classes per row need fewer rows (147 regs)
+        rows = 32 * warps  # one row per thread; 16 classes per row need fewer rows (147 regs)
+        bk_f = max(1, min(triton.next_power_of_2(D), elems // (bc * rows), 64 // x_bytes_el))
+        bb_f = rows if bc < 16 else rows // 2
         # the backward keeps x, dX and two products per element: half the forward's tile (4096 took 140-250 regs)
-        bk_b = min(triton.next_power_of_2(D), 256, elems // 2 // bc)
+        bk_b = min(triton.next_power_of_2(D), 64 * warps, elems // 2 // bc)
         bb_b = min(64, max(1, elems // 2 // (bk_b * bc)))
         target = 2 * n_sm
         if need_dw:
@@ -56,12 +62,13 @@ def plan_small(margin, B: int, D: int, C: int, x_dtype: torch.dtype, w_dtype: to
             target = min(target, max(1, x_bytes // (_PARTIAL_SHARE * 2 * acc_bytes * (D + 1) * C)))
     else:
         bk_f, bb_f, bk_b, bb_b, target = 4, 4, 8, 2, 3
-    fwd = Launch("_small_head_fwd_kernel", (triton.cdiv(B, bb_f),), 4, 2, dict(BLOCK_B=bb_f, BLOCK_K=bk_f, BLOCK_C=bc))
+    fwd = Launch("_small_head_fwd_kernel", (triton.cdiv(B, bb_f),), warps, 2,
+                 dict(BLOCK_B=bb_f, BLOCK_K=bk_f, BLOCK_C=bc))
     if B == 0 or not (need_dx or need_dw):
         return (fwd,)
     n_blocks = triton.cdiv(B, bb_b)
     per_prog = max(1, n_blocks // target)
-    bwd = Launch("_small_head_bwd_kernel", (triton.cdiv(n_blocks, per_prog),), 4, 2,
+    bwd = Launch("_small_head_bwd_kernel", (triton.cdiv(n_blocks, per_prog),), warps, 2,
                  dict(BLOCK_B=bb_b, BLOCK_K=bk_b, BLOCK_C=bc))
     return fwd, bwd
 
@@ -152,13 +159,13 @@ def _(x, w, bias, targets, class_weights, lam, floats, ints, reduction, classes_
 
 @torch.library.custom_op("deepfense::small_head_bwd", mutates_args=())
 def small_head_bwd(x: torch.Tensor, w: torch.Tensor, saved: torch.Tensor, grad: torch.Tensor,
-                   den: Optional[torch.Tensor], margin: int, has_bias: bool, need_dx: bool, need_dw: bool,
-                   classes_first: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+                   den: Optional[torch.Tensor], mean: bool, margin: int, has_bias: bool, need_dx: bool,
+                   need_dw: bool, classes_first: bool) -> Tuple[torch.Tensor, torch.Tensor]:
     """Backward launcher.
 
     Args: x, w, classes_first as the forward; saved its coefficients (either layout it returns); grad [B] the
-    upstream gradient of each row's loss (any stride; a scalar for 'sum'/'mean'); den: the forward's sums for
-    'mean' (grad is divided by den[1]), else None. Returns dX [B, D] in x's dtype and dW fp32/fp64: [D, C] or
+    upstream gradient of each row's loss (any stride; a scalar for 'sum'/'mean'); den: the forward's row sums for
+    'sum'/'mean' (grad is divided by den[1] when mean), else None. Returns dX [B, D] in x's dtype and dW fp32/fp64: [D, C] or
     [C, D] like w (contiguous), or with a bias flat [D * C + C], d bias last ([0] where not needed): one output,
     so the step allocates and sums one buffer.
     """
@@ -178,7 +185,7 @@ def small_head_bwd(x: torch.Tensor, w: torch.Tensor, saved: torch.Tensor, grad: 
         (saved.shape[0] - n_saved(margin, C)) * stride_s, stride_s,
         triton.cdiv(triton.cdiv(B, launch.meta["BLOCK_B"]), n_prog),
         x.stride(0), x.stride(1), stride_w_d, stride_w_c, grad.stride(0) if grad.dim() else 0,
-        *((1, D) if classes_first else (C, 1)),
+        *((1, D) if classes_first else (C, 1)), int(mean),
         HAS_XCOEF=margin != int(Margin.NONE), HAS_DEN=den is not None, HAS_BIAS=has_bias, NEED_DX=need_dx,
         NEED_DW=need_dw, ACC_DTYPE=_TL[acc], num_warps=launch.num_warps,
         num_stages=launch.num_stages, **launch.meta)
@@ -187,7 +194,7 @@ def small_head_bwd(x: torch.Tensor, w: torch.Tensor, saved: torch.Tensor, grad: 
 
 
 @small_head_bwd.register_fake
-def _(x, w, saved, grad, den, margin, has_bias, need_dx, need_dw, classes_first):
+def _(x, w, saved, grad, den, mean, margin, has_bias, need_dx, need_dw, classes_first):
     B, D = x.shape
     C = _w_layout(w, classes_first)[0]
     return (x.new_empty((B, D) if need_dx else (0,)),
@@ -197,8 +204,9 @@ def _(x, w, saved, grad, den, margin, has_bias, need_dx, need_dw, classes_first)
 
 def _setup_context(ctx, inputs, output):
     x, w, bias, _, _, _, _, ints, reduction, classes_first = inputs
-    ctx.save_for_backward(x, w, output[1], output[2] if reduction == REDUCTIONS["mean"] else None)
+    ctx.save_for_backward(x, w, output[1], output[2] if reduction != REDUCTIONS["none"] else None)
     ctx.margin, ctx.bias_dtype, ctx.classes_first = ints[0], None if bias is None else bias.dtype, classes_first
+    ctx.mean = reduction == REDUCTIONS["mean"]
     ctx.set_materialize_grads(False)  # the row weights and coefficients carry no gradient: no zeros for them
 
 
@@ -208,8 +216,8 @@ def _backward(ctx, grad_loss, _grad_saved, _grad_sums):
     if grad_loss is None:
         return (None,) * 10
     has_bias = ctx.bias_dtype is not None
-    dx, dwb = small_head_bwd(x, w, saved, grad_loss, den, ctx.margin, has_bias, need_x, need_w or need_b,
-                             ctx.classes_first)
+    dx, dwb = small_head_bwd(x, w, saved, grad_loss, den, ctx.mean, ctx.margin, has_bias, need_x,
+                             need_w or need_b, ctx.classes_first)
     dw = db = None
     if has_bias:  # views of the one summed buffer: dW contiguous in w's shape, then d bias
         dw = dwb.as_strided(w.shape, (w.shape[1], 1)).to(w.dtype) if need_w else None

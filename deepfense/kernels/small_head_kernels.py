@@ -128,15 +128,16 @@ def _small_head_fwd_kernel(
 def _small_head_bwd_kernel(
         X_ptr, W_ptr, SAVED_ptr, G_ptr, DEN_ptr, DX_ptr, PART_ptr,
         B, D, C, saved_off, stride_s, blocks_per_prog, stride_x_row, stride_x_col, stride_w_d, stride_w_c, stride_g,
-        stride_p_d, stride_p_c,
+        stride_p_d, stride_p_c, is_mean,
         HAS_XCOEF: tl.constexpr, HAS_DEN: tl.constexpr, HAS_BIAS: tl.constexpr, NEED_DX: tl.constexpr,
         NEED_DW: tl.constexpr, ACC_DTYPE: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr,
         BLOCK_C: tl.constexpr):
     """dX and this program's partial P (and d bias) over its `blocks_per_prog` row blocks; grid: (programs,).
 
     X [B, D], W [D, C] (any strides), SAVED [n_saved, B] from the forward (at SAVED_ptr + saved_off, rows stride_s
-    apart), G [B] the upstream gradient per row (any stride, 0 for a scalar), divided by DEN[1] (reduction 'mean':
-    the forward's row-weight sum) when HAS_DEN. Writes DX [B, D] (contiguous, X's dtype) and PART[pid]: dW's
+    apart), G [B] the upstream gradient per row (any stride). HAS_DEN ('sum', 'mean'): G is one value for every
+    row and DEN the forward's buffer row sums [2 + n_saved]; G is divided by DEN[1] (the row-weight sum) when is_mean,
+    and dW's cosine term takes sum_i e_ic from DEN (program 0 subtracts it). Writes DX [B, D] (contiguous, X's dtype) and PART[pid]: dW's
     partial [D, C] with strides (stride_p_d, stride_p_c) (the weight's layout), then d bias [C] at D * C
     (ACC_DTYPE). HAS_XCOEF: dX has the b_i x_i term and dW the cosine term (every loss but CrossEntropy); the partials
     then hold P_c - w_c q_c with this program's q_c = sum_i g_i e_ic, so their sum is dW itself.
@@ -150,10 +151,13 @@ def _small_head_bwd_kernel(
     SAVED_ptr += saved_off
     den = tl.full((1,), 1.0, ACC_DTYPE)
     if HAS_DEN:
-        den = tl.load(DEN_ptr + 1 + tl.arange(0, 1)).to(ACC_DTYPE)
+        den = tl.where(is_mean != 0, tl.load(DEN_ptr + 1 + tl.arange(0, 1)).to(ACC_DTYPE), 1.0)
     db = tl.zeros((BLOCK_C,), ACC_DTYPE)
     q = tl.zeros((BLOCK_C,), ACC_DTYPE)
-    if NEED_DW and HAS_XCOEF:  # dW's cosine term of this program's rows: O(rows x C), read once
+    if NEED_DW and HAS_XCOEF and HAS_DEN:  # one gradient for all rows: the whole batch's term, from program 0
+        q = tl.load(DEN_ptr + C + 3 + cols, mask=col_mask & (cols * 0 + pid == 0), other=0.0).to(ACC_DTYPE)
+        q *= tl.load(G_ptr).to(ACC_DTYPE) / den
+    elif NEED_DW and HAS_XCOEF:  # dW's cosine term of this program's rows: O(rows x C), read once
         for rb in range(rb_begin, rb_end):
             rows = (rb * BLOCK_B + tl.arange(0, BLOCK_B)).to(tl.int64)
             row_mask = rows < B
