@@ -191,7 +191,8 @@ def _arg_values(step: Step) -> dict:
     B, D, C = step.B, step.D, (1 if step.loss == "OCSoftmax" else step.C)
     w_d, w_c = (1, D) if step.loss == "CrossEntropy" else (C, 1)
     return dict(B=B, D=D, C=C, stride_x_row=D, stride_x_col=1, stride_w_d=w_d, stride_w_c=w_c, stride_g=0,
-                stride_dw_d=w_d, stride_dw_c=w_c, stride_dx_split=B * D, stride_dx_row=D)
+                stride_dw_d=w_d, stride_dw_c=w_c, stride_dx_split=B * D, stride_dx_row=D, stride_p_d=w_d,
+                stride_p_c=w_c)
 
 
 def _signature(kernel, constexprs: dict, dtype: str, values: dict):

@@ -165,9 +165,9 @@ def small_head_bwd(x: torch.Tensor, w: torch.Tensor, saved: torch.Tensor, grad: 
 
     Args: x, w, classes_first as the forward; saved its coefficients (either layout it returns); grad [B] the
     upstream gradient of each row's loss (any stride; a scalar for 'sum'/'mean'); den: the forward's row sums for
-    'sum'/'mean' (grad is divided by den[1] when mean), else None. Returns dX [B, D] in x's dtype and dW fp32/fp64: [D, C] or
-    [C, D] like w (contiguous), or with a bias flat [D * C + C], d bias last ([0] where not needed): one output,
-    so the step allocates and sums one buffer.
+    'sum'/'mean' (grad is divided by den[1] when mean), else None. Returns dX [B, D] in x's dtype and dW
+    fp32/fp64: [D, C] or [C, D] like w (contiguous), or with a bias flat [D * C + C], d bias last ([0] where not
+    needed): one output, so the step allocates and sums one buffer.
     """
     B, D = x.shape
     C, stride_w_d, stride_w_c = _w_layout(w, classes_first)

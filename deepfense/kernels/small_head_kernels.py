@@ -5,17 +5,18 @@ row reduction instead: x and w tiles multiplied by broadcasting and summed over 
 = next_power_of_2(C). One training step is two launches:
 
 * forward (grid: row blocks) reads x once and writes, per row, the loss, the row weight and SAVED [2C + 1, B]
-  ([C + 1, B] for CrossEntropy; one row per coefficient, the batch along it): the unit-upstream-gradient coefficients a_ic = dL/dcos_ic rx_i rw_c (CrossEntropy:
-  dL/dlogit_ic), b_i = `_dx_coef` (0 for CrossEntropy) and e_ic = dL/dcos_ic cos_ic rw_c^2, so that with upstream
-  gradient g_i
+  ([C + 1, B] for CrossEntropy; one row per coefficient, the batch along it): the unit-upstream-gradient
+  coefficients a_ic = dL/dcos_ic rx_i rw_c (CrossEntropy: dL/dlogit_ic), b_i = `_dx_coef` (0 for CrossEntropy)
+  and e_ic = dL/dcos_ic cos_ic rw_c^2, so that with upstream gradient g_i
       dX_i = g_i (sum_c a_ic w_c + b_i x_i),     P_c = sum_i g_i a_ic x_i,
       dW_c = P_c - w_c sum_i g_i e_ic  (dcos_ic / dw_c = rx_i rw_c x_i - cos_ic rw_c^2 w_c),
       d bias = sum_i g_i a_ic;
+  for 'sum' / 'mean' the three are rows of one buffer that the launcher sums by rows (the loss, the row-weight
+  sum and, for one upstream gradient g, sum_i e_ic);
 * backward (grid: about 2 x SM-count persistent programs, each owning a contiguous range of row blocks) reads x once,
   writes dX once and its fp32 partial of dW (cosine term included) in the weight's own layout, [D, C] or
   CrossEntropy's [C, D], then d bias [C]; the partials are summed afterwards in program order (deterministic, no
-  atomics): one torch op. It loops over K outside its row blocks, so a K slice
-  of P stays in registers.
+  atomics): one torch op. It loops over K outside its row blocks, so a K slice of P stays in registers.
 
 Notation as in `margin_ce`; the per-loss maths is `tiles.py`'s.
 """
@@ -136,11 +137,12 @@ def _small_head_bwd_kernel(
 
     X [B, D], W [D, C] (any strides), SAVED [n_saved, B] from the forward (at SAVED_ptr + saved_off, rows stride_s
     apart), G [B] the upstream gradient per row (any stride). HAS_DEN ('sum', 'mean'): G is one value for every
-    row and DEN the forward's buffer row sums [2 + n_saved]; G is divided by DEN[1] (the row-weight sum) when is_mean,
-    and dW's cosine term takes sum_i e_ic from DEN (program 0 subtracts it). Writes DX [B, D] (contiguous, X's dtype) and PART[pid]: dW's
-    partial [D, C] with strides (stride_p_d, stride_p_c) (the weight's layout), then d bias [C] at D * C
-    (ACC_DTYPE). HAS_XCOEF: dX has the b_i x_i term and dW the cosine term (every loss but CrossEntropy); the partials
-    then hold P_c - w_c q_c with this program's q_c = sum_i g_i e_ic, so their sum is dW itself.
+    row and DEN the forward's buffer row sums [2 + n_saved]; G is divided by DEN[1] (the row-weight sum) when
+    is_mean, and dW's cosine term takes sum_i e_ic from DEN (program 0 subtracts it). Writes DX [B, D] (contiguous,
+    X's dtype) and PART[pid]: dW's partial [D, C] with strides (stride_p_d, stride_p_c) (the weight's layout), then
+    d bias [C] at D * C (ACC_DTYPE). HAS_XCOEF: dX has the b_i x_i term and dW the cosine term (every loss but
+    CrossEntropy); the partials then hold P_c - w_c q_c with this program's q_c = sum_i g_i e_ic, so their sum is dW
+    itself.
     """
     pid = tl.program_id(0)
     rb_begin = pid * blocks_per_prog
