@@ -76,12 +76,12 @@ def test_shapes(loss, B, D, C, small):
 
 @pytest.mark.parametrize("loss", LOSSES)
 def test_strided_views(loss, small):
-    """Embeddings as a row- and column-strided view; the weight transposed (CrossEntropy's is already [C, D]^T)."""
+    """Embeddings as a row- and column-strided view; the weight a transposed layout (CrossEntropy's fc.weight [C, D]
+    with strides (1, C), which the kernels take as it is)."""
     case = make_case(loss, 9, 14, 3, torch.float32, seed=5)
     case["x"] = torch.cat([case["x"], case["x"]], 1).repeat(2, 1)[::2, ::2]
     assert case["x"].stride() == (56, 2)
-    if loss != "ce":
-        case["w"] = case["w"].t().contiguous().t()
+    case["w"] = case["w"].t().contiguous().t()
     assert_close_to_gold(loss, case, "triton", options(loss), torch.float32)
 
 
@@ -114,10 +114,13 @@ def _params(loss, reduction="mean"):
     return LossParams(margin, reduction=reduction, **extra)
 
 
-def _loss_fn(loss, case, reduction="none"):
-    """small_head_loss called directly (no value checks), as a function of (x, w, bias)."""
+def _loss_fn(loss, case, reduction="none", ce_view=False):
+    """small_head_loss called directly (no value checks), as a function of (x, w, bias); CrossEntropy's fc.weight
+    [C, D] as it is (classes_first), or with ce_view its [D, C] transposed view."""
     def fn(x, w, bias):
-        return small_head_loss(x, w.t() if loss == "ce" else w, bias, case["t"], None, 7.5, _params(loss, reduction))
+        first = loss == "ce" and not ce_view
+        return small_head_loss(x, w.t() if ce_view else w, bias, case["t"], None, 7.5, _params(loss, reduction),
+                               classes_first=first)
     return fn
 
 
@@ -217,16 +220,17 @@ def test_mixed_dtypes(loss, small):
 
 
 @pytest.mark.parametrize("frozen", ["x", "w"])
-@pytest.mark.parametrize("loss", ["a", "ce"])
+@pytest.mark.parametrize("loss", ["a", "ce", "ce-view"])
 def test_one_gradient_only(loss, frozen):
     """Only dW (a frozen encoder's embeddings) or only dX (a frozen head): the backward launches with NEED_DX or
-    NEED_DW off and gives the same gradient as the full backward."""
+    NEED_DW off and gives the same gradient as the full backward. ce-view: CrossEntropy given its [D, C] view."""
+    loss, ce_view = loss[:2] if loss.startswith("ce") else loss, loss == "ce-view"
     case = make_case(loss, 9, 7, 3, torch.float32, seed=12)
-    full, x, w, bias = _direct(loss, case)
+    full, x, w, bias = _direct(loss, case, fn=_loss_fn(loss, case, ce_view=ce_view))
     full.sum().backward()
     x2, w2 = case["x"].clone().requires_grad_(frozen != "x"), case["w"].clone().requires_grad_(frozen != "w")
     bias2 = case["bias"].clone().requires_grad_(frozen != "w") if "bias" in case else None
-    _loss_fn(loss, case)(x2, w2, bias2).sum().backward()
+    _loss_fn(loss, case, ce_view=ce_view)(x2, w2, bias2).sum().backward()
     live, kept = (w, w2) if frozen == "x" else (x, x2)
     assert (x2.grad if frozen == "x" else w2.grad) is None
     assert torch.equal(live.grad, kept.grad)
