@@ -169,7 +169,8 @@ def test_out_of_range_target_gives_nan_row(loss):
     assert torch.isfinite(out[torch.arange(6) != 1]).all()
 
 
-@pytest.mark.parametrize("loss,reduction", [("am", "mean"), ("a", "none"), ("oc", "mean"), ("ce", "none")])
+@pytest.mark.parametrize("loss,reduction", [("am", "mean"), ("a", "none"), ("oc", "mean"), ("ce", "none"),
+                                            ("ce", "sum")])
 def test_torch_compile_inductor(loss, reduction):
     """fullgraph with inductor: the fake ops' shapes and strides match the real ones, gradients flow, numbers agree."""
     torch._dynamo.reset()
