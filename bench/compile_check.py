@@ -52,9 +52,9 @@ except ImportError:  # older triton: no specialisation hints (the compile is sti
 
 TOOLS = os.path.join(os.path.dirname(triton.backends.nvidia.__file__), "bin")
 TL_DTYPES = {"bf16": tl.bfloat16, "fp16": tl.float16, "fp32": tl.float32, "fp64": tl.float64}
-FLOATS = {"s", "m", "gamma", "m_real", "m_fake", "alpha", "eps"}
+FLOATS = {"s", "m", "gamma", "m_real", "m_fake", "alpha", "eps", "pad_w"}
 ACC_POINTERS = {"STATS_ptr", "PART_ptr", "DWP_ptr", "G_ptr", "BIAS_ptr", "CW_ptr", "LAM_ptr", "DB_ptr", "LOSS_ptr",
-                "ROWW_ptr", "SAVED_ptr"}
+                "ROWW_ptr", "SAVED_ptr", "DEN_ptr"}
 
 
 @dataclass(frozen=True)
@@ -191,7 +191,8 @@ def _arg_values(step: Step) -> dict:
     B, D, C = step.B, step.D, (1 if step.loss == "OCSoftmax" else step.C)
     w_d, w_c = (1, D) if step.loss == "CrossEntropy" else (C, 1)
     return dict(B=B, D=D, C=C, stride_x_row=D, stride_x_col=1, stride_w_d=w_d, stride_w_c=w_c, stride_g=0,
-                stride_dw_d=w_d, stride_dw_c=w_c, stride_dx_split=B * D, stride_dx_row=D)
+                stride_dw_d=w_d, stride_dw_c=w_c, stride_dx_split=B * D, stride_dx_row=D, stride_p_d=w_d,
+                stride_p_c=w_c)
 
 
 def _signature(kernel, constexprs: dict, dtype: str, values: dict):
@@ -228,7 +229,7 @@ def _constexprs(meta: dict, kernel, step: Step) -> dict:
     step_meta = dict(MARGIN=int(MARGINS[step.loss]), HAS_BIAS=step.has_bias, HAS_CW=False,
                      DOT_DTYPE=step.dtype, ACC_DTYPE="fp32",
                      PRECISION=FP32_PRECISION if step.dtype == "fp32" else "ieee", NEED_DX=True, NEED_DW=True,
-                     HAS_XCOEF=step.loss != "CrossEntropy")
+                     HAS_XCOEF=step.loss != "CrossEntropy", PAD=True, HAS_DEN=True)  # small head, 'mean'
     out = {}
     for p in kernel.params:
         if not p.is_constexpr:

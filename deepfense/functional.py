@@ -62,13 +62,13 @@ def _dispatch(p: LossParams, x, w, bias, targets, class_weights, lam, backend, p
         loss = _plain_oc(p, x, w, targets)
         if loss is not None:
             return loss
-    w_dc = w.t() if ce else w
     if validate:
         check_targets(targets, n_targets, p)
     if name == "triton" and p.sub_centers > 1:  # no fused sub-centre kernel yet: 'auto' takes the torch backend
         if backend != "auto":
             raise NotImplementedError("sub_centers has no fused kernel yet; use backend='torch' (or 'auto')")
         name = "torch"
+    w_dc = w.t() if ce and name != "triton" else w  # the kernels take fc.weight [C, D] as it is (classes_first)
     if name == "reference":
         loss = _reference(p, x, w_dc, bias, targets, class_weights, lam)
     elif name == "torch":
@@ -76,7 +76,7 @@ def _dispatch(p: LossParams, x, w, bias, targets, class_weights, lam, backend, p
         loss = margin_loss(x, w_dc, bias, targets, class_weights, lam, p)
     else:
         from .kernels import margin_loss
-        loss = margin_loss(x, w_dc, bias, targets, class_weights, lam, p)
+        loss = margin_loss(x, w_dc, bias, targets, class_weights, lam, p, classes_first=ce)
     if validate:
         check_finite(loss, x, w_dc, bias)
     return loss

@@ -40,6 +40,7 @@ def h200_plan(monkeypatch):
     ("am", 70, 40, 2, torch.bfloat16, None),  # the deepfake head
     ("ce", 70, 40, 3, torch.float32, None),  # small head with a bias, no x coefficient
     ("a", 70, 40, 5, torch.float32, None),
+    ("ce", 70, 40, 8, torch.bfloat16, None),  # 8 classes: the 16-warp tiles (a 512-row forward block)
 ], ids=str)
 def test_counted_work_matches_the_kernels(h200_plan, monkeypatch, loss, B, D, C, dtype, splits):
     from backend_cases import FUNCS, make_case, options

@@ -135,7 +135,8 @@ def _small_fwd(l, step, s, plan) -> Work:
     bb, bk, bc = m["BLOCK_B"], m["BLOCK_K"], m["BLOCK_C"]
     macs = n_prog * cdiv(s.D, bk) * bc * bk * bb
     read = s.B * (s.D * s.xi + TGT) + n_prog * (s.C * (s.D * s.wi + s.bi) + s.lam)
-    written = s.B * (s.C + 3) * ACC  # loss, row weight, the C + 1 backward coefficients
+    # one buffer of B + 1 columns (the last: program 0's padding): loss, row weight, coefficients a, b (e but for CE)
+    written = (s.B + 1) * (2 + s.C + 1 + s.xcoef * s.C) * ACC
     unique = s.B * (s.D * s.xi + TGT) + s.C * (s.D * s.wi + s.bi) + written
     return Work(macs, read, written, min(unique, read + written))
 
@@ -146,9 +147,11 @@ def _small_bwd(l, step, s, plan) -> Work:
     n_k = cdiv(s.D, bk)
     macs = 2 * cdiv(s.B, bb) * n_k * bc * bb * bk  # the dX and the dW partial products, per row block and K chunk
     per_row = ACC * (1 + s.C + s.xcoef)  # upstream gradient, coefficients, x coefficient: once per K chunk
-    read = n_prog * s.C * s.D * s.wi + n_k * s.B * per_row + s.B * s.D * s.xi
+    # dW's cosine term (not for CE): the gradient per program, sum_i e_ic from the forward's row sums (program 0)
+    cos_term = s.xcoef * (n_prog + s.C) * ACC
+    read = n_prog * (s.C * s.D * s.wi + ACC) + n_k * s.B * per_row + cos_term + s.B * s.D * s.xi  # ACC: the mean's sum
     written = s.B * s.D * s.xi + n_prog * s.C * (s.D + bool(s.bi)) * ACC  # dX, the fp32 partials
-    unique = s.C * s.D * s.wi + s.B * per_row + s.B * s.D * s.xi + written
+    unique = s.C * s.D * s.wi + s.B * per_row + s.xcoef * s.C * ACC + s.B * s.D * s.xi + ACC + written
     return Work(macs, read, written, min(unique, read + written))
 
 
@@ -161,7 +164,8 @@ def partial_sum_bytes(step, plan) -> int:
     """Bytes the launchers' torch ops move after the kernels to sum split partials (an estimate from the tensors'
     sizes, not counted by the interpreter): dX partials [splits, B, D] fp32 summed and cast, dW partials
     [splits, D, C] (d bias [splits, C]) summed and copied, the one-tile forward's dW partials [row blocks, D + 1, C],
-    the small head's [programs, D (+1), C] summed and (every loss but CrossEntropy) projected, then cast."""
+    the small head's forward buffer [2 + coefficients, B + 1] summed by rows, its [programs, D (+1), C] (cosine term
+    included) summed, then cast."""
     s, total = _Shape(step), 0
     for item in plan:
         m, k = item.meta, item.kernel
@@ -171,8 +175,10 @@ def partial_sum_bytes(step, plan) -> int:
             total += (m["n_splits"] + 2) * (s.D * s.C + (s.C if s.bi else 0)) * ACC + s.D * s.C * s.wi
         elif k == "_margin_ce_fwd_kernel" and m["FUSE_DW"]:
             total += (item.grid[0] + 1) * (s.D + 1) * s.C * ACC
+        elif k == "_small_head_fwd_kernel":  # the row sums of its one [2 + coefficients, B + 1] buffer
+            n = 2 + s.C + 1 + s.xcoef * s.C
+            total += (s.B + 2) * n * ACC
         elif k == "_small_head_bwd_kernel":
             rows = s.D + bool(s.bi)
-            total += ((item.grid[0] + 1) * rows * s.C * ACC + (3 * s.D * s.C * ACC if s.xcoef else 0)
-                      + s.D * s.C * s.wi)
+            total += (item.grid[0] + 1) * rows * s.C * ACC + s.D * s.C * s.wi
     return total

@@ -92,7 +92,8 @@ def margin_ce_fwd(x: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor]
     fwd = launches[0]
     n_prog, n_splits = fwd.grid
     stats = torch.empty(N_STATS, B, dtype=acc, device=x.device)
-    part = torch.empty((N_STATS, n_splits, B) if n_splits > 1 else (0,), dtype=acc, device=x.device)
+    # without class splits the kernel never touches the partials (SPLIT is off): stats stands in, no allocation
+    part = torch.empty((N_STATS, n_splits, B), dtype=acc, device=x.device) if n_splits > 1 else stats
     dx = torch.empty((B, D) if fuse_dx else (0,), dtype=acc, device=x.device)  # fp32: rounded once, after g
     dwp = torch.empty((n_prog, D + 1, C) if fuse_dw else (0,), dtype=acc, device=x.device)
     if B > 0:
@@ -182,10 +183,13 @@ def _setup_context(ctx, inputs, output):
     stats, dx_unit, dw_unit = output
     ctx.save_for_backward(x, w, bias, targets, class_weights, lam, stats, dx_unit, dw_unit)
     ctx.floats, ctx.ints, ctx.fuse_dx, ctx.fuse_dw = floats, ints, fuse_dx, fuse_dw
+    ctx.set_materialize_grads(False)  # dX and dW units carry no gradient: no zeros for them (issue 12)
 
 
 def _backward(ctx, grad_stats, _grad_dx, _grad_dw):
     x, w, bias, targets, class_weights, lam, stats, dx_unit, dw_unit = ctx.saved_tensors
+    if grad_stats is None:
+        return None, None, None, None, None, None, None, None, None, None
     g = grad_stats[int(STAT_LOSS)]  # only the per-row loss is differentiable; the other stats are saved values
     need_x, need_w, need_b = ctx.needs_input_grad[:3]
     dx, dw, db = margin_ce_bwd(x, w, bias, targets, class_weights, lam, stats, g, ctx.floats, ctx.ints,
@@ -204,8 +208,10 @@ def _backward(ctx, grad_stats, _grad_dx, _grad_dw):
 margin_ce_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
-def margin_loss(x, w_dc, bias, targets, class_weights, lam, p: LossParams):
-    """Loss of any of the four kinds on the fused Triton kernels (see `deepfense.torch_backend.margin_loss`)."""
+def margin_loss(x, w_dc, bias, targets, class_weights, lam, p: LossParams, classes_first: bool = False):
+    """Loss of any of the four kinds on the fused Triton kernels (see `deepfense.torch_backend.margin_loss`).
+    classes_first: w_dc is CrossEntropy's fc.weight [C, D] as it is (the small-head kernels take it by its strides,
+    no transpose op; the large-head path takes its [D, C] view)."""
     if x.device.type != "cuda" and not INTERPRET:
         raise RuntimeError("backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 set before importing deepfense "
                            f"to run the kernels on CPU in the interpreter); got tensors on {x.device}. "
@@ -219,9 +225,10 @@ def margin_loss(x, w_dc, bias, targets, class_weights, lam, p: LossParams):
     grad_on = torch.is_grad_enabled()
     need_x, need_w = grad_on and x.requires_grad, grad_on and (w_dc.requires_grad or
                                                               (bias is not None and bias.requires_grad))
-    if w_dc.shape[1] <= P.SMALL_C and P._small_head_ready():
+    if w_dc.shape[0 if classes_first else 1] <= P.SMALL_C and P._small_head_ready():
         from .small_head import small_head_loss
-        return small_head_loss(x, w_dc, bias, targets, class_weights, lam, p)
+        return small_head_loss(x, w_dc, bias, targets, class_weights, lam, p, classes_first)
+    w_dc = w_dc.t() if classes_first else w_dc
     fwd = _plan(x, w_dc, int(p.margin), need_dx=need_x, need_dw=need_w, uniform_grad=p.reduction != "none")[0]
     fuse_dx, fuse_dw = fwd.meta["FUSE_DX"], fwd.meta["FUSE_DW"]
     floats, ints = op_params(p, w_dc.shape[1])
@@ -237,11 +244,12 @@ def margin_loss(x, w_dc, bias, targets, class_weights, lam, p: LossParams):
 
 
 def kernel_lam(lam, p: LossParams, x: torch.Tensor, w: torch.Tensor) -> Optional[torch.Tensor]:
-    """The kernels' LAM tensor: ASoftmax's lambda [1] (fp32); CombinedMargin's scalars [ARC_N] in the accumulator
-    dtype, the runtime (s, m2, m3) from `lam` [3] and the static (m1, fallback, straight_through, filter threshold)
-    from p; None for the other losses."""
-    if p.margin == Margin.ANGULAR:
-        return torch.as_tensor(lam, dtype=torch.float32, device=x.device).reshape(1)
+    """The kernels' LAM tensor: ASoftmax's lambda [1] or 0-dim (fp32); CombinedMargin's scalars [ARC_N] in the
+    accumulator dtype, the runtime (s, m2, m3) from `lam` [3] and the static (m1, fallback, straight_through, filter
+    threshold) from p; None for the other losses."""
+    if p.margin == Margin.ANGULAR:  # the kernels read one value: a 0-dim or [1] tensor goes as it is (no view op)
+        lam = torch.as_tensor(lam, dtype=torch.float32, device=x.device)
+        return lam if lam.numel() == 1 and lam.dim() <= 1 else lam.reshape(1)
     if p.margin != Margin.COMBINED:
         return None
     acc = _dtypes(x, w)[1]
