@@ -8,6 +8,22 @@ if TEST_DEVICE != "cuda":
     # triton.jit reads this when deepfense.kernels is first imported, which happens after conftest runs
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# torch.compile's on-disk caches key a graph by its forward ops, not by the Python backward a custom op registers: after
+# a change to a deepfense op's schema a warm cache replays a backward built for the old one ("missing value for
+# argument ..."). Each test session compiles into its own cache unless one is chosen.
+_OWN_INDUCTOR_CACHE = None
+if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+    import tempfile
+
+    _OWN_INDUCTOR_CACHE = os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="deepfense-tests-inductor-")
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if _OWN_INDUCTOR_CACHE is not None:
+        import shutil
+
+        shutil.rmtree(_OWN_INDUCTOR_CACHE, ignore_errors=True)
+
 # The tests must import this checkout. An installed DeepFense (a regular package with deepfense/__init__.py) hides a
 # source tree's namespace portion, and an editable install of another checkout could then serve deepfense.* instead.
 from pathlib import Path  # noqa: E402
