@@ -148,8 +148,11 @@ def _bench(a) -> int:
     if a.plan:
         return _print_plans(cases, a.sm_count or _sms(device))
     compile_mode = a.compile or ("none" if a.quick else "anchors")
-    reps = a.reps or (10 if a.quick else 200 if a.suite else 30 if device == "cpu" else 50)
-    budget = 0.15 if a.quick else (0.4 if device == "cpu" else 0.1)
+    reps = a.reps or (10 if a.quick else 400 if a.suite else 30 if device == "cpu" else 50)
+    budget = 0.15 if a.quick else (0.8 if a.suite else 0.4 if device == "cpu" else 0.1)
+    # the suite compares steps of 0.05-2 ms that differ by a few percent: 20 rounds of interleaving, so a neighbour's
+    # burst of load lands on both sides of a ratio
+    rounds = 20 if a.suite else runner.ROUNDS
     providers = select(_csv(a.providers) or (["deepfense", "deepfense-0.2.2"] if a.suite else None))
     runner.log(f"deepfense bench on {runner.device_name(device)}: {len(cases)} cases x {len(providers)} providers")
     ceil = measure.ceilings(device, sorted({c.dtype for c in cases}))
@@ -158,8 +161,8 @@ def _bench(a) -> int:
             "versions": runner.versions(), "threads": torch.get_num_threads(), "ceilings": ceil,
             "load_start": os.getloadavg()[0], "cpus": os.cpu_count(),
             "settings": f"{a.suite or ('quick' if a.quick else 'default' if not shapes else 'custom')} sweep, compile="
-                        f"{compile_mode}, reps<={reps}, time budget {budget}s/measurement, DEEPFENSE_VALIDATE="
-                        f"{os.environ.get('DEEPFENSE_VALIDATE', 'unset (library default)')}"}
+                        f"{compile_mode}, reps<={reps} in {rounds} rounds, time budget {budget}s/measurement, "
+                        f"DEEPFENSE_VALIDATE={os.environ.get('DEEPFENSE_VALIDATE', 'unset (library default)')}"}
     stem = runner.file_stem(meta["device_name"], a.quick)
 
     def finish(rows, final=False):
@@ -170,7 +173,8 @@ def _bench(a) -> int:
         return fits, paths
 
     rows = runner.run(cases, providers, device, warmup=2 if a.quick else 3, reps=reps, budget_s=budget,
-                      compile_mode=compile_mode, errors=not a.no_errors, time_limit=a.time_limit, on_case=finish)
+                      compile_mode=compile_mode, errors=not a.no_errors, time_limit=a.time_limit, on_case=finish,
+                      rounds=rounds)
     fits, paths = finish(rows, final=True)
     print(report.markdown(meta, rows, fits))
     runner.log("wrote " + ", ".join(paths))

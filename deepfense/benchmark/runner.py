@@ -55,7 +55,7 @@ def log(msg: str):
     print(msg, file=sys.stderr, flush=True)
 
 
-ROUNDS = 4  # timed rounds per case; each round runs every provider once
+ROUNDS = 4  # timed rounds per case; each round runs every provider once (the DeepFense suite takes more: see cli)
 
 
 @contextlib.contextmanager
@@ -73,8 +73,10 @@ def _guard(row: dict, device: str):
 
 
 def run(cases: list[Case], providers: list[Provider], device: str, *, warmup: int, reps: int, budget_s: float,
-        compile_mode: str, errors: bool, time_limit: float | None = None, on_case=None) -> list[dict]:
+        compile_mode: str, errors: bool, time_limit: float | None = None, on_case=None,
+        rounds: int = ROUNDS) -> list[dict]:
     """Measure every (case, provider). compile_mode: 'anchors' (torch.compile only on anchor cases), 'all', 'none'.
+    Each provider's timed steps are split into `rounds` interleaved rounds.
 
     No new case starts after `time_limit` seconds (the rest are listed as skipped); `on_case(rows)` runs after each
     case, so partial results survive a run that is cut short.
@@ -112,11 +114,11 @@ def run(cases: list[Case], providers: list[Provider], device: str, *, warmup: in
                 row.update(fields)
                 live.append((row, fn, max(3, min(reps, int(budget_s / max(step_s, 1e-6)))), [], []))
         # Timed runs interleaved in rounds, so every provider sees the same machine (a neighbour's load, clocks).
-        for rnd in range(ROUNDS):
+        for rnd in range(rounds):
             for row, fn, n, fwd, bwd in live:
                 if row.get("status") != "error":
                     with _guard(row, device):
-                        f, b = measure.time_steps(fn, inputs, device, -(-n // ROUNDS), first=rnd)
+                        f, b = measure.time_steps(fn, inputs, device, -(-n // rounds), first=rnd)
                         fwd += f
                         bwd += b
         for row, fn, n, fwd, bwd in live:
