@@ -64,10 +64,6 @@ def _dispatch(p: LossParams, x, w, bias, targets, class_weights, lam, backend, p
     w_dc = w.t() if ce else w
     if validate:
         check_targets(targets, n_targets, p)
-    if name == "triton" and p.sub_centers > 1:  # no fused sub-centre kernel yet: 'auto' takes the torch backend
-        if backend != "auto":
-            raise NotImplementedError("sub_centers has no fused kernel yet; use backend='torch' (or 'auto')")
-        name = "torch"
     if name == "reference":
         loss = _reference(p, x, w_dc, bias, targets, class_weights, lam)
     elif name == "torch":
