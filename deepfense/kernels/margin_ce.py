@@ -240,12 +240,15 @@ def _margin_ce_bwd_dx_kernel(
                 X_ptr, W_ptr, CW_ptr, rows, row_mask, cols, col_mask, t_safe, valid, lse, coef_p, coef_t, g, lam, D,
                 n_smooth, stride_x_row, stride_x_col, stride_w_d, stride_w_c, s, m, eps, MARGIN, HAS_CW, SUB,
                 DOT_DTYPE, ACC_DTYPE, PRECISION, BLOCK_B, BLOCK_C, BLOCK_K)
-            acc_x = _sub_dx_acc(W_ptr, dcos, rw_win, win, ds, cols, col_mask, acc_x, D, stride_w_d, stride_w_c,
-                                MARGIN, SUB, DOT_DTYPE, ACC_DTYPE, PRECISION)
+            ssum += tl.sum(dcos * cos, 1)
+            dcos = dcos * rw_win  # the winner's 1/|w| folded in (one tile fewer live): the dots take raw columns
+            acc_x = _sub_dx_acc(W_ptr, dcos, win, ds, cols, col_mask, acc_x, D, stride_w_d, stride_w_c, SUB,
+                                DOT_DTYPE, ACC_DTYPE, PRECISION)
             if HAS_TAIL:
-                acc_t = _sub_dx_acc(W_ptr, dcos, rw_win, win, ds_t, cols, col_mask, acc_t, D, stride_w_d, stride_w_c,
-                                    MARGIN, SUB, DOT_DTYPE, ACC_DTYPE, PRECISION)
-        ssum += tl.sum(dcos * cos, 1)
+                acc_t = _sub_dx_acc(W_ptr, dcos, win, ds_t, cols, col_mask, acc_t, D, stride_w_d, stride_w_c, SUB,
+                                    DOT_DTYPE, ACC_DTYPE, PRECISION)
+        if SUB == 1:
+            ssum += tl.sum(dcos * cos, 1)
         xsum += xs
     DX_ptr += tl.program_id(2).to(tl.int64) * stride_dx_split
     _dx_store(X_ptr, DX_ptr, acc_x, rows, row_mask, ds, rx, ssum, xsum, D, stride_x_row, stride_x_col, stride_dx_row,
@@ -267,13 +270,13 @@ def _dx_acc(W_ptr, dcos, rw, ds, cols, col_mask, acc, D, stride_w_d, stride_w_c,
 
 
 @triton.jit
-def _sub_dx_acc(W_ptr, dcos, rw_win, win, ds, cols, col_mask, acc, D, stride_w_d, stride_w_c, MARGIN: tl.constexpr,
-                SUB: tl.constexpr, DOT_DTYPE: tl.constexpr, ACC_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
-    """acc += sum_k (dcos [win == k]) @ W_hat[ds, cols*SUB + k]^T: each (row, class) gradient goes to its winning
-    sub-centre only (dcos, rw_win, win: class tiles from `sub_center._sub_grad_tile`)."""
-    for k in tl.static_range(SUB):
-        acc = _dx_acc(W_ptr + k * stride_w_c, tl.where(win == k, dcos, 0.0), _winner_rw(rw_win, win, k), ds, cols,
-                      col_mask, acc, D, stride_w_d, stride_w_c * SUB, MARGIN, DOT_DTYPE, ACC_DTYPE, PRECISION)
+def _sub_dx_acc(W_ptr, dcos_w, win, ds, cols, col_mask, acc, D, stride_w_d, stride_w_c, SUB: tl.constexpr,
+                DOT_DTYPE: tl.constexpr, ACC_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
+    """acc += sum_k (dcos_w [win == k]) @ W[ds, cols*SUB + k]^T: each (row, class) gradient goes to its winning
+    sub-centre only. dcos_w: dL/dcos times the winner's 1/|w|, win: the winning k (`sub_center._sub_grad_tile`)."""
+    for k in tl.static_range(SUB):  # MARGIN_NONE: the raw columns (1/|w| is in dcos_w already)
+        acc = _dx_acc(W_ptr + k * stride_w_c, tl.where(win == k, dcos_w, 0.0), 0.0, ds, cols, col_mask, acc, D,
+                      stride_w_d, stride_w_c * SUB, MARGIN_NONE, DOT_DTYPE, ACC_DTYPE, PRECISION)
     return acc
 
 
