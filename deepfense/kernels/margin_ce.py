@@ -274,7 +274,7 @@ def _sub_dx_acc(W_ptr, dcos_w, win, ds, cols, col_mask, acc, D, stride_w_d, stri
                 DOT_DTYPE: tl.constexpr, ACC_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
     """acc += sum_k (dcos_w [win == k]) @ W[ds, cols*SUB + k]^T: each (row, class) gradient goes to its winning
     sub-centre only. dcos_w: dL/dcos times the winner's 1/|w|, win: the winning k (`sub_center._sub_grad_tile`)."""
-    for k in tl.static_range(SUB):  # MARGIN_NONE: the raw columns (1/|w| is in dcos_w already)
+    for k in range(SUB):  # a loop, not unrolled: one column tile live at a time. MARGIN_NONE: the raw columns (1/|w| is in dcos_w already)
         acc = _dx_acc(W_ptr + k * stride_w_c, tl.where(win == k, dcos_w, 0.0), 0.0, ds, cols, col_mask, acc, D,
                       stride_w_d, stride_w_c * SUB, MARGIN_NONE, DOT_DTYPE, ACC_DTYPE, PRECISION)
     return acc
