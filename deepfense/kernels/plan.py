@@ -144,8 +144,8 @@ def plan(margin, B: int, D: int, C: int, x_dtype: torch.dtype, w_dtype: torch.dt
         # ASoftmax's psi and ArcFace's cos(m1 theta + m2) keep more per-logit values live: narrower class tiles in dX
         bc_x = min(narrow, bc_f, 32 if margin in (2, 4) else 64, 16 if fp32 else 64)
         bb_x, bc_w, bb_w, warps_b = narrow, min(narrow, bc_f), narrow, 8
-        if sub > 1:  # dW keeps the winner and its 1/|w| per (row, class) live too: narrower class tiles
-            bc_w = max(16, bc_w // 2)
+        if sub > 1:  # the winner and its 1/|w| per (row, class) stay live too: narrower class tiles
+            bc_x, bc_w = max(16, bc_x // 2), max(16, bc_w // 2)
         warps_f = 8 if fp32 else 4
     else:  # small tiles, so small test shapes still run several row / class / feature tiles
         bb_f = bk = bc_f = do = bb_x = bc_x = bc_w = bb_w = 16

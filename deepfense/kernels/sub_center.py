@@ -23,7 +23,7 @@ def _sub_cos_tile(X_ptr, W_ptr, rows, cols, row_mask, col_mask, D, stride_x_row,
     rw_win = tl.zeros((BLOCK_B, BLOCK_C), ACC_DTYPE)
     win = tl.zeros((BLOCK_B, BLOCK_C), tl.int32)
     xsq = tl.zeros((BLOCK_B,), ACC_DTYPE)
-    for k in tl.static_range(SUB):
+    for k in range(SUB):  # a loop, not unrolled: one sub-centre's dot live at a time
         acc, xsq, wsq = _dot_tile(X_ptr, W_ptr + k * stride_w_c, rows, cols, row_mask, col_mask, D, stride_x_row,
                                   stride_x_col, stride_w_d, stride_w_c * SUB, DOT_DTYPE, ACC_DTYPE, PRECISION,
                                   BLOCK_B, BLOCK_C, BLOCK_K)
