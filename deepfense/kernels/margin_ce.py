@@ -45,7 +45,8 @@ def _margin_ce_fwd_kernel(
         SUB: tl.constexpr = 1):
     """Per-row loss statistics of BLOCK_B rows, looping over class tiles with an online log-sum-exp.
 
-    X [B, D], W [D, C] (any strides; with SUB > 1 sub-centres W is [D, C*SUB], see `sub_center`), BIAS [C], T [B] int, CW [C] (OCSoftmax [2]), LAM [1]; writes STATS [5, B].
+    X [B, D], W [D, C] (any strides; [D, C*SUB] with SUB > 1 sub-centres per class, see `sub_center`), BIAS [C],
+    T [B] int, CW [C] (OCSoftmax [2]), LAM [1]; writes STATS [5, B].
     With FUSE_DX / FUSE_DW (the whole class dimension is one tile) it also writes the unit-gradient DX [B, D]
     (contiguous) and this program's dW partial DWP[pid] [D + 1, C] (row D: d bias), so backward reads no x.
     With SPLIT (grid axis 1 splits the classes, `tiles_per_split` tiles each, for parallelism when rows are few) it
@@ -77,14 +78,15 @@ def _margin_ce_fwd_kernel(
         for c0 in range(c_begin, tl.minimum(C, c_begin + tiles_per_split * BLOCK_C), BLOCK_C):
             cols = c0 + tl.arange(0, BLOCK_C)
             col_mask = cols < C
-            is_target = cols[None, :] == t_safe[:, None]
             if SUB == 1:
                 acc, xsq, wsq = _dot_tile(X_ptr, W_ptr, rows, cols, row_mask, col_mask, D, stride_x_row, stride_x_col,
                                           stride_w_d, stride_w_c, DOT_DTYPE, ACC_DTYPE, PRECISION, BLOCK_B, BLOCK_C,
                                           BLOCK_K)
                 bias = _bias(BIAS_ptr, cols, col_mask, HAS_BIAS, ACC_DTYPE, BLOCK_C)
+                is_target = cols[None, :] == t_safe[:, None]
                 logits, _, _, _, _ = _logit_tile(acc, xsq, wsq, bias, is_target, col_mask, lam, s, m, MARGIN)
             else:
+                is_target = cols[None, :] == t_safe[:, None]
                 cos, _, _, xsq = _sub_cos_tile(X_ptr, W_ptr, rows, cols, row_mask, col_mask, D, stride_x_row,
                                                stride_x_col, stride_w_d, stride_w_c, SUB, DOT_DTYPE, ACC_DTYPE,
                                                PRECISION, BLOCK_B, BLOCK_C, BLOCK_K)
@@ -230,6 +232,8 @@ def _margin_ce_bwd_dx_kernel(
                                                valid, lse, coef_p, coef_t, g, lam, D, n_smooth, stride_x_row,
                                                stride_x_col, stride_w_d, stride_w_c, s, m, eps, MARGIN, HAS_BIAS,
                                                HAS_CW, DOT_DTYPE, ACC_DTYPE, PRECISION, BLOCK_B, BLOCK_C, BLOCK_K)
+            ssum += tl.sum(dcos * cos, 1)
+            xsum += xs
             acc_x = _dx_acc(W_ptr, dcos, rw, ds, cols, col_mask, acc_x, D, stride_w_d, stride_w_c, MARGIN, DOT_DTYPE,
                             ACC_DTYPE, PRECISION)
             if HAS_TAIL:
@@ -241,15 +245,13 @@ def _margin_ce_bwd_dx_kernel(
                 n_smooth, stride_x_row, stride_x_col, stride_w_d, stride_w_c, s, m, eps, MARGIN, HAS_CW, SUB,
                 DOT_DTYPE, ACC_DTYPE, PRECISION, BLOCK_B, BLOCK_C, BLOCK_K)
             ssum += tl.sum(dcos * cos, 1)
+            xsum += xs
             dcos = dcos * rw_win  # the winner's 1/|w| folded in (one tile fewer live): the dots take raw columns
             acc_x = _sub_dx_acc(W_ptr, dcos, win, ds, cols, col_mask, acc_x, D, stride_w_d, stride_w_c, SUB,
                                 DOT_DTYPE, ACC_DTYPE, PRECISION)
             if HAS_TAIL:
                 acc_t = _sub_dx_acc(W_ptr, dcos, win, ds_t, cols, col_mask, acc_t, D, stride_w_d, stride_w_c, SUB,
                                     DOT_DTYPE, ACC_DTYPE, PRECISION)
-        if SUB == 1:
-            ssum += tl.sum(dcos * cos, 1)
-        xsum += xs
     DX_ptr += tl.program_id(2).to(tl.int64) * stride_dx_split
     _dx_store(X_ptr, DX_ptr, acc_x, rows, row_mask, ds, rx, ssum, xsum, D, stride_x_row, stride_x_col, stride_dx_row,
               MARGIN, ACC_DTYPE)
@@ -274,7 +276,8 @@ def _sub_dx_acc(W_ptr, dcos_w, win, ds, cols, col_mask, acc, D, stride_w_d, stri
                 DOT_DTYPE: tl.constexpr, ACC_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
     """acc += sum_k (dcos_w [win == k]) @ W[ds, cols*SUB + k]^T: each (row, class) gradient goes to its winning
     sub-centre only. dcos_w: dL/dcos times the winner's 1/|w|, win: the winning k (`sub_center._sub_grad_tile`)."""
-    for k in range(SUB):  # a loop, not unrolled: one column tile live at a time. MARGIN_NONE: the raw columns (1/|w| is in dcos_w already)
+    # a loop, not unrolled: one column tile live at a time; MARGIN_NONE: the raw columns (1/|w| is in dcos_w)
+    for k in range(SUB):
         acc = _dx_acc(W_ptr + k * stride_w_c, tl.where(win == k, dcos_w, 0.0), 0.0, ds, cols, col_mask, acc, D,
                       stride_w_d, stride_w_c * SUB, MARGIN_NONE, DOT_DTYPE, ACC_DTYPE, PRECISION)
     return acc
