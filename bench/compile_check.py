@@ -229,7 +229,8 @@ def _constexprs(meta: dict, kernel, step: Step) -> dict:
     step_meta = dict(MARGIN=int(MARGINS[step.loss]), HAS_BIAS=step.has_bias, HAS_CW=False,
                      DOT_DTYPE=step.dtype, ACC_DTYPE="fp32",
                      PRECISION=FP32_PRECISION if step.dtype == "fp32" else "ieee", NEED_DX=True, NEED_DW=True,
-                     HAS_XCOEF=step.loss != "CrossEntropy", PAD=True, HAS_DEN=True)  # small head, 'mean'
+                     HAS_XCOEF=step.loss != "CrossEntropy", PAD=True, HAS_DEN=True,  # small head, 'mean'
+                     SUB=1)  # the representative steps have no sub-centres
     out = {}
     for p in kernel.params:
         if not p.is_constexpr:

@@ -3,7 +3,8 @@
 Layout:
     * ``n_classes`` is the global count C. Rank r of the group holds the contiguous class slice
       ``torch.tensor_split(torch.arange(C), world)[r]`` (the first C % world ranks hold one class more; see
-      `class_slice`), as its local weight columns ([D, C_r]; CrossEntropy: fc.weight rows [C_r, D], bias [C_r]).
+      `class_slice`), as its local weight columns ([D, C_r]; CrossEntropy: fc.weight rows [C_r, D], bias [C_r];
+      with K sub-centres [D, C_r * K], its classes' K adjacent columns each).
     * Every rank passes its own local batch (sizes may differ between ranks) and GLOBAL class indices as targets.
       ``class_weights``, when given, is the full [C] vector on every rank.
 
@@ -49,8 +50,8 @@ import torch.distributed as dist
 
 from .inputs import check_finite, check_targets, check_tensors, resolve_backend, validating
 from .params import LossParams, Margin
-from .torch_backend import (_compute_dtype, _cosines, _dlogits_to_dcos, _logit_scale, _project_grad, _target_logit,
-                            _target_logit_grad)
+from .torch_backend import (_compute_dtype, _cosines, _dlogits_to_dcos, _logit_scale, _project_grad, _sub_center_max,
+                            _target_logit, _target_logit_grad, _to_sub_centers)
 
 __all__ = ["class_slice", "rank_slice", "sharded_margin_loss", "ShardedMarginLossFunction", "sum_comm_hook"]
 
@@ -121,8 +122,8 @@ class ShardedMarginLossFunction(torch.autograd.Function):
             cols = [part[1] * torch.exp(part[0] - gmax), part[2], part[3]]
         else:
             xg, wf = _gather_rows(x.detach().to(dt), lay), w.to(dt)
-            logits, cos, xnorm, rx, rw, cos_y, lam_t, tcol, owned, wf = _local_logits(xg, wf, bias, tg, valid, lam, p,
-                                                                                      lay)
+            logits, cos, xnorm, rx, rw, cos_y, lam_t, tcol, owned, wf, best = _local_logits(xg, wf, bias, tg, valid,
+                                                                                            lam, p, lay)
             gmax = logits.amax(1)
             dist.all_reduce(gmax, op=dist.ReduceOp.MAX, group=lay.group)
             cols = [torch.exp(logits - gmax[:, None]).sum(1), torch.where(owned, logits.gather(1, tcol)[:, 0], 0.0)]
@@ -165,6 +166,8 @@ class ShardedMarginLossFunction(torch.autograd.Function):
             tgrad = (torch.where(owned[:, None], _target_logit_grad(cos_y, xnorm, lam_t, p), scale_c)
                      if p.margin in (Margin.ANGULAR, Margin.COMBINED) else None)
             xscale = _dlogits_to_dcos(dlogits, logits, scale_c, rx, tcol, tgrad, p)
+        if best is not None:  # sub-centres: each class's gradient to its winning column
+            dlogits = _to_sub_centers(dlogits, best, p.sub_centers)
         ctx.save_for_backward(xg, wf, cos, dlogits, rx, rw, xscale, scale)
         return out
 
@@ -196,21 +199,26 @@ class ShardedMarginLossFunction(torch.autograd.Function):
 
 def _local_logits(xg, wf, bias, tg, valid, lam, p: LossParams, lay: _Layout):
     """Logits [B_total, C_r] of the gathered rows against this rank's classes (torch ops), margin on owned targets,
-    with what backward needs; the last value is the weight `_project_grad` takes (normalised for the cosine losses)."""
-    n_local = wf.shape[1]
+    with what backward needs: the cosines of every column ([B_total, C_r * K] with K sub-centres), ..., the weight
+    `_project_grad` takes (normalised for the cosine losses) and each class's winning sub-centre (None for K = 1)."""
+    n_local = wf.shape[1] // p.sub_centers
     owned = valid & (tg >= lay.c0) & (tg < lay.c0 + n_local)  # this rank holds the row's target column
     tcol = (tg - lay.c0).clamp(0, n_local - 1)[:, None]
-    cos = xnorm = rx = rw = cos_y = lam_t = None
+    cos = xnorm = rx = rw = cos_y = lam_t = best = None
     if p.margin == Margin.NONE:
         logits = torch.addmm(bias.to(xg.dtype), xg, wf) if bias is not None else xg @ wf
     else:
-        cos, xnorm, rx, rw, wf = _cosines(xg, wf)
+        cos_cols, xnorm, rx, rw, wf = _cosines(xg, wf)
+        cos = cos_cols
+        if p.sub_centers > 1:
+            cos, best = _sub_center_max(cos_cols, p.sub_centers)
         cos_y = cos.gather(1, tcol)
         lam_t = None if lam is None else torch.as_tensor(lam, dtype=xg.dtype, device=xg.device)
         logits = cos * _logit_scale(xnorm, lam_t, p)
         logits.scatter_(1, tcol, torch.where(owned[:, None], _target_logit(cos_y, xnorm, lam_t, p),
                                              logits.gather(1, tcol)))
-    return logits, cos, xnorm, rx, rw, cos_y, lam_t, tcol, owned, wf
+        cos = cos_cols
+    return logits, cos, xnorm, rx, rw, cos_y, lam_t, tcol, owned, wf, best
 
 
 def _sample(tg, valid, lay: _Layout, n_local, sample_rate, generator):
@@ -267,14 +275,17 @@ def sharded_margin_loss(x, w_dc, bias, targets, class_weights, lam, p: LossParam
     """
     if p.margin == Margin.ONE_CLASS:
         raise ValueError("process_group does not apply to OCSoftmax: it has a single class centre, nothing to shard")
-    if p.sub_centers > 1 or p.filter_threshold > 0:
-        raise ValueError("process_group does not support sub_centers or interclass_filtering_threshold yet")
+    if p.filter_threshold > 0:
+        raise ValueError("process_group does not support interclass_filtering_threshold yet")
+    k = p.sub_centers  # each rank holds whole classes: its C_r * k adjacent columns
+    if w_dc.dim() == 2 and w_dc.shape[-1] % k:
+        raise ValueError(f"weight has {w_dc.shape[-1]} columns, not a multiple of sub_centers={k}")
     if not 0.0 < sample_rate <= 1.0:
         raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate}")
     if group is None or not dist.is_available() or not dist.is_initialized():
         raise ValueError("process_group needs an initialised torch.distributed process group")
     world, rank = dist.get_world_size(group), dist.get_rank(group)
-    table = torch.tensor([x.shape[0] if isinstance(x, torch.Tensor) and x.dim() else 0, w_dc.shape[-1]],
+    table = torch.tensor([x.shape[0] if isinstance(x, torch.Tensor) and x.dim() else 0, w_dc.shape[-1] // k],
                          device=x.device)
     parts = [torch.empty_like(table) for _ in range(world)]
     dist.all_gather(parts, table, group=group)
@@ -297,11 +308,12 @@ def sharded_margin_loss(x, w_dc, bias, targets, class_weights, lam, p: LossParam
     safe = torch.where(valid, tg, 0).clamp(0, n_classes - 1)
     cw_full = torch.ones(n_classes, dtype=dt, device=x.device) if class_weights is None else class_weights.to(dt)
     row_w = cw_full[safe] * valid
-    cw = cw_full[lay.c0: lay.c0 + w_dc.shape[1]]
+    cw = cw_full[lay.c0: lay.c0 + w_dc.shape[1] // k]
     cw_total = cw_full.sum()
     if sample_rate < 1.0:
-        idx, tg, lay = _sample(tg, valid, lay, w_dc.shape[1], sample_rate, generator)
-        w_dc, cw = w_dc[:, idx], cw[idx]  # indexing through autograd: unkept columns get zero gradient
+        idx, tg, lay = _sample(tg, valid, lay, w_dc.shape[1] // k, sample_rate, generator)
+        cols = (idx[:, None] * k + torch.arange(k, device=idx.device)).reshape(-1)  # a kept class's k columns
+        w_dc, cw = w_dc[:, cols], cw[idx]  # indexing through autograd: unkept columns get zero gradient
         bias = bias[idx] if bias is not None else None
         cw_total = cw.sum()
         dist.all_reduce(cw_total, group=group)

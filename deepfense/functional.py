@@ -64,10 +64,6 @@ def _dispatch(p: LossParams, x, w, bias, targets, class_weights, lam, backend, p
             return loss
     if validate:
         check_targets(targets, n_targets, p)
-    if name == "triton" and p.sub_centers > 1:  # no fused sub-centre kernel yet: 'auto' takes the torch backend
-        if backend != "auto":
-            raise NotImplementedError("sub_centers has no fused kernel yet; use backend='torch' (or 'auto')")
-        name = "torch"
     w_dc = w.t() if ce and name != "triton" else w  # the kernels take fc.weight [C, D] as it is (classes_first)
     if name == "reference":
         loss = _reference(p, x, w_dc, bias, targets, class_weights, lam)

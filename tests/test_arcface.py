@@ -25,8 +25,6 @@ def _skip_without_kernels(backend, **opts):
     from deepfense.kernels import tiles
     if not hasattr(tiles, "MARGIN_COMBINED"):
         pytest.skip("ArcFace / CombinedMargin have no fused kernel on this branch yet (torch backend only)")
-    if opts.get("sub_centers", 1) > 1:
-        pytest.skip("sub_centers has no fused kernel yet (torch backend only)")
 
 
 def angled_case(m, dtype, seed=0, B_per=2, D=9, C=5, fine=False):
@@ -213,10 +211,3 @@ def test_compile_fullgraph_inductor(backend):
 
     for a, b in zip(step(loss_fn), step(torch.compile(loss_fn, fullgraph=True))):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
-
-
-def test_sub_centers_on_triton_say_so():
-    """No fused sub-centre kernel: an explicit backend='triton' says so ('auto' takes the torch backend instead)."""
-    case = make_case("arc", 4, 3, 2, sub_centers=2)
-    with pytest.raises(NotImplementedError, match="sub_centers"):
-        F.arcface_loss(case["x"], case["w"], case["t"], sub_centers=2, backend="triton")

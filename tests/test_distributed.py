@@ -43,8 +43,9 @@ def _loss(kind, x, w, t, bias, **kw):
     return F.cross_entropy_loss(x, w, t, bias=bias, **kw)
 
 
-def _data(kind, sizes, n_classes, dim, *, weighted, ignored, seed=0, device="cpu"):
-    """The global batch (same on every rank): x [N, D], targets [N], weight, bias, class weights, upstream grads."""
+def _data(kind, sizes, n_classes, dim, *, weighted, ignored, seed=0, device="cpu", sub=1):
+    """The global batch (same on every rank): x [N, D], targets [N], weight ([D, C * sub] with sub-centres), bias,
+    class weights, upstream grads."""
     g = torch.Generator().manual_seed(seed)
     n = sum(sizes)
     x = torch.randn(n, dim, generator=g, dtype=torch.float64)
@@ -52,7 +53,7 @@ def _data(kind, sizes, n_classes, dim, *, weighted, ignored, seed=0, device="cpu
         x[2] = 0.0  # a zero-norm row normalises to zero
     t = torch.randint(0, n_classes, (n,), generator=g)
     t[list(ignored)] = IGNORE
-    shape = (n_classes, dim) if kind == "CrossEntropy" else (dim, n_classes)
+    shape = (n_classes, dim) if kind == "CrossEntropy" else (dim, n_classes * sub)
     w = torch.randn(shape, generator=g, dtype=torch.float64)
     bias = torch.randn(n_classes, generator=g, dtype=torch.float64) if kind == "CrossEntropy" else None
     cw = torch.rand(n_classes, generator=g, dtype=torch.float64) + 0.5 if weighted else None
@@ -61,25 +62,28 @@ def _data(kind, sizes, n_classes, dim, *, weighted, ignored, seed=0, device="cpu
 
 
 def _check_exact(rank, world, device, kind, sizes, n_classes, *, reduction="mean", smoothing=0.0, weighted=False,
-                 ignored=(), dim=6, backend="auto", rtol=1e-10):
-    x, t, w, bias, cw, up = _data(kind, sizes, n_classes, dim, weighted=weighted, ignored=ignored, device=device)
+                 ignored=(), dim=6, backend="auto", rtol=1e-10, sub=1):
+    x, t, w, bias, cw, up = _data(kind, sizes, n_classes, dim, weighted=weighted, ignored=ignored, device=device,
+                                  sub=sub)
     kw = dict(class_weights=cw, reduction=reduction, label_smoothing=smoothing, ignore_index=IGNORE)
+    if sub > 1:
+        kw["sub_centers"] = sub
     leaves = [a.clone().requires_grad_() for a in (x, w, bias) if a is not None]
     gold = _loss(kind, leaves[0], leaves[1], t, leaves[2] if bias is not None else None, backend="reference", **kw)
     (gold * up).sum().backward() if reduction == "none" else (0.7 * gold).backward()
 
     r0, r1 = sum(sizes[:rank]), sum(sizes[: rank + 1])
     c0, c1 = class_slice(n_classes, world, rank)
-    w_loc = (w[c0:c1] if kind == "CrossEntropy" else w[:, c0:c1]).clone().requires_grad_()
+    w_loc = (w[c0:c1] if kind == "CrossEntropy" else w[:, c0 * sub:c1 * sub]).clone().requires_grad_()
     b_loc = bias[c0:c1].clone().requires_grad_() if bias is not None else None
     x_loc = x[r0:r1].clone().requires_grad_()
     loss = _loss(kind, x_loc, w_loc, t[r0:r1], b_loc, process_group=dist.group.WORLD, backend=backend, **kw)
     (loss * up[r0:r1]).sum().backward() if reduction == "none" else (0.7 * loss).backward()
 
-    case = f"{kind} rank {rank} sizes {sizes} C {n_classes} {reduction} eps {smoothing} weighted {weighted}"
+    case = f"{kind} rank {rank} sizes {sizes} C {n_classes} K {sub} {reduction} eps {smoothing} weighted {weighted}"
     _close(loss, gold[r0:r1] if reduction == "none" else gold, f"loss, {case}", rtol)
     _close(x_loc.grad, leaves[0].grad[r0:r1], f"dX, {case}", rtol)
-    dw = leaves[1].grad[c0:c1] if kind == "CrossEntropy" else leaves[1].grad[:, c0:c1]
+    dw = leaves[1].grad[c0:c1] if kind == "CrossEntropy" else leaves[1].grad[:, c0 * sub:c1 * sub]
     _close(w_loc.grad, dw, f"dW, {case}", rtol)
     if bias is not None:
         _close(b_loc.grad, leaves[2].grad[c0:c1], f"db, {case}", rtol)
@@ -96,6 +100,9 @@ def _exact_cases(rank, world, device):
         _check_exact(rank, world, device, kind, (3,) + (0,) * (world - 1), world)  # empty ranks; one class per rank
         _check_exact(rank, world, device, kind, (2,) * world, 5, weighted=True,  # every row ignored: mean is 0
                      ignored=range(2 * world))
+    for kind, sub in (("ArcFace", 3), ("AMSoftmax", 2)):  # sub-centres: each rank holds its classes' K columns
+        _check_exact(rank, world, device, kind, (5, 3, 4)[:world], 7, reduction="none", weighted=True, ignored=(1,),
+                     smoothing=0.1, sub=sub)
 
 
 def _kernel_cases(rank, world, device):
@@ -105,6 +112,8 @@ def _kernel_cases(rank, world, device):
         for reduction in ("mean", "none"):
             _check_exact(rank, world, device, kind, (5, 3, 4)[:world], 40, reduction=reduction, weighted=True,
                          ignored=(1, 6), smoothing=0.0 if kind == "ASoftmax" else 0.1, backend="triton", rtol=1e-6)
+    _check_exact(rank, world, device, "ArcFace", (5, 3, 4)[:world], 40, reduction="mean", weighted=True,
+                 ignored=(1,), smoothing=0.1, backend="triton", rtol=1e-6, sub=2)
 
 
 def _sampling_case(rank, world, device):

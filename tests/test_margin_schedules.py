@@ -97,7 +97,7 @@ def test_tensor_margin_and_scale_never_recompile():
 @pytest.mark.parametrize("backend,sub_centers", [("torch", 2), ("triton", 1)])
 def test_thirty_training_steps_track_the_reference(backend, sub_centers):
     """SGD on a linear embedder + ArcFace: the fast backend's trajectory follows the reference backend's (triton in
-    the interpreter on CPU; sub-centres have no fused kernel)."""
+    the interpreter on CPU; sub-centres on the kernels: tests/test_subcenter_kernels.py)."""
     torch.manual_seed(0)
     data = torch.randn(64, 12)
     labels = torch.randint(0, 7, (64,))

@@ -18,7 +18,8 @@ import triton.language as tl
 
 from .tiles import (STAT_LSE, STAT_COEF_P, STAT_COEF_T, MARGIN_NONE, MARGIN_ANGULAR, MARGIN_ONE_CLASS, _bias,
                     _clamp_cos, _class_weights, _dot_tile, _dw_finish, _dx_finish, _grad_tile, _load_lam,
-                    _logit_tile, _one_class, _recip_norm, _row_targets, _softmax_epilogue, _store_stats)
+                    _logit_tile, _one_class, _recip_norm, _row_targets, _softmax_epilogue, _store_stats, _cos_logits)
+from .sub_center import _sub_cos_tile, _sub_grad_tile, _winner_rw
 
 # Batch sizes change from step to step (the last batch of an epoch, uneven shards): a row count or index that
 # Triton specialised on (== 1, divisible by 16) would recompile the kernels; D, C and the strides stay specialised,
@@ -40,10 +41,12 @@ def _margin_ce_fwd_kernel(
         s, m, gamma, m_real, m_fake, alpha, eps, ignore_index, bonafide,
         MARGIN: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_CW: tl.constexpr, SPLIT: tl.constexpr,
         FUSE_DX: tl.constexpr, FUSE_DW: tl.constexpr, DOT_DTYPE: tl.constexpr, ACC_DTYPE: tl.constexpr,
-        PRECISION: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr):
+        PRECISION: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr,
+        SUB: tl.constexpr = 1):
     """Per-row loss statistics of BLOCK_B rows, looping over class tiles with an online log-sum-exp.
 
-    X [B, D], W [D, C] (any strides), BIAS [C], T [B] int, CW [C] (OCSoftmax [2]), LAM [1]; writes STATS [5, B].
+    X [B, D], W [D, C] (any strides; [D, C*SUB] with SUB > 1 sub-centres per class, see `sub_center`), BIAS [C],
+    T [B] int, CW [C] (OCSoftmax [2]), LAM [1]; writes STATS [5, B].
     With FUSE_DX / FUSE_DW (the whole class dimension is one tile) it also writes the unit-gradient DX [B, D]
     (contiguous) and this program's dW partial DWP[pid] [D + 1, C] (row D: d bias), so backward reads no x.
     With SPLIT (grid axis 1 splits the classes, `tiles_per_split` tiles each, for parallelism when rows are few) it
@@ -75,12 +78,19 @@ def _margin_ce_fwd_kernel(
         for c0 in range(c_begin, tl.minimum(C, c_begin + tiles_per_split * BLOCK_C), BLOCK_C):
             cols = c0 + tl.arange(0, BLOCK_C)
             col_mask = cols < C
-            acc, xsq, wsq = _dot_tile(X_ptr, W_ptr, rows, cols, row_mask, col_mask, D, stride_x_row, stride_x_col,
-                                      stride_w_d, stride_w_c, DOT_DTYPE, ACC_DTYPE, PRECISION, BLOCK_B, BLOCK_C,
-                                      BLOCK_K)
-            bias = _bias(BIAS_ptr, cols, col_mask, HAS_BIAS, ACC_DTYPE, BLOCK_C)
-            is_target = cols[None, :] == t_safe[:, None]
-            logits, _, _, _, _ = _logit_tile(acc, xsq, wsq, bias, is_target, col_mask, lam, s, m, MARGIN)
+            if SUB == 1:
+                acc, xsq, wsq = _dot_tile(X_ptr, W_ptr, rows, cols, row_mask, col_mask, D, stride_x_row, stride_x_col,
+                                          stride_w_d, stride_w_c, DOT_DTYPE, ACC_DTYPE, PRECISION, BLOCK_B, BLOCK_C,
+                                          BLOCK_K)
+                bias = _bias(BIAS_ptr, cols, col_mask, HAS_BIAS, ACC_DTYPE, BLOCK_C)
+                is_target = cols[None, :] == t_safe[:, None]
+                logits, _, _, _, _ = _logit_tile(acc, xsq, wsq, bias, is_target, col_mask, lam, s, m, MARGIN)
+            else:
+                is_target = cols[None, :] == t_safe[:, None]
+                cos, _, _, xsq = _sub_cos_tile(X_ptr, W_ptr, rows, cols, row_mask, col_mask, D, stride_x_row,
+                                               stride_x_col, stride_w_d, stride_w_c, SUB, DOT_DTYPE, ACC_DTYPE,
+                                               PRECISION, BLOCK_B, BLOCK_C, BLOCK_K)
+                logits = _cos_logits(cos, tl.sqrt(xsq), is_target, col_mask, lam, s, m, MARGIN)
             m_new = tl.maximum(m_i, tl.max(logits, 1))
             l_i = l_i * tl.exp(m_i - m_new) + tl.sum(tl.exp(logits - m_new[:, None]), 1)
             m_i = m_new
@@ -189,13 +199,13 @@ def _margin_ce_bwd_dx_kernel(
         MARGIN: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_CW: tl.constexpr, DOT_DTYPE: tl.constexpr,
         ACC_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
         BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_DO: tl.constexpr,
-        HAS_TAIL: tl.constexpr = False, BLOCK_DT: tl.constexpr = 16):
+        HAS_TAIL: tl.constexpr = False, BLOCK_DT: tl.constexpr = 16, SUB: tl.constexpr = 1):
     """dX[rows, d-slice] = sum over class tiles of recomputed dL/dcos tiles times W^T; G [B] is the upstream gradient
     per row (stride 0 for a scalar). Grid: (row blocks, D / BLOCK_DO, class splits); with several class splits each
     writes its own partial DX[split] (summed afterwards in split order). No atomics: deterministic. The feature
     chunk is the fastest grid axis, so a row block's chunks run together and share its x tiles through L2. HAS_TAIL
     (one chunk only): features [BLOCK_DO, BLOCK_DO + BLOCK_DT) in a second accumulator, so D = 192 is 128 + 64
-    rather than 256 padded."""
+    rather than 256 padded. SUB > 1: C classes of SUB sub-centres each, W [D, C*SUB] (see `sub_center`)."""
     pid = tl.program_id(1).to(tl.int64)
     rows = pid * BLOCK_B + tl.arange(0, BLOCK_B)
     row_mask = rows < B
@@ -217,17 +227,31 @@ def _margin_ce_bwd_dx_kernel(
     for c0 in range(c_begin, tl.minimum(C, c_begin + tiles_per_split * BLOCK_C), BLOCK_C):
         cols = c0 + tl.arange(0, BLOCK_C)
         col_mask = cols < C
-        dcos, cos, rx, rw, xs = _grad_tile(X_ptr, W_ptr, BIAS_ptr, CW_ptr, rows, row_mask, cols, col_mask, t_safe,
-                                           valid, lse, coef_p, coef_t, g, lam, D, n_smooth, stride_x_row, stride_x_col,
-                                           stride_w_d, stride_w_c, s, m, eps, MARGIN, HAS_BIAS, HAS_CW, DOT_DTYPE,
-                                           ACC_DTYPE, PRECISION, BLOCK_B, BLOCK_C, BLOCK_K)
-        ssum += tl.sum(dcos * cos, 1)
-        xsum += xs
-        acc_x = _dx_acc(W_ptr, dcos, rw, ds, cols, col_mask, acc_x, D, stride_w_d, stride_w_c, MARGIN, DOT_DTYPE,
-                        ACC_DTYPE, PRECISION)
-        if HAS_TAIL:
-            acc_t = _dx_acc(W_ptr, dcos, rw, ds_t, cols, col_mask, acc_t, D, stride_w_d, stride_w_c, MARGIN,
-                            DOT_DTYPE, ACC_DTYPE, PRECISION)
+        if SUB == 1:
+            dcos, cos, rx, rw, xs = _grad_tile(X_ptr, W_ptr, BIAS_ptr, CW_ptr, rows, row_mask, cols, col_mask, t_safe,
+                                               valid, lse, coef_p, coef_t, g, lam, D, n_smooth, stride_x_row,
+                                               stride_x_col, stride_w_d, stride_w_c, s, m, eps, MARGIN, HAS_BIAS,
+                                               HAS_CW, DOT_DTYPE, ACC_DTYPE, PRECISION, BLOCK_B, BLOCK_C, BLOCK_K)
+            ssum += tl.sum(dcos * cos, 1)
+            xsum += xs
+            acc_x = _dx_acc(W_ptr, dcos, rw, ds, cols, col_mask, acc_x, D, stride_w_d, stride_w_c, MARGIN, DOT_DTYPE,
+                            ACC_DTYPE, PRECISION)
+            if HAS_TAIL:
+                acc_t = _dx_acc(W_ptr, dcos, rw, ds_t, cols, col_mask, acc_t, D, stride_w_d, stride_w_c, MARGIN,
+                                DOT_DTYPE, ACC_DTYPE, PRECISION)
+        else:
+            dcos, cos, rx, rw_win, win, xs = _sub_grad_tile(
+                X_ptr, W_ptr, CW_ptr, rows, row_mask, cols, col_mask, t_safe, valid, lse, coef_p, coef_t, g, lam, D,
+                n_smooth, stride_x_row, stride_x_col, stride_w_d, stride_w_c, s, m, eps, MARGIN, HAS_CW, SUB,
+                DOT_DTYPE, ACC_DTYPE, PRECISION, BLOCK_B, BLOCK_C, BLOCK_K)
+            ssum += tl.sum(dcos * cos, 1)
+            xsum += xs
+            dcos = dcos * rw_win  # the winner's 1/|w| folded in (one tile fewer live): the dots take raw columns
+            acc_x = _sub_dx_acc(W_ptr, dcos, win, ds, cols, col_mask, acc_x, D, stride_w_d, stride_w_c, SUB,
+                                DOT_DTYPE, ACC_DTYPE, PRECISION)
+            if HAS_TAIL:
+                acc_t = _sub_dx_acc(W_ptr, dcos, win, ds_t, cols, col_mask, acc_t, D, stride_w_d, stride_w_c, SUB,
+                                    DOT_DTYPE, ACC_DTYPE, PRECISION)
     DX_ptr += tl.program_id(2).to(tl.int64) * stride_dx_split
     _dx_store(X_ptr, DX_ptr, acc_x, rows, row_mask, ds, rx, ssum, xsum, D, stride_x_row, stride_x_col, stride_dx_row,
               MARGIN, ACC_DTYPE)
@@ -248,6 +272,18 @@ def _dx_acc(W_ptr, dcos, rw, ds, cols, col_mask, acc, D, stride_w_d, stride_w_c,
 
 
 @triton.jit
+def _sub_dx_acc(W_ptr, dcos_w, win, ds, cols, col_mask, acc, D, stride_w_d, stride_w_c, SUB: tl.constexpr,
+                DOT_DTYPE: tl.constexpr, ACC_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
+    """acc += sum_k (dcos_w [win == k]) @ W[ds, cols*SUB + k]^T: each (row, class) gradient goes to its winning
+    sub-centre only. dcos_w: dL/dcos times the winner's 1/|w|, win: the winning k (`sub_center._sub_grad_tile`)."""
+    # a loop, not unrolled: one column tile live at a time; MARGIN_NONE: the raw columns (1/|w| is in dcos_w)
+    for k in range(SUB):
+        acc = _dx_acc(W_ptr + k * stride_w_c, tl.where(win == k, dcos_w, 0.0), 0.0, ds, cols, col_mask, acc, D,
+                      stride_w_d, stride_w_c * SUB, MARGIN_NONE, DOT_DTYPE, ACC_DTYPE, PRECISION)
+    return acc
+
+
+@triton.jit
 def _dx_store(X_ptr, DX_ptr, acc, rows, row_mask, ds, rx, ssum, xsum, D, stride_x_row, stride_x_col, stride_dx_row,
               MARGIN: tl.constexpr, ACC_DTYPE: tl.constexpr):
     """Finish and store dX[rows, ds] from its accumulated product (see `_dx_finish`)."""
@@ -265,12 +301,15 @@ def _margin_ce_bwd_dw_kernel(
         MARGIN: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_CW: tl.constexpr, DOT_DTYPE: tl.constexpr,
         ACC_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
         BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_DO: tl.constexpr,
-        HAS_TAIL: tl.constexpr = False, BLOCK_DT: tl.constexpr = 16):
+        HAS_TAIL: tl.constexpr = False, BLOCK_DT: tl.constexpr = 16, SUB: tl.constexpr = 1):
     """dW[d-slice, class block] (and d bias) over the rows of one row split, in fp32; grid: (D / BLOCK_DO, class
     blocks, row splits). With several row splits each writes its partial DW[split] [D, C] (d bias DB[split] [C]),
     summed afterwards in split order; each program owns its output tile, so every sum runs in a fixed order:
-    deterministic. HAS_TAIL: a second accumulator for features [BLOCK_DO, BLOCK_DO + BLOCK_DT), as in dX."""
-    cols = tl.program_id(1).to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C)
+    deterministic. HAS_TAIL: a second accumulator for features [BLOCK_DO, BLOCK_DO + BLOCK_DT), as in dX.
+    SUB > 1 (W [D, C*SUB], see `sub_center`): grid axis 1 is class block x sub-centre k; the program writes the
+    columns cols*SUB + k, recomputing the class cosines over all SUB sub-centres to know which rows k won."""
+    k = tl.program_id(1) % SUB
+    cols = (tl.program_id(1) // SUB).to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C)
     col_mask = cols < C
     pid_d = tl.program_id(0)
     ds = pid_d.to(tl.int64) * BLOCK_DO + tl.arange(0, BLOCK_DO)
@@ -291,10 +330,18 @@ def _margin_ce_bwd_dw_kernel(
         coef_p = tl.load(STATS_ptr + STAT_COEF_P * B + rows, mask=row_mask, other=0.0)
         coef_t = tl.load(STATS_ptr + STAT_COEF_T * B + rows, mask=row_mask, other=0.0)
         g = tl.load(G_ptr + rows * stride_g, mask=row_mask, other=0.0).to(ACC_DTYPE)
-        dcos, cos, rx, rw, _ = _grad_tile(X_ptr, W_ptr, BIAS_ptr, CW_ptr, rows, row_mask, cols, col_mask, t_safe,
-                                          valid, lse, coef_p, coef_t, g, lam, D, n_smooth, stride_x_row, stride_x_col,
-                                          stride_w_d, stride_w_c, s, m, eps, MARGIN, HAS_BIAS, HAS_CW, DOT_DTYPE,
-                                          ACC_DTYPE, PRECISION, BLOCK_B, BLOCK_C, BLOCK_K)
+        if SUB == 1:
+            dcos, cos, rx, rw, _ = _grad_tile(X_ptr, W_ptr, BIAS_ptr, CW_ptr, rows, row_mask, cols, col_mask, t_safe,
+                                              valid, lse, coef_p, coef_t, g, lam, D, n_smooth, stride_x_row,
+                                              stride_x_col, stride_w_d, stride_w_c, s, m, eps, MARGIN, HAS_BIAS,
+                                              HAS_CW, DOT_DTYPE, ACC_DTYPE, PRECISION, BLOCK_B, BLOCK_C, BLOCK_K)
+        else:
+            dcos, cos, rx, rw_win, win, _ = _sub_grad_tile(
+                X_ptr, W_ptr, CW_ptr, rows, row_mask, cols, col_mask, t_safe, valid, lse, coef_p, coef_t, g, lam, D,
+                n_smooth, stride_x_row, stride_x_col, stride_w_d, stride_w_c, s, m, eps, MARGIN, HAS_CW, SUB,
+                DOT_DTYPE, ACC_DTYPE, PRECISION, BLOCK_B, BLOCK_C, BLOCK_K)
+            dcos = tl.where(win == k, dcos, 0.0)  # the rows whose class gradient goes to sub-centre k
+            rw = tl.maximum(rw, _winner_rw(rw_win, win, k))
         acc_w = _dw_acc(X_ptr, dcos, rx, rows, row_mask, ds, acc_w, D, stride_x_row, stride_x_col, MARGIN, DOT_DTYPE,
                         ACC_DTYPE, PRECISION)
         if HAS_TAIL:
@@ -302,11 +349,14 @@ def _margin_ce_bwd_dw_kernel(
                             DOT_DTYPE, ACC_DTYPE, PRECISION)
         csum += tl.sum(dcos, 0) if MARGIN == MARGIN_NONE else tl.sum(dcos * cos, 0)
     DW_ptr += split * stride_dw_split
-    _dw_store(W_ptr, DW_ptr, acc_w, csum, rw, ds, cols, col_mask, D, stride_w_d, stride_w_c, stride_dw_d,
-              stride_dw_c, MARGIN, ACC_DTYPE)
+    if SUB > 1:
+        DW_ptr += k * stride_dw_c
+        W_ptr += k * stride_w_c
+    _dw_store(W_ptr, DW_ptr, acc_w, csum, rw, ds, cols, col_mask, D, stride_w_d, stride_w_c * SUB, stride_dw_d,
+              stride_dw_c * SUB, MARGIN, ACC_DTYPE)
     if HAS_TAIL:
-        _dw_store(W_ptr, DW_ptr, acc_t, csum, rw, ds_t, cols, col_mask, D, stride_w_d, stride_w_c, stride_dw_d,
-                  stride_dw_c, MARGIN, ACC_DTYPE)
+        _dw_store(W_ptr, DW_ptr, acc_t, csum, rw, ds_t, cols, col_mask, D, stride_w_d, stride_w_c * SUB, stride_dw_d,
+                  stride_dw_c * SUB, MARGIN, ACC_DTYPE)
     if HAS_BIAS:
         if pid_d == 0:
             tl.store(DB_ptr + split * C + cols, csum.to(DB_ptr.dtype.element_ty), mask=col_mask)

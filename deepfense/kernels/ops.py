@@ -42,34 +42,42 @@ def _dtypes(x: torch.Tensor, w: torch.Tensor):
     return _TL[dot], acc
 
 
-def _plan(x, w, margin, **kw):
+def _plan(x, w, margin, sub=1, **kw):
     """The launch plan of these inputs (`plan.plan`), never the small-head path: these launchers run the large-head
-    kernels."""
-    (B, D), C = x.shape, w.shape[1]
-    return P.plan(margin, B, D, C, x.dtype, w.dtype, n_sm=P.sm_count(x.device), small=False, **kw)
+    kernels. sub: sub-centres per class (w has C * sub columns)."""
+    (B, D), C = x.shape, w.shape[1] // sub
+    return P.plan(margin, B, D, C, x.dtype, w.dtype, n_sm=P.sm_count(x.device), small=False, sub=sub, **kw)
 
 
 def op_params(p: LossParams, n_classes: int, class_offset: int = 0):
     """The custom ops' scalar arguments. `class_offset` / `n_classes`: the first class of this weight's columns and
-    the class count of the whole softmax (they differ when the classes are sharded across ranks)."""
+    the class count of the whole softmax (they differ when the classes are sharded across ranks). The last int is
+    the sub-centre count K (the weight then has K adjacent columns per class; read with `_sub`)."""
     return ([p.s, p.m, p.gamma, p.m_real, p.m_fake, p.alpha, p.label_smoothing],
-            [int(p.margin), p.ignore_index, p.bonafide_label, class_offset, n_classes])
+            [int(p.margin), p.ignore_index, p.bonafide_label, class_offset, n_classes, p.sub_centers])
+
+
+def _sub(ints: List[int]) -> int:
+    """Sub-centres per class from the ops' ints (1 when absent)."""
+    return ints[5] if len(ints) > 5 else 1
 
 
 def _unpack(floats: List[float], ints: List[int]):
     s, m, gamma, m_real, m_fake, alpha, eps = floats
-    margin, ignore_index, bonafide, c_offset, n_classes = ints
+    margin, ignore_index, bonafide, c_offset, n_classes = ints[:5]
     return margin, s, m, gamma, m_real, m_fake, alpha, eps, ignore_index, bonafide, c_offset, n_classes
 
 
-def _common(x, w, bias, targets, class_weights, lam, margin):
+def _common(x, w, bias, targets, class_weights, lam, margin, sub=1):
     dot_dtype, acc = _dtypes(x, w)
     dummy = targets  # never read: its constexpr flag is off
-    n_targets = 2 if margin == int(Margin.ONE_CLASS) else w.shape[1]
+    n_targets = 2 if margin == int(Margin.ONE_CLASS) else w.shape[1] // sub
     args = (x, w, dummy if bias is None else bias, targets, dummy if class_weights is None else class_weights,
             dummy if lam is None else lam)
     meta = dict(MARGIN=margin, HAS_BIAS=bias is not None, HAS_CW=class_weights is not None, DOT_DTYPE=dot_dtype,
                 ACC_DTYPE=_TL[acc], PRECISION=FP32_PRECISION if dot_dtype == tl.float32 else "ieee")
+    if sub > 1:
+        meta["SUB"] = sub
     return args, meta, acc, n_targets
 
 
@@ -85,10 +93,11 @@ def margin_ce_fwd(x: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor]
     """
     margin, s, m, gamma, m_real, m_fake, alpha, eps, ignore_index, bonafide, c_offset, n_classes = _unpack(floats,
                                                                                                             ints)
-    (B, D), C = x.shape, w.shape[1]
-    args, meta, acc, n_targets = _common(x, w, bias, targets, class_weights, lam, margin)
+    sub = _sub(ints)
+    (B, D), C = x.shape, w.shape[1] // sub
+    args, meta, acc, n_targets = _common(x, w, bias, targets, class_weights, lam, margin, sub)
     n_total = 2 if margin == int(Margin.ONE_CLASS) else n_classes
-    launches = _plan(x, w, margin, need_dx=fuse_dx, need_dw=fuse_dw, fuse_dx=fuse_dx)
+    launches = _plan(x, w, margin, sub, need_dx=fuse_dx, need_dw=fuse_dw, fuse_dx=fuse_dx)
     fwd = launches[0]
     n_prog, n_splits = fwd.grid
     stats = torch.empty(N_STATS, B, dtype=acc, device=x.device)
@@ -132,9 +141,10 @@ def margin_ce_bwd(x: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor]
     Returns: dX [B, D] in x's dtype, dW [D, C] in w's dtype (strides of w), d bias [C]; [0] where not needed.
     """
     margin, s, m, gamma, m_real, m_fake, alpha, eps, ignore_index, bonafide, c_offset, n_classes = _unpack(floats, ints)
-    (B, D), C = x.shape, w.shape[1]
-    args, meta, acc, n_targets = _common(x, w, bias, targets, class_weights, lam, margin)
-    launches = _plan(x, w, margin, need_dx=need_dx, need_dw=need_dw, uniform_grad=False, fuse_dx=False)
+    sub = _sub(ints)
+    (B, D), C = x.shape, w.shape[1] // sub
+    args, meta, acc, n_targets = _common(x, w, bias, targets, class_weights, lam, margin, sub)
+    launches = _plan(x, w, margin, sub, need_dx=need_dx, need_dw=need_dw, uniform_grad=False, fuse_dx=False)
     dx = torch.empty((B, D) if need_dx else (0,), dtype=x.dtype, device=x.device)
     dw = torch.empty_strided(w.shape, w.stride(), dtype=w.dtype, device=w.device) if need_dw else w.new_empty(0)
     db = torch.empty(C if need_dw and bias is not None else 0, dtype=acc, device=x.device)
@@ -157,7 +167,7 @@ def margin_ce_bwd(x: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor]
     if lw is not None:
         n_splits = lw.meta["n_splits"]
         # several row splits write fp32 partials [splits, D, C] (and d bias [splits, C]), summed in split order
-        dwp = dw if n_splits == 1 else torch.empty(n_splits, D, C, dtype=acc, device=x.device)
+        dwp = dw if n_splits == 1 else torch.empty(n_splits, D, C * sub, dtype=acc, device=x.device)
         dbp = db if n_splits == 1 else torch.empty(n_splits, db.shape[0], dtype=acc, device=x.device)
         sw = (0, dw.stride(0), dw.stride(1)) if n_splits == 1 else dwp.stride()
         K._margin_ce_bwd_dw_kernel[lw.grid](*args, stats, grad, dwp, dbp if bias is not None else dwp, *common,
@@ -225,13 +235,14 @@ def margin_loss(x, w_dc, bias, targets, class_weights, lam, p: LossParams, class
     grad_on = torch.is_grad_enabled()
     need_x, need_w = grad_on and x.requires_grad, grad_on and (w_dc.requires_grad or
                                                               (bias is not None and bias.requires_grad))
-    if w_dc.shape[0 if classes_first else 1] <= P.SMALL_C and P._small_head_ready():
+    if w_dc.shape[0 if classes_first else 1] <= P.SMALL_C and p.sub_centers == 1 and P._small_head_ready():
         from .small_head import small_head_loss
         return small_head_loss(x, w_dc, bias, targets, class_weights, lam, p, classes_first)
     w_dc = w_dc.t() if classes_first else w_dc
-    fwd = _plan(x, w_dc, int(p.margin), need_dx=need_x, need_dw=need_w, uniform_grad=p.reduction != "none")[0]
+    sub = p.sub_centers  # K > 1: the large-head kernels, whatever C * K (the small-head path has no sub-centres)
+    fwd = _plan(x, w_dc, int(p.margin), sub, need_dx=need_x, need_dw=need_w, uniform_grad=p.reduction != "none")[0]
     fuse_dx, fuse_dw = fwd.meta["FUSE_DX"], fwd.meta["FUSE_DW"]
-    floats, ints = op_params(p, w_dc.shape[1])
+    floats, ints = op_params(p, w_dc.shape[1] // sub)
     stats, _, _ = margin_ce_fwd(x, w_dc, bias, targets, class_weights, lam, floats, ints, fuse_dx, fuse_dw)
     rows = stats[int(STAT_LOSS)]
     if p.reduction == "none":
@@ -270,9 +281,10 @@ def partial_row_stats(x, w, bias, targets, class_weights, lam, floats: List[floa
     """
     margin, s, m, gamma, m_real, m_fake, alpha, eps, ignore_index, bonafide, c_offset, n_classes = _unpack(floats,
                                                                                                             ints)
-    (B, D), C = x.shape, w.shape[1]
-    args, meta, acc, n_targets = _common(x, w, bias, targets, class_weights, lam, margin)
-    fwd = _plan(x, w, margin, need_dx=False, need_dw=False)[0]
+    sub = _sub(ints)
+    (B, D), C = x.shape, w.shape[1] // sub
+    args, meta, acc, n_targets = _common(x, w, bias, targets, class_weights, lam, margin, sub)
+    fwd = _plan(x, w, margin, sub, need_dx=False, need_dw=False)[0]
     part = torch.empty(N_STATS, 1, B, dtype=acc, device=x.device)
     if B > 0:  # one split over all this weight's classes: the ranks' partials are merged by the caller
         unused = part

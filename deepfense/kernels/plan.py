@@ -96,14 +96,17 @@ def fuse_dx_default() -> bool:
 
 def plan(margin, B: int, D: int, C: int, x_dtype: torch.dtype, w_dtype: torch.dtype, *, n_sm: int,
          need_dx: bool = True, need_dw: bool = True, uniform_grad: bool = True, deterministic: bool = True,
-         gpu: Optional[bool] = None, fuse_dx: Optional[bool] = None, small: bool = True) -> Tuple[Launch, ...]:
+         gpu: Optional[bool] = None, fuse_dx: Optional[bool] = None, small: bool = True,
+         sub: int = 1) -> Tuple[Launch, ...]:
     """Every launch of one training step (forward, then backward), in launch order.
 
     Args: margin (`deepfense.params.Margin`), B, D, C the shapes (C: this weight's columns), x/w dtypes, n_sm the
     device's multiprocessors; need_dx/need_dw which gradients the step needs; uniform_grad: every row gets the same
     upstream gradient (reduction 'mean'/'sum'), so a one-tile forward can sum dW before it is known; deterministic:
     no atomics (the only mode today); gpu: the GPU tiles (default `gpu_tiles()`), else small interpreter tiles;
-    small: C <= SMALL_C takes the small-head path (`small_head.plan_small`).
+    small: C <= SMALL_C takes the small-head path (`small_head.plan_small`); sub: sub-centres per class (the weight
+    has C * sub columns; sub > 1 never takes the small-head path nor the one-tile fused gradients, and its dW grid
+    has one program per class block and sub-centre).
 
     Large heads: `_margin_ce_fwd_kernel` (row blocks x class splits; one-tile heads also write dW partials),
     `_margin_ce_combine_kernel` when the classes are split, `_margin_ce_bwd_dx_kernel` (feature chunks x row blocks x
@@ -115,7 +118,7 @@ def plan(margin, B: int, D: int, C: int, x_dtype: torch.dtype, w_dtype: torch.dt
     del deterministic  # no atomics anywhere yet
     gpu = gpu_tiles() if gpu is None else gpu
     margin = int(margin)
-    if small and C <= SMALL_C and _small_head_ready():
+    if small and sub == 1 and C <= SMALL_C and _small_head_ready():
         from .small_head import plan_small
         return plan_small(margin, B, D, C, x_dtype, w_dtype, n_sm=n_sm, need_dx=need_dx, need_dw=need_dw, gpu=gpu)
     one_class = margin == 3  # Margin.ONE_CLASS (params is not imported here: plan sits below it)
@@ -141,11 +144,13 @@ def plan(margin, B: int, D: int, C: int, x_dtype: torch.dtype, w_dtype: torch.dt
         # ASoftmax's psi and ArcFace's cos(m1 theta + m2) keep more per-logit values live: narrower class tiles in dX
         bc_x = min(narrow, bc_f, 32 if margin in (2, 4) else 64, 16 if fp32 else 64)
         bb_x, bc_w, bb_w, warps_b = narrow, min(narrow, bc_f), narrow, 8
+        if sub > 1:  # the winner and its 1/|w| per (row, class) stay live too: narrower class tiles
+            bc_x, bc_w = max(16, bc_x // 2), max(16, bc_w // 2)
         warps_f = 8 if fp32 else 4
     else:  # small tiles, so small test shapes still run several row / class / feature tiles
         bb_f = bk = bc_f = do = bb_x = bc_x = bc_w = bb_w = 16
         warps_b, warps_f, main, tail = 4, 4, 16, 0
-    single = C <= bc_f
+    single = C <= bc_f and sub == 1
     fuse_dx = (fuse_dx_default() if fuse_dx is None else fuse_dx) and single and need_dx
     fuse_dw = single and need_dw and uniform_grad
     n_rows = _cdiv(max(B, 1), bb_f)
@@ -167,7 +172,7 @@ def plan(margin, B: int, D: int, C: int, x_dtype: torch.dtype, w_dtype: torch.dt
         out.append(Launch("_margin_ce_bwd_dx_kernel", (n_do, n_rb, splits), warps_b, 2,
                           dict(BLOCK_B=bb_x, BLOCK_C=bc_x, **blocks, n_splits=splits, tiles_per_split=per)))
     if need_dw and not fuse_dw:
-        n_cb = _cdiv(C, bc_w)
+        n_cb = _cdiv(C, bc_w) * sub
         splits, per = _split(_cdiv(B, bb_w), n_cb * n_do, n_sm, gpu)
         out.append(Launch("_margin_ce_bwd_dw_kernel", (n_do, n_cb, splits), warps_b, 2,
                           dict(BLOCK_B=bb_w, BLOCK_C=bc_w, **blocks, n_splits=splits, tiles_per_split=per)))

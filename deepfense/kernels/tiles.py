@@ -153,21 +153,29 @@ def _logit_tile(acc, xsq, wsq, bias, is_target, col_mask, lam, s, m, MARGIN: tl.
     xn = tl.sqrt(xsq)
     if MARGIN == MARGIN_NONE:
         cos = acc + bias[None, :]
-        logits = cos
+        logits = tl.where(col_mask[None, :], cos, float("-inf"))
     else:
         cos = _clamp_cos(acc * rx[:, None] * rw[None, :])
-        if MARGIN == MARGIN_ONE_CLASS:
-            logits = cos
+        logits = _cos_logits(cos, xn, is_target, col_mask, lam, s, m, MARGIN)
+    return logits, cos, xn, rx, rw
+
+
+@triton.jit
+def _cos_logits(cos, xn, is_target, col_mask, lam, s, m, MARGIN: tl.constexpr):
+    """Logits [BLOCK_B, BLOCK_C] of a tile of cosines (padded columns -inf), for every loss but CrossEntropy;
+    xn [BLOCK_B] the rows' norms."""
+    if MARGIN == MARGIN_ONE_CLASS:
+        logits = cos
+    else:
+        if MARGIN == MARGIN_ANGULAR:
+            logits = xn[:, None] * cos
+        elif MARGIN == MARGIN_COMBINED:
+            logits = tl.load(lam + ARC_S).to(cos.dtype) * tl.where(_filtered(cos, is_target, lam, MARGIN), 0.0, cos)
         else:
-            if MARGIN == MARGIN_ANGULAR:
-                logits = xn[:, None] * cos
-            elif MARGIN == MARGIN_COMBINED:
-                logits = tl.load(lam + ARC_S).to(cos.dtype) * tl.where(_filtered(cos, is_target, lam, MARGIN), 0.0, cos)
-            else:
-                logits = s * cos
-            cos_y = tl.sum(tl.where(is_target, cos, 0.0), 1)  # the margin maths runs on one column, not the tile
-            logits = tl.where(is_target, _target_logit(cos_y, xn, lam, s, m, MARGIN)[:, None], logits)
-    return tl.where(col_mask[None, :], logits, float("-inf")), cos, xn, rx, rw
+            logits = s * cos
+        cos_y = tl.sum(tl.where(is_target, cos, 0.0), 1)  # the margin maths runs on one column, not the tile
+        logits = tl.where(is_target, _target_logit(cos_y, xn, lam, s, m, MARGIN)[:, None], logits)
+    return tl.where(col_mask[None, :], logits, float("-inf"))
 
 
 @triton.jit
@@ -323,6 +331,16 @@ def _grad_tile(X_ptr, W_ptr, BIAS_ptr, CW_ptr, rows, row_mask, cols, col_mask, t
     bias = _bias(BIAS_ptr, cols, col_mask, HAS_BIAS, ACC_DTYPE, BLOCK_C)
     is_target = cols[None, :] == t_safe[:, None]
     logits, cos, xn, rx, rw = _logit_tile(acc, xsq, wsq, bias, is_target, col_mask, lam, s, m, MARGIN)
+    dcos, xsum = _grad_of_logits(logits, cos, xn, is_target, cols, col_mask, CW_ptr, valid, lse, coef_p, coef_t, g,
+                                 lam, n_smooth, s, m, eps, MARGIN, HAS_CW, DOT_DTYPE, ACC_DTYPE)
+    return dcos, cos, rx, rw, xsum
+
+
+@triton.jit
+def _grad_of_logits(logits, cos, xn, is_target, cols, col_mask, CW_ptr, valid, lse, coef_p, coef_t, g, lam, n_smooth,
+                    s, m, eps, MARGIN: tl.constexpr, HAS_CW: tl.constexpr, DOT_DTYPE: tl.constexpr,
+                    ACC_DTYPE: tl.constexpr):
+    """dL/dcos of a recomputed tile (scaled by g, rounded to DOT_DTYPE) and the rows' sum of dL/dl_c l_c."""
     if MARGIN == MARGIN_ONE_CLASS:
         dcos = tl.where(col_mask[None, :], (coef_t * g)[:, None], 0.0)
         xsum = tl.zeros_like(g)
@@ -332,4 +350,4 @@ def _grad_tile(X_ptr, W_ptr, BIAS_ptr, CW_ptr, rows, row_mask, cols, col_mask, t
         dcos, dl = _dcos_tile(logits, cos, xn, is_target, cw, lse, coef_p, coef_t, smooth, g, lam, s, m, MARGIN)
         xsum = tl.sum(dl * tl.where(col_mask[None, :], logits, 0.0), 1)
     # the dots take dcos in DOT_DTYPE; rounding it once here keeps the cos-correction sums consistent with them
-    return dcos.to(DOT_DTYPE).to(ACC_DTYPE), cos, rx, rw, xsum
+    return dcos.to(DOT_DTYPE).to(ACC_DTYPE), xsum
