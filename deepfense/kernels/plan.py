@@ -58,6 +58,15 @@ def sm_count(device: Optional[torch.device]) -> int:
     return 1
 
 
+# fp32 inputs: the dots' input_precision, chosen by measurement (bench/precision_study.py, README "fp32 dot
+# precision"): tf32x3 (three tf32 tensor-core dots) meets the error rule as well as IEEE fp32, which runs on the FMA
+# units; plain tf32 fails it (s = 30..64 turns its ~1e-3 operand rounding into 0.01-0.03 logit error).
+# DEEPFENSE_FP32_PRECISION=ieee|tf32x3|tf32 overrides it; the plan's fp32 tiles depend on it (IEEE dots hold their
+# operands in registers). 16-bit inputs use the tensor cores with fp32 accumulation.
+FP32_PRECISION = os.environ.get("DEEPFENSE_FP32_PRECISION", "tf32x3")
+if FP32_PRECISION not in ("ieee", "tf32x3", "tf32"):
+    raise ValueError(f"DEEPFENSE_FP32_PRECISION must be ieee, tf32x3 or tf32, got {FP32_PRECISION!r}")
+
 # Heads with at most this many classes take the small-head path (`small_head.py`): a row reduction, no dot padding.
 SMALL_C = 16
 # Tests set this to force the class splits under the interpreter tiles; None lets the plan decide.
@@ -96,14 +105,16 @@ def fuse_dx_default() -> bool:
 
 def plan(margin, B: int, D: int, C: int, x_dtype: torch.dtype, w_dtype: torch.dtype, *, n_sm: int,
          need_dx: bool = True, need_dw: bool = True, uniform_grad: bool = True, deterministic: bool = True,
-         gpu: Optional[bool] = None, fuse_dx: Optional[bool] = None, small: bool = True) -> Tuple[Launch, ...]:
+         gpu: Optional[bool] = None, fuse_dx: Optional[bool] = None, small: bool = True,
+         fp32_precision: Optional[str] = None) -> Tuple[Launch, ...]:
     """Every launch of one training step (forward, then backward), in launch order.
 
     Args: margin (`deepfense.params.Margin`), B, D, C the shapes (C: this weight's columns), x/w dtypes, n_sm the
     device's multiprocessors; need_dx/need_dw which gradients the step needs; uniform_grad: every row gets the same
     upstream gradient (reduction 'mean'/'sum'), so a one-tile forward can sum dW before it is known; deterministic:
     no atomics (the only mode today); gpu: the GPU tiles (default `gpu_tiles()`), else small interpreter tiles;
-    small: C <= SMALL_C takes the small-head path (`small_head.plan_small`).
+    small: C <= SMALL_C takes the small-head path (`small_head.plan_small`); fp32_precision: the fp32 dots'
+    input_precision (default FP32_PRECISION).
 
     Large heads: `_margin_ce_fwd_kernel` (row blocks x class splits; one-tile heads also write dW partials),
     `_margin_ce_combine_kernel` when the classes are split, `_margin_ce_bwd_dx_kernel` (feature chunks x row blocks x
@@ -124,7 +135,8 @@ def plan(margin, B: int, D: int, C: int, x_dtype: torch.dtype, w_dtype: torch.dt
         # accumulators and dX's class tiles shrink, the forward takes 8 warps and a whole D >= 512 is two halves (main
         # + tail): every variant then fits 255 registers without a spill (bench/compile_check.py)
         fp32 = torch.float32 in (x_dtype, w_dtype)
-        bb_f, bk = 64, (32 if fp32 else 64)
+        ieee = fp32 and (fp32_precision or FP32_PRECISION) == "ieee"
+        bb_f, bk = 64, (16 if ieee else 32 if fp32 else 64)
         bc_f = 16 if one_class else max(16, min(_pow2(C), 64))
         d_pad = max(16, _pow2(D))
         do = min(d_pad, _MAX_DO)
