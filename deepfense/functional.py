@@ -61,7 +61,6 @@ def _dispatch(p: LossParams, x, w, bias, targets, class_weights, lam, backend, p
         loss = _plain(p, x, w, bias, targets, n_targets)
         if loss is not None:
             return loss
-    w_dc = w.t() if ce else w
     if validate:
         check_targets(targets, n_targets, p)
     if name == "triton" and p.sub_centers > 1:  # no fused sub-centre kernel yet: 'auto' takes the torch backend
@@ -69,15 +68,15 @@ def _dispatch(p: LossParams, x, w, bias, targets, class_weights, lam, backend, p
             raise NotImplementedError("sub_centers has no fused kernel yet; use backend='torch' (or 'auto')")
         name = "torch"
     if name == "reference":
-        loss = _reference(p, x, w_dc, bias, targets, class_weights, lam)
+        loss = _reference(p, x, w.t() if ce else w, bias, targets, class_weights, lam)
     elif name == "torch":
         from .torch_backend import margin_loss
-        loss = margin_loss(x, w_dc, bias, targets, class_weights, lam, p)
-    else:
+        loss = margin_loss(x, w.t() if ce else w, bias, targets, class_weights, lam, p)
+    else:  # the kernels read CrossEntropy's [C, D] weight through its strides: no transpose op in the step
         from .kernels import margin_loss
-        loss = margin_loss(x, w_dc, bias, targets, class_weights, lam, p)
+        loss = margin_loss(x, w, bias, targets, class_weights, lam, p, classes_first=ce)
     if validate:
-        check_finite(loss, x, w_dc, bias)
+        check_finite(loss, x, w, bias)
     return loss
 
 
