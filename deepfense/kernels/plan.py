@@ -133,7 +133,8 @@ def plan(margin, B: int, D: int, C: int, x_dtype: torch.dtype, w_dtype: torch.dt
     if gpu:
         # fp32 inputs: tf32x3 dots split every operand into high and low halves, so the K slices, the backward's
         # accumulators and dX's class tiles shrink, the forward takes 8 warps and a whole D >= 512 is two halves (main
-        # + tail): every variant then fits 255 registers without a spill (bench/compile_check.py)
+        # + tail; 16-bit inputs from D = 1024); IEEE dots hold their operand tiles in registers, so their K slices are
+        # 16 wide: every variant then fits 255 registers without a spill (bench/compile_check.py)
         fp32 = torch.float32 in (x_dtype, w_dtype)
         ieee = fp32 and (fp32_precision or FP32_PRECISION) == "ieee"
         bb_f, bk = 64, (16 if ieee else 32 if fp32 else 64)
@@ -145,8 +146,11 @@ def plan(margin, B: int, D: int, C: int, x_dtype: torch.dtype, w_dtype: torch.dt
         tail = max(16, _pow2(D - main)) if D > main else 0
         if do == d_pad and tail and main + tail < d_pad:
             do = main
-        if fp32 and tail == 0 and do == D >= 512:  # fp32: two half-width dX dots (main + tail), not one wide one
+        if tail == 0 and do == D >= (512 if fp32 else 1024):  # two half-width dX dots (main + tail), not one wide
             do = main = tail = D // 2
+        # IEEE dots hold their operands in registers: dX's two halves of D >= 1024 become two feature chunks (each
+        # recomputes the logits: one more GEMM-equivalent, not the default precision), else dX spills 240-616 B
+        chunk_dx = ieee and do == main == tail >= 512
         span = main + tail if do == main and tail else do  # the features one backward program accumulates
         acc = _ACC_ELEMS // 2 if fp32 else _ACC_ELEMS
         narrow = max(16, min(64, _pow2(acc // span + 1) // 2))  # the tile side that meets the whole feature chunk
@@ -156,6 +160,7 @@ def plan(margin, B: int, D: int, C: int, x_dtype: torch.dtype, w_dtype: torch.dt
         warps_f = 8 if fp32 else 4
     else:  # small tiles, so small test shapes still run several row / class / feature tiles
         bb_f = bk = bc_f = do = bb_x = bc_x = bc_w = bb_w = 16
+        chunk_dx = False
         warps_b, warps_f, main, tail = 4, 4, 16, 0
     single = C <= bc_f
     fuse_dx = (fuse_dx_default() if fuse_dx is None else fuse_dx) and single and need_dx
@@ -174,10 +179,11 @@ def plan(margin, B: int, D: int, C: int, x_dtype: torch.dtype, w_dtype: torch.dt
     n_do = 1 if has_tail else _cdiv(D, do)
     blocks = dict(BLOCK_K=bk, BLOCK_DO=do, HAS_TAIL=has_tail, BLOCK_DT=tail if has_tail else 16)
     if need_dx and not fuse_dx:
-        n_rb = _cdiv(B, bb_x)
-        splits, per = _split(_cdiv(C, bc_x), n_rb * n_do, n_sm, gpu)
-        out.append(Launch("_margin_ce_bwd_dx_kernel", (n_do, n_rb, splits), warps_b, 2,
-                          dict(BLOCK_B=bb_x, BLOCK_C=bc_x, **blocks, n_splits=splits, tiles_per_split=per)))
+        n_rb, n_dx = _cdiv(B, bb_x), (2 if chunk_dx else n_do)
+        blocks_x = dict(blocks, BLOCK_DO=main, HAS_TAIL=False, BLOCK_DT=16) if chunk_dx else blocks
+        splits, per = _split(_cdiv(C, bc_x), n_rb * n_dx, n_sm, gpu)
+        out.append(Launch("_margin_ce_bwd_dx_kernel", (n_dx, n_rb, splits), warps_b, 2,
+                          dict(BLOCK_B=bb_x, BLOCK_C=bc_x, **blocks_x, n_splits=splits, tiles_per_split=per)))
     if need_dw and not fuse_dw:
         n_cb = _cdiv(C, bc_w)
         splits, per = _split(_cdiv(B, bb_w), n_cb * n_do, n_sm, gpu)
