@@ -204,13 +204,14 @@ def _margin_ce_bwd_dx_kernel(
     """dX[rows, d-slice] = sum over class tiles of recomputed dL/dcos tiles times W^T; G [B] is the upstream gradient
     per row (stride 0 for a scalar). Grid: (row blocks, D / BLOCK_DO, class splits); with several class splits each
     writes its own partial DX[split] (summed afterwards in split order). No atomics: deterministic. The feature
-    chunk is the fastest grid axis, so a row block's chunks run together and share its x tiles through L2. HAS_TAIL
-    (one chunk only): features [BLOCK_DO, BLOCK_DO + BLOCK_DT) in a second accumulator, so D = 192 is 128 + 64
-    rather than 256 padded."""
+    chunk is the fastest grid axis, so a row block's chunks run together and share its x tiles through L2.
+    HAS_TAIL: each feature chunk is BLOCK_DO + BLOCK_DT wide, its last BLOCK_DT features in a second accumulator, so
+    D = 192 is 128 + 64 rather than 256 padded, and fp32 D = 1024 two chunks of 256 + 256."""
     pid = tl.program_id(1).to(tl.int64)
     rows = pid * BLOCK_B + tl.arange(0, BLOCK_B)
     row_mask = rows < B
-    ds = tl.program_id(0).to(tl.int64) * BLOCK_DO + tl.arange(0, BLOCK_DO)
+    d0 = tl.program_id(0).to(tl.int64) * (BLOCK_DO + BLOCK_DT if HAS_TAIL else BLOCK_DO)
+    ds = d0 + tl.arange(0, BLOCK_DO)
     t_safe, valid, _ = _row_targets(T_ptr, CW_ptr, rows, row_mask, ignore_index, c_offset, n_targets, n_targets,
                                     HAS_CW)
     lam = _load_lam(LAM_ptr, MARGIN, ACC_DTYPE)
@@ -219,7 +220,7 @@ def _margin_ce_bwd_dx_kernel(
     coef_t = tl.load(STATS_ptr + STAT_COEF_T * B + rows, mask=row_mask, other=0.0)
     g = tl.load(G_ptr + rows * stride_g, mask=row_mask, other=0.0).to(ACC_DTYPE) * _grad_scale(STATS_ptr, B)
     acc_x = tl.zeros((BLOCK_B, BLOCK_DO), ACC_DTYPE)
-    ds_t = BLOCK_DO + tl.arange(0, BLOCK_DT)
+    ds_t = d0 + BLOCK_DO + tl.arange(0, BLOCK_DT)
     acc_t = tl.zeros((BLOCK_B, BLOCK_DT), ACC_DTYPE)
     ssum = tl.zeros((BLOCK_B,), ACC_DTYPE)
     xsum = tl.zeros((BLOCK_B,), ACC_DTYPE)

@@ -133,8 +133,9 @@ def plan(margin, B: int, D: int, C: int, x_dtype: torch.dtype, w_dtype: torch.dt
     if gpu:
         # fp32 inputs: tf32x3 dots split every operand into high and low halves, so the K slices, the backward's
         # accumulators and dX's class tiles shrink, the forward takes 8 warps and a whole D >= 512 is two halves (main
-        # + tail; 16-bit inputs from D = 1024); IEEE dots hold their operand tiles in registers, so their K slices are
-        # 16 wide: every variant then fits 255 registers without a spill (bench/compile_check.py)
+        # + tail; 16-bit inputs from D = 1024; fp32 dX from D = 1024 two chunks); IEEE dots hold their operand tiles
+        # in registers, so their K slices are 16 wide: every variant then fits 255 registers without a spill
+        # (bench/compile_check.py)
         fp32 = torch.float32 in (x_dtype, w_dtype)
         ieee = fp32 and (fp32_precision or FP32_PRECISION) == "ieee"
         bb_f, bk = 64, (16 if ieee else 32 if fp32 else 64)
@@ -148,9 +149,9 @@ def plan(margin, B: int, D: int, C: int, x_dtype: torch.dtype, w_dtype: torch.dt
             do = main
         if tail == 0 and do == D >= (512 if fp32 else 1024):  # two half-width dX dots (main + tail), not one wide
             do = main = tail = D // 2
-        # IEEE dots hold their operands in registers: dX's two halves of D >= 1024 become two feature chunks (each
-        # recomputes the logits: one more GEMM-equivalent, not the default precision), else dX spills 240-616 B
-        chunk_dx = ieee and do == main == tail >= 512
+        # fp32 at D >= 1024: dX's halves become two feature chunks of quarter + quarter (each chunk recomputes the
+        # logits: one more GEMM-equivalent, 6 in all), else its two [16, 512] accumulators spill 240-980 B
+        chunk_dx = fp32 and do == main == tail >= 512
         span = main + tail if do == main and tail else do  # the features one backward program accumulates
         acc = _ACC_ELEMS // 2 if fp32 else _ACC_ELEMS
         narrow = max(16, min(64, _pow2(acc // span + 1) // 2))  # the tile side that meets the whole feature chunk
@@ -180,7 +181,7 @@ def plan(margin, B: int, D: int, C: int, x_dtype: torch.dtype, w_dtype: torch.dt
     blocks = dict(BLOCK_K=bk, BLOCK_DO=do, HAS_TAIL=has_tail, BLOCK_DT=tail if has_tail else 16)
     if need_dx and not fuse_dx:
         n_rb, n_dx = _cdiv(B, bb_x), (2 if chunk_dx else n_do)
-        blocks_x = dict(blocks, BLOCK_DO=main, HAS_TAIL=False, BLOCK_DT=16) if chunk_dx else blocks
+        blocks_x = dict(blocks, BLOCK_DO=main // 2, BLOCK_DT=main // 2) if chunk_dx else blocks
         splits, per = _split(_cdiv(C, bc_x), n_rb * n_dx, n_sm, gpu)
         out.append(Launch("_margin_ce_bwd_dx_kernel", (n_dx, n_rb, splits), warps_b, 2,
                           dict(BLOCK_B=bb_x, BLOCK_C=bc_x, **blocks_x, n_splits=splits, tiles_per_split=per)))
