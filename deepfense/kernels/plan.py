@@ -112,7 +112,8 @@ def plan(margin, B: int, D: int, C: int, x_dtype: torch.dtype, w_dtype: torch.dt
     Args: margin (`deepfense.params.Margin`), B, D, C the shapes (C: this weight's columns), x/w dtypes, n_sm the
     device's multiprocessors; need_dx/need_dw which gradients the step needs; uniform_grad: every row gets the same
     upstream gradient (reduction 'mean'/'sum'), so a one-tile forward can sum dW before it is known; deterministic:
-    no atomics (the only mode today); gpu: the GPU tiles (default `gpu_tiles()`), else small interpreter tiles;
+    no floating-point atomics, every sum in a fixed order (the only mode today; the batch reduction's ticket is an
+    integer-valued counter); gpu: the GPU tiles (default `gpu_tiles()`), else small interpreter tiles;
     small: C <= SMALL_C takes the small-head path (`small_head.plan_small`); fp32_precision: the fp32 dots'
     input_precision (default FP32_PRECISION).
 
@@ -123,7 +124,7 @@ def plan(margin, B: int, D: int, C: int, x_dtype: torch.dtype, w_dtype: torch.dt
     256 padded). Splits are chosen so that every launch has about 2 x n_sm programs; split partials
     are summed in split order. Launch.meta holds the constexprs (UPPER case) and the split counts (lower case).
     """
-    del deterministic  # no atomics anywhere yet
+    del deterministic  # no floating-point atomic sums anywhere yet
     gpu = gpu_tiles() if gpu is None else gpu
     margin = int(margin)
     if small and C <= SMALL_C and _small_head_ready():
