@@ -2,9 +2,9 @@
 
 The variants are the launches of representative training steps (deepfense/benchmark/launches.py: the launch plan's
 kernel, constexprs, warps and stages; deepfake B=65536 D=1024 C=2, speaker 256x192x5994, face 1024x512x1e6, wide
-1024x1024x8192; every loss, ArcFace (CombinedMargin) included; bf16 and fp32 at the precision DEEPFENSE_FP32_PRECISION
-selects, tf32x3 by default), each lowered through Triton's NVIDIA pipeline to a cubin with the ptxas shipped in the triton
-wheel. What is reported comes from that compiled code, three ways that must agree:
+1024x1024x8192; every loss, ArcFace (CombinedMargin) included; bf16 and fp32 at the precision
+DEEPFENSE_FP32_PRECISION selects, tf32x3 by default), each lowered through Triton's NVIDIA pipeline to a cubin with
+the ptxas shipped in the triton wheel. What is reported comes from that compiled code, three ways that must agree:
   - ptxas's own `-v` report of that compile: registers, spill stores / loads (bytes), stack frame (bytes);
   - `cuobjdump --dump-resource-usage` of the cubin: REG, STACK (spills live here), LOCAL, static SHARED;
   - the SASS (`cuobjdump -sass`): the number of STL / LDL (local-memory store / load) instructions.

@@ -38,8 +38,8 @@ def _jit_rows(fn):
 @_jit_rows
 def _margin_ce_fwd_kernel(
         X_ptr, W_ptr, BIAS_ptr, T_ptr, CW_ptr, LAM_ptr, STATS_ptr, PART_ptr, DX_ptr, DWP_ptr, RED_ptr,
-        B, D, C, n_targets, c_offset, n_total, tiles_per_split, reduce, stride_x_row, stride_x_col, stride_w_d, stride_w_c,
-        stride_dwp_d, stride_dwp_c, s, m, gamma, m_real, m_fake, alpha, eps, ignore_index, bonafide,
+        B, D, C, n_targets, c_offset, n_total, tiles_per_split, reduce, stride_x_row, stride_x_col, stride_w_d,
+        stride_w_c, stride_dwp_d, stride_dwp_c, s, m, gamma, m_real, m_fake, alpha, eps, ignore_index, bonafide,
         MARGIN: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_CW: tl.constexpr, SPLIT: tl.constexpr,
         FUSE_DX: tl.constexpr, FUSE_DW: tl.constexpr, DOT_DTYPE: tl.constexpr, ACC_DTYPE: tl.constexpr,
         PRECISION: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr):
@@ -117,7 +117,8 @@ def _margin_ce_fwd_kernel(
 
 @_jit_rows
 def _margin_ce_combine_kernel(T_ptr, CW_ptr, PART_ptr, STATS_ptr, RED_ptr, B, C, n_targets, c_offset, n_total,
-                              n_splits, n_part, reduce, gamma, eps, ignore_index, MARGIN: tl.constexpr, HAS_CW: tl.constexpr, ACC_DTYPE: tl.constexpr,
+                              n_splits, n_part, reduce, gamma, eps, ignore_index, MARGIN: tl.constexpr,
+                              HAS_CW: tl.constexpr, ACC_DTYPE: tl.constexpr,
                               BLOCK_B: tl.constexpr):
     """Merge the class splits' statistics PART [5, n_splits, B] (in split order: deterministic) into STATS [5, B];
     the reduction as in the forward (`_reduce_rows`)."""
@@ -184,7 +185,8 @@ def _fused_grads(X_ptr, W_ptr, BIAS_ptr, CW_ptr, DX_ptr, DWP_ptr, pid, rows, row
             xs = x if MARGIN == MARGIN_NONE else x * rx[:, None]
             acc_w = tl.dot(tl.trans(xs).to(DOT_DTYPE), dcos.to(DOT_DTYPE), input_precision=PRECISION,
                            out_dtype=ACC_DTYPE)
-            tl.store(DWP_ptr + ks[:, None] * stride_dwp_d + cols[None, :] * stride_dwp_c, _dw_finish(acc_w, csum, rw, w, MARGIN),
+            tl.store(DWP_ptr + ks[:, None] * stride_dwp_d + cols[None, :] * stride_dwp_c,
+                     _dw_finish(acc_w, csum, rw, w, MARGIN),
                      mask=kmask[:, None] & col_mask[None, :])
     if FUSE_DW:
         tl.store(DWP_ptr + D * C + cols, csum, mask=col_mask)

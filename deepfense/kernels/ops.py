@@ -125,7 +125,8 @@ def margin_ce_fwd(x: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor]
     out = loss if reduce else ws  # 'none': the rows are copied out of STATS below
     K._margin_ce_fwd_kernel[fwd.grid](
         *args, ws, part, grads, dwp, out, B, D, C, n_targets, c_offset, n_total, fwd.meta["tiles_per_split"], reduce,
-        x.stride(0), x.stride(1), sw_d, sw_c, *((1, D) if ints[6] else (C, 1)), s, m, gamma, m_real, m_fake, alpha, eps, ignore_index, bonafide,
+        x.stride(0), x.stride(1), sw_d, sw_c, *((1, D) if ints[6] else (C, 1)), s, m, gamma, m_real, m_fake, alpha,
+        eps, ignore_index, bonafide,
         **P.constexprs(fwd), **meta)
     if n_splits > 1:
         comb = P.launch(launches, "_margin_ce_combine_kernel")
