@@ -24,7 +24,8 @@ def small(monkeypatch):
     """Route backend='triton' to `small_head_loss`; counts the calls so a test can tell the path ran."""
     calls = []
 
-    def route(x, w_dc, bias, targets, class_weights, lam, p):
+    def route(x, w, bias, targets, class_weights, lam, p, classes_first=False):
+        w_dc = w.t() if classes_first else w  # CrossEntropy's fc.weight [C, D] comes as it is
         calls.append(w_dc.shape[1])
         return small_head_loss(x, w_dc, bias, targets, class_weights, lam, p)
 
