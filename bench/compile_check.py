@@ -1,9 +1,10 @@
 """Compile every planned kernel launch for an NVIDIA GPU without a GPU; read registers, spills and occupancy from it.
 
 The variants are the launches of representative training steps (deepfense/benchmark/launches.py: the launch plan's
-kernel, constexprs, warps and stages; deepfake B=65536 D=1024 C=2, speaker 256x192x5994, face 1024x512x1e6; every
-loss; bf16 and fp32), each lowered through Triton's NVIDIA pipeline to a cubin with the ptxas shipped in the triton
-wheel. What is reported comes from that compiled code, three ways that must agree:
+kernel, constexprs, warps and stages; deepfake B=65536 D=1024 C=2, speaker 256x192x5994, face 1024x512x1e6, wide
+1024x1024x8192; every loss, ArcFace (CombinedMargin) included; bf16 and fp32 at the precision
+DEEPFENSE_FP32_PRECISION selects, tf32x3 by default), each lowered through Triton's NVIDIA pipeline to a cubin with
+the ptxas shipped in the triton wheel. What is reported comes from that compiled code, three ways that must agree:
   - ptxas's own `-v` report of that compile: registers, spill stores / loads (bytes), stack frame (bytes);
   - `cuobjdump --dump-resource-usage` of the cubin: REG, STACK (spills live here), LOCAL, static SHARED;
   - the SASS (`cuobjdump -sass`): the number of STL / LDL (local-memory store / load) instructions.
@@ -53,8 +54,8 @@ except ImportError:  # older triton: no specialisation hints (the compile is sti
 TOOLS = os.path.join(os.path.dirname(triton.backends.nvidia.__file__), "bin")
 TL_DTYPES = {"bf16": tl.bfloat16, "fp16": tl.float16, "fp32": tl.float32, "fp64": tl.float64}
 FLOATS = {"s", "m", "gamma", "m_real", "m_fake", "alpha", "eps", "pad_w"}
-ACC_POINTERS = {"STATS_ptr", "PART_ptr", "DWP_ptr", "G_ptr", "BIAS_ptr", "CW_ptr", "LAM_ptr", "DB_ptr", "LOSS_ptr",
-                "ROWW_ptr", "SAVED_ptr", "DEN_ptr"}
+ACC_POINTERS = {"STATS_ptr", "PART_ptr", "DWP_ptr", "RED_ptr", "G_ptr", "BIAS_ptr", "CW_ptr", "LAM_ptr", "DB_ptr",
+                "LOSS_ptr", "ROWW_ptr", "SAVED_ptr", "DEN_ptr"}
 
 
 @dataclass(frozen=True)
@@ -191,8 +192,8 @@ def _arg_values(step: Step) -> dict:
     B, D, C = step.B, step.D, (1 if step.loss == "OCSoftmax" else step.C)
     w_d, w_c = (1, D) if step.loss == "CrossEntropy" else (C, 1)
     return dict(B=B, D=D, C=C, stride_x_row=D, stride_x_col=1, stride_w_d=w_d, stride_w_c=w_c, stride_g=0,
-                stride_dw_d=w_d, stride_dw_c=w_c, stride_dx_split=B * D, stride_dx_row=D, stride_p_d=w_d,
-                stride_p_c=w_c)
+                stride_dw_d=w_d, stride_dw_c=w_c, stride_dwp_d=w_d, stride_dwp_c=w_c, stride_dx_split=B * D,
+                stride_dx_row=D, stride_p_d=w_d, stride_p_c=w_c)
 
 
 def _signature(kernel, constexprs: dict, dtype: str, values: dict):

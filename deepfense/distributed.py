@@ -182,11 +182,9 @@ class ShardedMarginLossFunction(torch.autograd.Function):
         if ctx.kernels:
             from .kernels import ops
             xg, w, bias, tg, cw, lam_k, row_stats, _ = ctx.saved_tensors
-            stats = torch.zeros(ops.N_STATS, xg.shape[0], dtype=row_stats.dtype, device=xg.device)
-            stats[2:] = row_stats  # LSE, COEF_P, COEF_T rows (margin_ce's STAT_* order)
-            dx_all, dw, db = ops.margin_ce_bwd(xg, w, bias, tg, cw, lam_k, stats, g.to(stats.dtype), *ctx.op_args,
-                                               True, True)
-            db = db if ctx.has_bias else None
+            stats = ops.saved_stats(row_stats)  # LSE, COEF_P, COEF_T rows (margin_ce's STAT_* order), scale 1
+            dx_all, dw, db = ops.bwd_grads(ops.margin_ce_bwd(xg, w, bias, tg, cw, lam_k, stats, g.to(stats.dtype),
+                                                             *ctx.op_args, True, True), True, True, bias is not None)
         else:
             xg, wf, cos, dlogits, rx, rw, xscale, _ = ctx.saved_tensors
             dx_all, dw, db = _project_grad(xg, wf, cos, dlogits, rx, rw, xscale, ctx.has_bias, row_scale=g[:, None])

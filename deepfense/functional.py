@@ -64,17 +64,16 @@ def _dispatch(p: LossParams, x, w, bias, targets, class_weights, lam, backend, p
             return loss
     if validate:
         check_targets(targets, n_targets, p)
-    w_dc = w.t() if ce and name != "triton" else w  # the kernels take fc.weight [C, D] as it is (classes_first)
     if name == "reference":
-        loss = _reference(p, x, w_dc, bias, targets, class_weights, lam)
+        loss = _reference(p, x, w.t() if ce else w, bias, targets, class_weights, lam)
     elif name == "torch":
         from .torch_backend import margin_loss
-        loss = margin_loss(x, w_dc, bias, targets, class_weights, lam, p)
-    else:
+        loss = margin_loss(x, w.t() if ce else w, bias, targets, class_weights, lam, p)
+    else:  # the kernels read CrossEntropy's [C, D] weight through its strides: no transpose op in the step
         from .kernels import margin_loss
-        loss = margin_loss(x, w_dc, bias, targets, class_weights, lam, p, classes_first=ce)
+        loss = margin_loss(x, w, bias, targets, class_weights, lam, p, classes_first=ce)
     if validate:
-        check_finite(loss, x, w_dc, bias)
+        check_finite(loss, x, w, bias)
     return loss
 
 

@@ -170,3 +170,24 @@ def test_reduce_overhead_compiles_a_training_step(counter):
     for got in out[1:]:
         for a, b in zip(out[0], got):
             torch.testing.assert_close(a, b)
+
+
+# large heads (C > 16, the margin_ce kernels), C = 20: under the interpreter's tiles two class tiles (dX and dW
+# recompute the logits); FORCE_SPLITS = 2 splits the forward's classes (the combine) and dX's (fp32 partials); the
+# H200 plan (DEEPFENSE_TILES=gpu, 132 SMs) holds C = 20 in one tile, so the forward also writes the unit dW
+LARGE = [(loss, opt) for opt in ("one", "split", "h200") for loss in ("am", "a", "ce")]
+
+
+@pytest.mark.parametrize("loss,opt", LARGE, ids=[f"{l}-{o}" for l, o in LARGE])
+def test_large_head_step_op_budget(loss, opt, counter, monkeypatch):
+    """A large-head training step issues at most STEP_BUDGET torch ops besides its launches, and no host sync: the
+    workspace and loss allocations, the engine's unit gradient, dX / dW (/ d bias) allocations, a split's partials."""
+    from deepfense.kernels import plan
+    monkeypatch.setattr(plan, "FORCE_SPLITS", 2 if opt == "split" else None)
+    if opt == "h200":
+        monkeypatch.setenv("DEEPFENSE_TILES", "gpu")
+        monkeypatch.setenv("DEEPFENSE_SM_COUNT", "132")
+    case = make_case(loss, 5, 6, 20, torch.float32, seed=3)
+    names = _count(counter, _step(loss, case, _functional(loss)))
+    assert not SYNCS & set(names), names
+    assert len(names) <= STEP_BUDGET, f"{len(names)} ops per step: {names}"

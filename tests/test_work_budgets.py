@@ -64,6 +64,19 @@ def test_gpu_plan_fp32_halves_a_wide_feature_chunk(h200_plan):
     assert_close_to_gold("a", case, "triton", options("a", reduction="none", smoothing=0.1), torch.float32)
 
 
+def test_gpu_plan_fp32_chunks_dx_of_a_wide_d(h200_plan):
+    """fp32 at D = 1024: dX takes two 512-wide feature chunks of 256 + 256 (main and tail accumulators) instead of two
+    512-wide halves in one program (they spill 240-980 B on sm_90, tf32x3 and IEEE); dW keeps the halves. Against the
+    float64 reference."""
+    launches = P.plan(Margin.ADDITIVE, 8, 1024, 70, torch.float32, torch.float32, n_sm=N_SM, gpu=True)
+    dx, dw = (next(item for item in launches if item.kernel == k) for k in ("_margin_ce_bwd_dx_kernel",
+                                                                            "_margin_ce_bwd_dw_kernel"))
+    assert dx.grid[0] == 2 and dx.meta["HAS_TAIL"] and dx.meta["BLOCK_DO"] == dx.meta["BLOCK_DT"] == 256, dx
+    assert dw.grid[0] == 1 and dw.meta["HAS_TAIL"] and dw.meta["BLOCK_DO"] == dw.meta["BLOCK_DT"] == 512, dw
+    case = make_case("am", 8, 1024, 70, torch.float32, seed=6, ignore_some=True)  # two class tiles: no fusion
+    assert_close_to_gold("am", case, "triton", options("am", reduction="none", smoothing=0.1), torch.float32)
+
+
 @pytest.mark.parametrize("margin,B,D,C", [
     (Margin.ADDITIVE, 256, 192, 5994),  # a speaker head
     (Margin.NONE, 1024, 512, 10 ** 6),  # a face head

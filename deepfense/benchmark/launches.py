@@ -16,7 +16,7 @@ from ..params import Margin
 
 # loss name (as in deepfense.benchmark.cases.LOSSES) -> the kernels' MARGIN
 MARGINS = {"AMSoftmax": Margin.ADDITIVE, "ASoftmax": Margin.ANGULAR, "OCSoftmax": Margin.ONE_CLASS,
-           "CrossEntropy": Margin.NONE}
+           "CrossEntropy": Margin.NONE, "ArcFace": Margin.COMBINED}
 H200_SMS = 132
 
 
@@ -70,14 +70,18 @@ def _plan_args(step: Step, sm_count: int) -> dict:
                 x_dtype=dt, w_dtype=dt, n_sm=sm_count, need_dx=True, need_dw=True, uniform_grad=True, gpu=True)
 
 
-# Representative training steps (issue 8): deepfake, speaker and face heads, each loss, bf16 and fp32.
+# Representative training steps (issue 8): deepfake, speaker and face heads, and a large head at D = 1024 (where fp32
+# splits the feature chunk in halves), each loss (ArcFace: CombinedMargin's kernels), bf16 and fp32.
 def representative_steps(dtypes=("bf16", "fp32")) -> List[Step]:
-    shapes = {"deepfake": (65536, 1024, 2), "speaker": (256, 192, 5994), "face": (1024, 512, 1_000_000)}
+    shapes = {"deepfake": (65536, 1024, 2), "speaker": (256, 192, 5994), "face": (1024, 512, 1_000_000),
+              "wide": (1024, 1024, 8192)}
     out = []
     for dtype in dtypes:
         for family, (B, D, C) in shapes.items():
             for loss in MARGINS:
                 if loss == "OCSoftmax" and family != "deepfake":
                     continue  # one centre: the class count does not change its launches
+                if loss == "ArcFace" and family == "deepfake":
+                    continue  # ArcFace's large heads; its small-head forward (C = 2) is not covered yet (see README)
                 out.append(Step(loss, B, D, C, dtype))
     return out

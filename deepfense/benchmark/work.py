@@ -8,8 +8,8 @@ unique bytes (each input element read once, each output element written once: th
 not repeated here: everything comes from `Launch.grid` and `Launch.meta`. tests/test_roofline.py checks these
 counts equal tests/work_counter.py's interpreter counts exactly.
 
-Training step as in `launches.Step`: reduction='mean' (the upstream gradient is one fp32 per row, stride 0), no
-class weights, int64 targets, accumulators fp32.
+Training step as in `launches.Step`: reduction='mean' (the upstream gradient is one fp32 [] read per row, stride 0,
+times the reduction's scale read once per program), no class weights, int64 targets, accumulators fp32.
 """
 
 from __future__ import annotations
@@ -69,6 +69,8 @@ def _fwd(l, step, s, plan) -> Work:
     tile_read = tiles * s.B * s.D * s.xi + n_rows * s.C * (s.D * s.wi + s.bi)
     read = passes * tile_read + n_splits * s.B * TGT + l.programs * s.lam
     written = N_STATS * s.B * ACC * n_splits
+    if n_splits == 1:  # the batch reduction (kernels/reduce_rows.py); with class splits the combine does it
+        read, written = read + _reduce_io(n_rows)[0], written + _reduce_io(n_rows)[1]
     macs = n_rows * tiles * logit * passes
     if passes == 2:  # _fused_grads' K loop: x and w again, the dX and / or dW dots
         read += s.B * s.D * s.xi + n_rows * s.D * s.C * s.wi
@@ -84,7 +86,14 @@ def _combine(l, step, s, plan) -> Work:
         raise ValueError("the combine's work needs the step's plan (its forward's split count): pass plan=")
     n_splits = fwd.meta["n_splits"]
     read, written = s.B * (TGT + N_STATS * n_splits * ACC), N_STATS * s.B * ACC
+    read, written = read + _reduce_io(l.grid[0])[0], written + _reduce_io(l.grid[0])[1]
     return Work(0, read, written, read + written)
+
+
+def _reduce_io(n_prog: int):
+    """(read, written) bytes of `_reduce_rows` for reduction='mean': each program stores its loss and row-weight
+    sums, the last one reads them all and writes the loss and the backward's gradient scale."""
+    return 2 * n_prog * ACC, 2 * n_prog * ACC + 2 * ACC
 
 
 def _chunks(m):
@@ -107,7 +116,7 @@ def _bwd_dx(l, step, s, plan) -> Work:
     tiles = cdiv(s.C, bc)
     macs = n_do * n_rb * tiles * bb * bc * (cdiv(s.D, bk) * bk + do + dt)
     per_row = BWD_ROW_BYTES
-    read = (n_do * n_splits * s.B * per_row + l.programs * s.lam
+    read = (n_do * n_splits * s.B * per_row + l.programs * (s.lam + ACC)  # lambda, the gradient scale
             + n_do * (tiles * s.B * s.D * s.xi + n_rb * s.C * (s.D * s.wi + s.bi))  # the recomputed logit tiles
             + n_rb * s.D * s.C * s.wi  # W[feature chunk, class tile] for the dX dot
             + n_splits * s.B * s.D * s.xi)  # x for the finish
@@ -122,7 +131,7 @@ def _bwd_dw(l, step, s, plan) -> Work:
     n_rb = cdiv(s.B, bb)
     macs = n_do * n_cb * n_rb * bb * bc * (cdiv(s.D, bk) * bk + do + dt)
     per_row = BWD_ROW_BYTES
-    read = (n_do * n_cb * s.B * per_row + l.programs * s.lam
+    read = (n_do * n_cb * s.B * per_row + l.programs * (s.lam + ACC)  # lambda, the gradient scale
             + n_do * (n_cb * s.B * s.D * s.xi + n_rb * s.C * (s.D * s.wi + s.bi))  # the recomputed logit tiles
             + n_cb * s.B * s.D * s.xi  # x[rows, feature chunk] for the dW dot
             + n_splits * s.D * s.C * s.wi)  # w for the finish

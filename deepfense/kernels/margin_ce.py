@@ -10,12 +10,14 @@ Per-row statistics written by the forward (fp32, or fp64 for fp64 inputs), one r
     LSE    log-sum-exp of the row's logits,
     COEF_P, COEF_T: dL/dlogit_c = COEF_P p_c - COEF_T [c == y] - eps/C cw_c (unit upstream gradient);
            for OCSoftmax COEF_T holds dL/dcos.
+STATS heads a workspace that also carries the batch reduction, done in the forward's launch (`reduce_rows.py`).
 Backward kernels recompute the logit tiles and read these, so neither pass allocates anything of size B x C.
 """
 
 import triton
 import triton.language as tl
 
+from .reduce_rows import _grad_scale, _reduce_rows
 from .tiles import (STAT_LSE, STAT_COEF_P, STAT_COEF_T, MARGIN_NONE, MARGIN_ANGULAR, MARGIN_ONE_CLASS, _bias,
                     _clamp_cos, _class_weights, _dot_tile, _dw_finish, _dx_finish, _grad_tile, _load_lam,
                     _logit_tile, _one_class, _recip_norm, _row_targets, _softmax_epilogue, _store_stats, _cos_logits)
@@ -25,7 +27,7 @@ from .sub_center import _sub_cos_tile, _sub_grad_tile, _winner_rw
 # Triton specialised on (== 1, divisible by 16) would recompile the kernels; D, C and the strides stay specialised,
 # since their divisibility lets the loads vectorise.
 _ROW_ARGS = ["B", "n_targets", "c_offset", "n_total", "tiles_per_split", "ignore_index", "bonafide", "n_smooth", "n_splits",
-             "n_part"]
+             "n_part", "reduce"]
 
 
 def _jit_rows(fn):
@@ -36,9 +38,9 @@ def _jit_rows(fn):
 
 @_jit_rows
 def _margin_ce_fwd_kernel(
-        X_ptr, W_ptr, BIAS_ptr, T_ptr, CW_ptr, LAM_ptr, STATS_ptr, PART_ptr, DX_ptr, DWP_ptr,
-        B, D, C, n_targets, c_offset, n_total, tiles_per_split, stride_x_row, stride_x_col, stride_w_d, stride_w_c,
-        s, m, gamma, m_real, m_fake, alpha, eps, ignore_index, bonafide,
+        X_ptr, W_ptr, BIAS_ptr, T_ptr, CW_ptr, LAM_ptr, STATS_ptr, PART_ptr, DX_ptr, DWP_ptr, RED_ptr,
+        B, D, C, n_targets, c_offset, n_total, tiles_per_split, reduce, stride_x_row, stride_x_col, stride_w_d,
+        stride_w_c, stride_dwp_d, stride_dwp_c, s, m, gamma, m_real, m_fake, alpha, eps, ignore_index, bonafide,
         MARGIN: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_CW: tl.constexpr, SPLIT: tl.constexpr,
         FUSE_DX: tl.constexpr, FUSE_DW: tl.constexpr, DOT_DTYPE: tl.constexpr, ACC_DTYPE: tl.constexpr,
         PRECISION: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -46,7 +48,8 @@ def _margin_ce_fwd_kernel(
     """Per-row loss statistics of BLOCK_B rows, looping over class tiles with an online log-sum-exp.
 
     X [B, D], W [D, C] (any strides; [D, C*SUB] with SUB > 1 sub-centres per class, see `sub_center`), BIAS [C],
-    T [B] int, CW [C] (OCSoftmax [2]), LAM [1]; writes STATS [5, B].
+    T [B] int, CW [C] (OCSoftmax [2]), LAM [1]; writes STATS [5, B] and the workspace after it, and RED (the reduced
+    loss [], or for reduce 0 nothing), see `_reduce_rows`.
     With FUSE_DX / FUSE_DW (the whole class dimension is one tile) it also writes the unit-gradient DX [B, D]
     (contiguous) and this program's dW partial DWP[pid] [D + 1, C] (row D: d bias), so backward reads no x.
     With SPLIT (grid axis 1 splits the classes, `tiles_per_split` tiles each, for parallelism when rows are few) it
@@ -109,22 +112,28 @@ def _margin_ce_fwd_kernel(
         else:
             loss, lse, coef_p, coef_t = _softmax_epilogue(m_i, l_i, tgt, smooth_sum, tl.sum(cw_sum, 0), row_w,
                                                           valid, eps, gamma, C, MARGIN, ACC_DTYPE)
+    g_unit = 1.0
     if not SPLIT:
         _store_stats(STATS_ptr, rows, row_mask, B, loss, row_w, lse, coef_p, coef_t)
-    if FUSE_DX or FUSE_DW:
+        g_unit = _reduce_rows(STATS_ptr, RED_ptr, pid, row_mask, B, loss, row_w, reduce, ACC_DTYPE)
+    if FUSE_DX or FUSE_DW:  # one program: its unit gradients already carry the reduction's scale
+        g_unit = tl.where(tl.num_programs(0) == 1, g_unit, 1.0)
         _fused_grads(X_ptr, W_ptr, BIAS_ptr, CW_ptr, DX_ptr, DWP_ptr, pid, rows, row_mask, t_safe, valid, lse,
-                     coef_p, coef_t, lam, D, C, stride_x_row, stride_x_col, stride_w_d, stride_w_c, s, m, eps,
+                     coef_p, coef_t, g_unit, lam, D, C, stride_x_row, stride_x_col, stride_w_d, stride_w_c,
+                     stride_dwp_d, stride_dwp_c, s, m, eps,
                      MARGIN, HAS_BIAS, HAS_CW, FUSE_DX, FUSE_DW, DOT_DTYPE, ACC_DTYPE, PRECISION,
                      BLOCK_B, BLOCK_C, BLOCK_K)
 
 
 @_jit_rows
-def _margin_ce_combine_kernel(T_ptr, CW_ptr, PART_ptr, STATS_ptr, B, C, n_targets, c_offset, n_total, n_splits, n_part, gamma,
-                              eps,
-                              ignore_index, MARGIN: tl.constexpr, HAS_CW: tl.constexpr, ACC_DTYPE: tl.constexpr,
+def _margin_ce_combine_kernel(T_ptr, CW_ptr, PART_ptr, STATS_ptr, RED_ptr, B, C, n_targets, c_offset, n_total,
+                              n_splits, n_part, reduce, gamma, eps, ignore_index, MARGIN: tl.constexpr,
+                              HAS_CW: tl.constexpr, ACC_DTYPE: tl.constexpr,
                               BLOCK_B: tl.constexpr):
-    """Merge the class splits' statistics PART [5, n_splits, B] (in split order: deterministic) into STATS [5, B]."""
-    rows = tl.program_id(0).to(tl.int64) * BLOCK_B + tl.arange(0, BLOCK_B)
+    """Merge the class splits' statistics PART [5, n_splits, B] (in split order: deterministic) into STATS [5, B];
+    the reduction as in the forward (`_reduce_rows`)."""
+    pid = tl.program_id(0).to(tl.int64)
+    rows = pid * BLOCK_B + tl.arange(0, BLOCK_B)
     row_mask = rows < B
     _, valid, row_w = _row_targets(T_ptr, CW_ptr, rows, row_mask, ignore_index, c_offset, n_targets, n_total,
                                    HAS_CW)
@@ -146,18 +155,21 @@ def _margin_ce_combine_kernel(T_ptr, CW_ptr, PART_ptr, STATS_ptr, B, C, n_target
     loss, lse, coef_p, coef_t = _softmax_epilogue(m_i, l_i, tgt, smooth_sum, total_cw, row_w, valid, eps, gamma, C,
                                                   MARGIN, ACC_DTYPE)
     _store_stats(STATS_ptr, rows, row_mask, B, loss, row_w, lse, coef_p, coef_t)
+    _reduce_rows(STATS_ptr, RED_ptr, pid, row_mask, B, loss, row_w, reduce, ACC_DTYPE)
 
 
 @triton.jit
 def _fused_grads(X_ptr, W_ptr, BIAS_ptr, CW_ptr, DX_ptr, DWP_ptr, pid, rows, row_mask, t_safe, valid, lse, coef_p,
-                 coef_t, lam, D, C, stride_x_row, stride_x_col, stride_w_d, stride_w_c, s, m, eps,
+                 coef_t, g_unit, lam, D, C, stride_x_row, stride_x_col, stride_w_d, stride_w_c, stride_dwp_d,
+                 stride_dwp_c, s, m, eps,
                  MARGIN: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_CW: tl.constexpr, FUSE_DX: tl.constexpr,
                  FUSE_DW: tl.constexpr, DOT_DTYPE: tl.constexpr, ACC_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
                  BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr):
-    """Unit-upstream-gradient dX rows and this program's dW partial when all C classes fit one tile."""
+    """dX rows and this program's dW partial (its [D, C] in the weight's layout, then d bias [C]) at upstream
+    gradient g_unit per row, when all C classes fit one tile."""
     cols = tl.arange(0, BLOCK_C)
     col_mask = cols < C
-    g = tl.where(row_mask, 1.0, 0.0).to(ACC_DTYPE)
+    g = tl.where(row_mask, g_unit, 0.0).to(ACC_DTYPE)
     dcos, cos, rx, rw, xsum = _grad_tile(X_ptr, W_ptr, BIAS_ptr, CW_ptr, rows, row_mask, cols, col_mask, t_safe,
                                          valid, lse, coef_p, coef_t, g, lam, D, C, stride_x_row, stride_x_col,
                                          stride_w_d, stride_w_c, s, m, eps, MARGIN, HAS_BIAS, HAS_CW, DOT_DTYPE,
@@ -183,7 +195,8 @@ def _fused_grads(X_ptr, W_ptr, BIAS_ptr, CW_ptr, DX_ptr, DWP_ptr, pid, rows, row
             xs = x if MARGIN == MARGIN_NONE else x * rx[:, None]
             acc_w = tl.dot(tl.trans(xs).to(DOT_DTYPE), dcos.to(DOT_DTYPE), input_precision=PRECISION,
                            out_dtype=ACC_DTYPE)
-            tl.store(DWP_ptr + ks[:, None] * C + cols[None, :], _dw_finish(acc_w, csum, rw, w, MARGIN),
+            tl.store(DWP_ptr + ks[:, None] * stride_dwp_d + cols[None, :] * stride_dwp_c,
+                     _dw_finish(acc_w, csum, rw, w, MARGIN),
                      mask=kmask[:, None] & col_mask[None, :])
     if FUSE_DW:
         tl.store(DWP_ptr + D * C + cols, csum, mask=col_mask)
@@ -203,22 +216,24 @@ def _margin_ce_bwd_dx_kernel(
     """dX[rows, d-slice] = sum over class tiles of recomputed dL/dcos tiles times W^T; G [B] is the upstream gradient
     per row (stride 0 for a scalar). Grid: (row blocks, D / BLOCK_DO, class splits); with several class splits each
     writes its own partial DX[split] (summed afterwards in split order). No atomics: deterministic. The feature
-    chunk is the fastest grid axis, so a row block's chunks run together and share its x tiles through L2. HAS_TAIL
-    (one chunk only): features [BLOCK_DO, BLOCK_DO + BLOCK_DT) in a second accumulator, so D = 192 is 128 + 64
-    rather than 256 padded. SUB > 1: C classes of SUB sub-centres each, W [D, C*SUB] (see `sub_center`)."""
+    chunk is the fastest grid axis, so a row block's chunks run together and share its x tiles through L2.
+    HAS_TAIL: each feature chunk is BLOCK_DO + BLOCK_DT wide, its last BLOCK_DT features in a second accumulator, so
+    D = 192 is 128 + 64 rather than 256 padded, and fp32 D = 1024 two chunks of 256 + 256. SUB > 1: C classes of SUB
+    sub-centres each, W [D, C*SUB] (see `sub_center`)."""
     pid = tl.program_id(1).to(tl.int64)
     rows = pid * BLOCK_B + tl.arange(0, BLOCK_B)
     row_mask = rows < B
-    ds = tl.program_id(0).to(tl.int64) * BLOCK_DO + tl.arange(0, BLOCK_DO)
+    d0 = tl.program_id(0).to(tl.int64) * (BLOCK_DO + BLOCK_DT if HAS_TAIL else BLOCK_DO)
+    ds = d0 + tl.arange(0, BLOCK_DO)
     t_safe, valid, _ = _row_targets(T_ptr, CW_ptr, rows, row_mask, ignore_index, c_offset, n_targets, n_targets,
                                     HAS_CW)
     lam = _load_lam(LAM_ptr, MARGIN, ACC_DTYPE)
     lse = tl.load(STATS_ptr + STAT_LSE * B + rows, mask=row_mask, other=0.0)
     coef_p = tl.load(STATS_ptr + STAT_COEF_P * B + rows, mask=row_mask, other=0.0)
     coef_t = tl.load(STATS_ptr + STAT_COEF_T * B + rows, mask=row_mask, other=0.0)
-    g = tl.load(G_ptr + rows * stride_g, mask=row_mask, other=0.0).to(ACC_DTYPE)
+    g = tl.load(G_ptr + rows * stride_g, mask=row_mask, other=0.0).to(ACC_DTYPE) * _grad_scale(STATS_ptr, B)
     acc_x = tl.zeros((BLOCK_B, BLOCK_DO), ACC_DTYPE)
-    ds_t = BLOCK_DO + tl.arange(0, BLOCK_DT)
+    ds_t = d0 + BLOCK_DO + tl.arange(0, BLOCK_DT)
     acc_t = tl.zeros((BLOCK_B, BLOCK_DT), ACC_DTYPE)
     ssum = tl.zeros((BLOCK_B,), ACC_DTYPE)
     xsum = tl.zeros((BLOCK_B,), ACC_DTYPE)
@@ -319,6 +334,7 @@ def _margin_ce_bwd_dw_kernel(
     acc_t = tl.zeros((BLOCK_DT, BLOCK_C), ACC_DTYPE)
     csum = tl.zeros((BLOCK_C,), ACC_DTYPE)
     rw = tl.zeros((BLOCK_C,), ACC_DTYPE)
+    g_scale = _grad_scale(STATS_ptr, B)
     split = tl.program_id(2).to(tl.int64)
     r_begin = split * tiles_per_split * BLOCK_B
     for r0 in range(r_begin, tl.minimum(B, r_begin + tiles_per_split * BLOCK_B), BLOCK_B):
@@ -329,7 +345,7 @@ def _margin_ce_bwd_dw_kernel(
         lse = tl.load(STATS_ptr + STAT_LSE * B + rows, mask=row_mask, other=0.0)
         coef_p = tl.load(STATS_ptr + STAT_COEF_P * B + rows, mask=row_mask, other=0.0)
         coef_t = tl.load(STATS_ptr + STAT_COEF_T * B + rows, mask=row_mask, other=0.0)
-        g = tl.load(G_ptr + rows * stride_g, mask=row_mask, other=0.0).to(ACC_DTYPE)
+        g = tl.load(G_ptr + rows * stride_g, mask=row_mask, other=0.0).to(ACC_DTYPE) * g_scale
         if SUB == 1:
             dcos, cos, rx, rw, _ = _grad_tile(X_ptr, W_ptr, BIAS_ptr, CW_ptr, rows, row_mask, cols, col_mask, t_safe,
                                               valid, lse, coef_p, coef_t, g, lam, D, n_smooth, stride_x_row,

@@ -8,7 +8,7 @@ scales those by the upstream gradient or runs the two backward kernels.
 from __future__ import annotations
 
 import os
-from typing import List, Optional, Tuple
+from typing import List, Optional
 
 import torch
 import triton
@@ -17,18 +17,15 @@ import triton.language as tl
 from ..params import LossParams, Margin
 from . import margin_ce as K
 from . import plan as P
-from .tiles import N_STATS, STAT_LOSS, STAT_ROWW
+from .reduce_rows import ws_size
+from .tiles import N_STATS
 
 # triton.jit reads TRITON_INTERPRET when the kernels are decorated; this launcher follows the same switch.
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
-# fp32 inputs: the dots' input_precision, chosen by measurement (bench/precision_study.py, README "fp32 dot
-# precision"): tf32x3 (three tf32 tensor-core dots) meets the error rule as well as IEEE fp32, which runs on the FMA
-# units; plain tf32 fails it (s = 30..64 turns its ~1e-3 operand rounding into 0.01-0.03 logit error).
-# DEEPFENSE_FP32_PRECISION=ieee|tf32x3|tf32 overrides it. 16-bit inputs use the tensor cores with fp32 accumulation.
-FP32_PRECISION = os.environ.get("DEEPFENSE_FP32_PRECISION", "tf32x3")
-if FP32_PRECISION not in ("ieee", "tf32x3", "tf32"):
-    raise ValueError(f"DEEPFENSE_FP32_PRECISION must be ieee, tf32x3 or tf32, got {FP32_PRECISION!r}")
+# fp32 inputs: the dots' input_precision (see plan.FP32_PRECISION; DEEPFENSE_FP32_PRECISION=ieee|tf32x3|tf32); the
+# launchers plan their tiles for this value, so assigning it (bench/precision_study.py) switches both.
+FP32_PRECISION = P.FP32_PRECISION
 
 _TL = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32, torch.float64: tl.float64}
 
@@ -42,24 +39,31 @@ def _dtypes(x: torch.Tensor, w: torch.Tensor):
     return _TL[dot], acc
 
 
-def _plan(x, w, margin, sub=1, **kw):
-    """The launch plan of these inputs (`plan.plan`), never the small-head path: these launchers run the large-head
-    kernels. sub: sub-centres per class (w has C * sub columns)."""
-    (B, D), C = x.shape, w.shape[1] // sub
-    return P.plan(margin, B, D, C, x.dtype, w.dtype, n_sm=P.sm_count(x.device), small=False, sub=sub, **kw)
+def _plan(x, C, margin, sub=1, **kw):
+    """The launch plan of these inputs (`plan.plan`) for a weight of C classes (C * sub columns: `sub` sub-centres
+    per class), never the small-head path: these launchers run the large-head kernels."""
+    w_dtype = kw.pop("w_dtype")
+    return P.plan(margin, x.shape[0], x.shape[1], C, x.dtype, w_dtype, n_sm=P.sm_count(x.device), small=False,
+                  fp32_precision=FP32_PRECISION, sub=sub, **kw)
 
 
-def op_params(p: LossParams, n_classes: int, class_offset: int = 0):
+# the `reduction` option as the kernels' `reduce` argument (`reduce_rows.py`)
+REDUCE = {"none": 0, "sum": 1, "mean": 2}
+
+
+def op_params(p: LossParams, n_classes: int, class_offset: int = 0, classes_first: bool = False):
     """The custom ops' scalar arguments. `class_offset` / `n_classes`: the first class of this weight's columns and
-    the class count of the whole softmax (they differ when the classes are sharded across ranks). The last int is
-    the sub-centre count K (the weight then has K adjacent columns per class; read with `_sub`)."""
+    the class count of the whole softmax (they differ when the classes are sharded across ranks); classes_first: the
+    weight is CrossEntropy's fc.weight [C, D], read transposed through its strides (no transpose op either way). The
+    last int is the sub-centre count K (the weight then has K adjacent columns per class; read with `_sub`)."""
     return ([p.s, p.m, p.gamma, p.m_real, p.m_fake, p.alpha, p.label_smoothing],
-            [int(p.margin), p.ignore_index, p.bonafide_label, class_offset, n_classes, p.sub_centers])
+            [int(p.margin), p.ignore_index, p.bonafide_label, class_offset, n_classes, REDUCE[p.reduction],
+             int(classes_first), p.sub_centers])
 
 
 def _sub(ints: List[int]) -> int:
-    """Sub-centres per class from the ops' ints (1 when absent)."""
-    return ints[5] if len(ints) > 5 else 1
+    """Sub-centres per class from the ops' ints."""
+    return ints[7]
 
 
 def _unpack(floats: List[float], ints: List[int]):
@@ -68,10 +72,18 @@ def _unpack(floats: List[float], ints: List[int]):
     return margin, s, m, gamma, m_real, m_fake, alpha, eps, ignore_index, bonafide, c_offset, n_classes
 
 
-def _common(x, w, bias, targets, class_weights, lam, margin, sub=1):
+def _w_dc(w: torch.Tensor, ints: List[int]):
+    """(D, C, stride over D, stride over columns) of the weight: [D, C * K] (C classes of K sub-centres), or
+    fc.weight [C, D] when ints say classes_first."""
+    if ints[6]:
+        return w.shape[1], w.shape[0], w.stride(1), w.stride(0)
+    return w.shape[0], w.shape[1] // _sub(ints), w.stride(0), w.stride(1)
+
+
+def _common(x, w, bias, targets, class_weights, lam, margin, C, sub=1):
     dot_dtype, acc = _dtypes(x, w)
     dummy = targets  # never read: its constexpr flag is off
-    n_targets = 2 if margin == int(Margin.ONE_CLASS) else w.shape[1] // sub
+    n_targets = 2 if margin == int(Margin.ONE_CLASS) else C
     args = (x, w, dummy if bias is None else bias, targets, dummy if class_weights is None else class_weights,
             dummy if lam is None else lam)
     meta = dict(MARGIN=margin, HAS_BIAS=bias is not None, HAS_CW=class_weights is not None, DOT_DTYPE=dot_dtype,
@@ -81,177 +93,236 @@ def _common(x, w, bias, targets, class_weights, lam, margin, sub=1):
     return args, meta, acc, n_targets
 
 
+def _fused_sizes(B, D, C, fuse_dx, fuse_dw):
+    """Elements of the forward's unit-gradient buffer: dX [B, D], then dW with d bias [D + 1, C] (fp32)."""
+    return (B * D if fuse_dx else 0), ((D + 1) * C if fuse_dw else 0)
+
+
 @torch.library.custom_op("deepfense::margin_ce_fwd", mutates_args=())
 def margin_ce_fwd(x: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor], targets: torch.Tensor,
                   class_weights: Optional[torch.Tensor], lam: Optional[torch.Tensor], floats: List[float],
-                  ints: List[int], fuse_dx: bool, fuse_dw: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                  ints: List[int], fuse_dx: bool, fuse_dw: bool) -> List[torch.Tensor]:
     """Forward launcher.
 
-    Args: x [B, D], w [D, C] (any strides), bias [C], targets [B] int, class_weights [C] ([2] OCSoftmax), lam [1].
-    Returns: stats [5, B] (see margin_ce), unit-gradient dX [B, D] fp32 (or [0]), dW with d bias [D + 1, C] fp32
-    (or [0]).
+    Args: x [B, D], w [D, C] or (`op_params` classes_first) [C, D], any strides; bias [C], targets [B] int,
+    class_weights [C] ([2] OCSoftmax), lam [1].
+    Returns [loss, workspace] or with fuse_dx / fuse_dw [loss, workspace, unit gradients]: the loss ('mean' / 'sum':
+    [], 'none': [B]; fp32, fp64 for fp64 inputs), the workspace (STATS [5, B] first, `reduce_rows.ws_size`), the
+    unit-gradient dX [B, D] then dW in the weight's layout ([D, C] or [C, D]) and d bias [C], flat fp32, times the
+    reduction's scale when one program wrote them (B <= its BLOCK_B). (A list: no empty output to allocate.)
     """
     margin, s, m, gamma, m_real, m_fake, alpha, eps, ignore_index, bonafide, c_offset, n_classes = _unpack(floats,
                                                                                                             ints)
-    sub = _sub(ints)
-    (B, D), C = x.shape, w.shape[1] // sub
-    args, meta, acc, n_targets = _common(x, w, bias, targets, class_weights, lam, margin, sub)
+    reduce, sub = ints[5], _sub(ints)
+    B, (D, C, sw_d, sw_c) = x.shape[0], _w_dc(w, ints)
+    args, meta, acc, n_targets = _common(x, w, bias, targets, class_weights, lam, margin, C, sub)
     n_total = 2 if margin == int(Margin.ONE_CLASS) else n_classes
-    launches = _plan(x, w, margin, sub, need_dx=fuse_dx, need_dw=fuse_dw, fuse_dx=fuse_dx)
+    launches = _plan(x, C, margin, sub, w_dtype=w.dtype, need_dx=fuse_dx, need_dw=fuse_dw, fuse_dx=fuse_dx)
     fwd = launches[0]
     n_prog, n_splits = fwd.grid
-    stats = torch.empty(N_STATS, B, dtype=acc, device=x.device)
-    # without class splits the kernel never touches the partials (SPLIT is off): stats stands in, no allocation
-    part = torch.empty((N_STATS, n_splits, B), dtype=acc, device=x.device) if n_splits > 1 else stats
-    dx = torch.empty((B, D) if fuse_dx else (0,), dtype=acc, device=x.device)  # fp32: rounded once, after g
-    dwp = torch.empty((n_prog, D + 1, C) if fuse_dw else (0,), dtype=acc, device=x.device)
-    if B > 0:
-        K._margin_ce_fwd_kernel[fwd.grid](
-            *args, stats, part, dx, dwp, B, D, C, n_targets, c_offset, n_total, fwd.meta["tiles_per_split"],
-            x.stride(0), x.stride(1), w.stride(0), w.stride(1), s, m, gamma, m_real, m_fake, alpha, eps, ignore_index,
-            bonafide, **P.constexprs(fwd), **meta)
-        if n_splits > 1:
-            comb = P.launch(launches, "_margin_ce_combine_kernel")
-            K._margin_ce_combine_kernel[comb.grid](
-                targets, args[4], part, stats, B, C, n_targets, c_offset, n_total, n_splits, n_splits * B, gamma, eps,
-                ignore_index, MARGIN=margin, HAS_CW=class_weights is not None, ACC_DTYPE=meta["ACC_DTYPE"],
-                **P.constexprs(comb))
-    dw = dwp.sum(0) if fuse_dw else dwp  # fixed-order sum over programs: deterministic; contiguous, as the fake says
-    if fuse_dw and B == 0:
-        dw = torch.zeros(D + 1, C, dtype=acc, device=x.device)
-    return stats, dx, dw
+    ws = torch.zeros(ws_size(B, n_prog), dtype=acc, device=x.device)  # zeroed: the reduction's ticket starts at 0
+    loss = (torch.zeros if B == 0 else torch.empty)((B,) if reduce == 0 else (), dtype=acc, device=x.device)
+    n_dx, n_dw = _fused_sizes(B, D, C, fuse_dx, fuse_dw)
+    fused = bool(n_dx or n_dw)
+    if B == 0:
+        return [loss, ws, torch.zeros(n_dx + n_dw, dtype=acc, device=x.device)] if fused else [loss, ws]
+    partials = n_dw and n_prog > 1  # several row blocks: dW partials [n_prog, (D + 1) C], summed in program order
+    # ws stands in for the buffers the kernel does not write (its flags off)
+    grads = torch.empty(n_dx + n_dw, dtype=acc, device=x.device) if n_dx or (n_dw and not partials) else ws
+    dwp = torch.empty(n_prog, n_dw, dtype=acc, device=x.device) if partials else grads[n_dx:] if n_dx else grads
+    part = torch.empty(N_STATS, n_splits, B, dtype=acc, device=x.device) if n_splits > 1 else ws
+    out = loss if reduce else ws  # 'none': the rows are copied out of STATS below
+    K._margin_ce_fwd_kernel[fwd.grid](
+        *args, ws, part, grads, dwp, out, B, D, C, n_targets, c_offset, n_total, fwd.meta["tiles_per_split"], reduce,
+        x.stride(0), x.stride(1), sw_d, sw_c, *((1, D) if ints[6] else (C, 1)), s, m, gamma, m_real, m_fake, alpha,
+        eps, ignore_index, bonafide,
+        **P.constexprs(fwd), **meta)
+    if n_splits > 1:
+        comb = P.launch(launches, "_margin_ce_combine_kernel")
+        K._margin_ce_combine_kernel[comb.grid](
+            targets, args[4], part, ws, out, B, C, n_targets, c_offset, n_total, n_splits, n_splits * B, reduce,
+            gamma, eps, ignore_index, MARGIN=margin, HAS_CW=class_weights is not None, ACC_DTYPE=meta["ACC_DTYPE"],
+            **P.constexprs(comb))
+    if partials and n_dx:
+        torch.sum(dwp, 0, out=grads[n_dx:])
+    elif partials:
+        grads = dwp.sum(0)
+    if reduce == 0:
+        loss.copy_(ws[:B])
+    return [loss, ws, grads] if fused else [loss, ws]
 
 
 @margin_ce_fwd.register_fake
 def _(x, w, bias, targets, class_weights, lam, floats, ints, fuse_dx, fuse_dw):
-    (B, D), C = x.shape, w.shape[1]
+    B, (D, C, _, _) = x.shape[0], _w_dc(w, ints)
     acc = _dtypes(x, w)[1]
-    return (x.new_empty((N_STATS, B), dtype=acc), x.new_empty((B, D) if fuse_dx else (0,), dtype=acc),
-            x.new_empty((D + 1, C) if fuse_dw else (0,), dtype=acc))
+    launches = _plan(x, C, ints[0], _sub(ints), w_dtype=w.dtype, need_dx=fuse_dx, need_dw=fuse_dw, fuse_dx=fuse_dx)
+    n_grads = sum(_fused_sizes(B, D, C, fuse_dx, fuse_dw))
+    out = [x.new_empty((B,) if ints[5] == 0 else (), dtype=acc), x.new_empty((ws_size(B, launches[0].grid[0]),),
+                                                                           dtype=acc)]
+    return out + [x.new_empty((n_grads,), dtype=acc)] if n_grads else out
 
 
 @torch.library.custom_op("deepfense::margin_ce_bwd", mutates_args=())
 def margin_ce_bwd(x: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor], targets: torch.Tensor,
                   class_weights: Optional[torch.Tensor], lam: Optional[torch.Tensor], stats: torch.Tensor,
                   grad: torch.Tensor, floats: List[float], ints: List[int], need_dx: bool,
-                  need_dw: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                  need_dw: bool) -> List[torch.Tensor]:
     """Backward launcher for what the forward did not fuse.
 
-    Args: as the forward, plus stats [5, B] and grad [B] (the upstream gradient of each row's loss, any stride).
-    Returns: dX [B, D] in x's dtype, dW [D, C] in w's dtype (strides of w), d bias [C]; [0] where not needed.
+    Args: as the forward, plus stats: the forward's workspace (or `saved_stats`), and grad: the upstream gradient,
+    [] for a reduced loss or [B] per row (any stride); the kernels multiply it by the workspace's scale.
+    Returns [dX] if need_dx, then [dW, d bias] if need_dw (d bias only with a bias): dX [B, D] in x's dtype, dW in
+    w's dtype and strides, d bias [C] fp32 (`bwd_grads` unpacks them). A list: no empty tensor for what is not needed.
     """
     margin, s, m, gamma, m_real, m_fake, alpha, eps, ignore_index, bonafide, c_offset, n_classes = _unpack(floats, ints)
     sub = _sub(ints)
-    (B, D), C = x.shape, w.shape[1] // sub
-    args, meta, acc, n_targets = _common(x, w, bias, targets, class_weights, lam, margin, sub)
-    launches = _plan(x, w, margin, sub, need_dx=need_dx, need_dw=need_dw, uniform_grad=False, fuse_dx=False)
-    dx = torch.empty((B, D) if need_dx else (0,), dtype=x.dtype, device=x.device)
-    dw = torch.empty_strided(w.shape, w.stride(), dtype=w.dtype, device=w.device) if need_dw else w.new_empty(0)
-    db = torch.empty(C if need_dw and bias is not None else 0, dtype=acc, device=x.device)
+    B, (D, C, sw_d, sw_c) = x.shape[0], _w_dc(w, ints)
+    args, meta, acc, n_targets = _common(x, w, bias, targets, class_weights, lam, margin, C, sub)
+    launches = _plan(x, C, margin, sub, w_dtype=w.dtype, need_dx=need_dx, need_dw=need_dw, uniform_grad=False,
+                     fuse_dx=False)
+    lx = P.launch(launches, "_margin_ce_bwd_dx_kernel") if need_dx and B > 0 else None
+    lw = P.launch(launches, "_margin_ce_bwd_dw_kernel") if need_dw and B > 0 else None
+    dx_splits = lx.meta["n_splits"] if lx is not None else 1
+    dw_splits = lw.meta["n_splits"] if lw is not None else 1
+    # one split writes dX / dW (d bias) in place; several write fp32 partials, summed below
+    dx = torch.empty((B, D), dtype=x.dtype, device=x.device) if need_dx and dx_splits == 1 else None
+    one_dw = need_dw and dw_splits == 1
+    dw = torch.empty_strided(w.shape, w.stride(), dtype=w.dtype, device=w.device) if one_dw else None
+    db = torch.empty(C, dtype=acc, device=x.device) if one_dw and bias is not None else None
     if B == 0:  # nothing to launch: the gradients of an empty batch are zero
-        dw.zero_(), db.zero_()
-        return dx, dw, db
-    common = (B, D, C, n_targets, c_offset, n_classes, x.stride(0), x.stride(1), w.stride(0), w.stride(1),
-              grad.stride(0))
-    lx = P.launch(launches, "_margin_ce_bwd_dx_kernel") if need_dx else None
+        return [t.zero_() for t in (dx, dw, db) if t is not None]
+    common = (B, D, C, n_targets, c_offset, n_classes, x.stride(0), x.stride(1), sw_d, sw_c,
+              grad.stride(0) if grad.dim() else 0)
     if lx is not None:
-        n_splits = lx.meta["n_splits"]
         # several class splits write fp32 partials, summed below in split order (deterministic)
-        dxp = dx[None] if n_splits == 1 else torch.empty(n_splits, B, D, dtype=acc, device=x.device)
+        dxp = dx if dx_splits == 1 else torch.empty(dx_splits, B, D, dtype=acc, device=x.device)
         K._margin_ce_bwd_dx_kernel[lx.grid](*args, stats, grad, dxp, *common, lx.meta["tiles_per_split"],
-                                            dxp.stride(0), dxp.stride(1), s, m, eps, ignore_index,
-                                            **P.constexprs(lx), **meta)
-        if n_splits > 1:
-            dx = dxp.sum(0).to(x.dtype)
-    lw = P.launch(launches, "_margin_ce_bwd_dw_kernel") if need_dw else None
+                                            B * D if dx_splits == 1 else dxp.stride(0), dxp.stride(-2), s, m, eps,
+                                            ignore_index, **P.constexprs(lx), **meta)
+        if dx_splits > 1:
+            dx = dxp.sum(0)
+            dx = dx if dx.dtype == x.dtype else dx.to(x.dtype)
     if lw is not None:
-        n_splits = lw.meta["n_splits"]
-        # several row splits write fp32 partials [splits, D, C] (and d bias [splits, C]), summed in split order
-        dwp = dw if n_splits == 1 else torch.empty(n_splits, D, C * sub, dtype=acc, device=x.device)
-        dbp = db if n_splits == 1 else torch.empty(n_splits, db.shape[0], dtype=acc, device=x.device)
-        sw = (0, dw.stride(0), dw.stride(1)) if n_splits == 1 else dwp.stride()
-        K._margin_ce_bwd_dw_kernel[lw.grid](*args, stats, grad, dwp, dbp if bias is not None else dwp, *common,
+        # several row splits write fp32 partials [splits, D, C * K] ([splits, C, D] for fc.weight) and d bias
+        # [splits, C], summed in split order (deterministic)
+        shape = (dw_splits, C, D) if ints[6] else (dw_splits, D, C * sub)
+        dwp = dw if dw_splits == 1 else torch.empty(shape, dtype=acc, device=x.device)
+        dbp = db if dw_splits == 1 or bias is None else torch.empty(dw_splits, C, dtype=acc, device=x.device)
+        sw = (0, *_w_dc(dw, ints)[2:]) if dw_splits == 1 else (dwp.stride(0), *((1, D) if ints[6] else (C * sub, 1)))
+        K._margin_ce_bwd_dw_kernel[lw.grid](*args, stats, grad, dwp, dwp if dbp is None else dbp, *common,
                                             lw.meta["tiles_per_split"], *sw, s, m, eps, ignore_index,
                                             **P.constexprs(lw), **meta)
-        if n_splits > 1:
-            dw.copy_(dwp.sum(0))
-            db = dbp.sum(0)
-    return dx, dw, db
+        if dw_splits > 1:
+            dw = dwp.sum(0)
+            if dw.dtype != w.dtype or dw.stride() != w.stride():  # into the weight's dtype and layout
+                dw = torch.empty_strided(w.shape, w.stride(), dtype=w.dtype, device=w.device).copy_(dw)
+            db = None if bias is None else dbp.sum(0)
+    return [t for t in (dx, dw, db) if t is not None]
 
 
 @margin_ce_bwd.register_fake
 def _(x, w, bias, targets, class_weights, lam, stats, grad, floats, ints, need_dx, need_dw):
-    C = w.shape[1]
+    C = _w_dc(w, ints)[1]
     acc = _dtypes(x, w)[1]
-    return (x.new_empty(x.shape if need_dx else (0,)),
-            torch.empty_strided(w.shape, w.stride(), dtype=w.dtype, device=w.device) if need_dw else w.new_empty(0),
-            x.new_empty((C if need_dw and bias is not None else 0,), dtype=acc))
+    out = [x.new_empty(x.shape)] if need_dx else []
+    if need_dw:
+        out.append(torch.empty_strided(w.shape, w.stride(), dtype=w.dtype, device=w.device))
+    return out + [x.new_empty((C,), dtype=acc)] if need_dw and bias is not None else out
+
+
+def bwd_grads(outs: List[torch.Tensor], need_dx: bool, need_dw: bool, has_bias: bool):
+    """(dX, dW, d bias) from `margin_ce_bwd`'s list, None where it returned none."""
+    it = iter(outs)
+    dx = next(it) if need_dx else None
+    dw = next(it) if need_dw else None
+    return dx, dw, next(it) if need_dw and has_bias else None
+
+
+def saved_stats(row_stats: torch.Tensor) -> torch.Tensor:
+    """A backward workspace from the LSE, COEF_P and COEF_T rows [3, B] (the sharded path's merged statistics), with
+    the gradient scale 1: its upstream gradient comes already scaled."""
+    B = row_stats.shape[1]
+    ws = torch.zeros(ws_size(B, 0), dtype=row_stats.dtype, device=row_stats.device)
+    ws[2 * B:N_STATS * B] = row_stats.reshape(-1)
+    ws[N_STATS * B] = 1.0
+    return ws
 
 
 def _setup_context(ctx, inputs, output):
     x, w, bias, targets, class_weights, lam, floats, ints, fuse_dx, fuse_dw = inputs
-    stats, dx_unit, dw_unit = output
-    ctx.save_for_backward(x, w, bias, targets, class_weights, lam, stats, dx_unit, dw_unit)
+    ws, grads = output[1], (output[2] if len(output) > 2 else None)
+    ctx.save_for_backward(x, w, bias, targets, class_weights, lam, ws, grads)
     ctx.floats, ctx.ints, ctx.fuse_dx, ctx.fuse_dw = floats, ints, fuse_dx, fuse_dw
-    ctx.set_materialize_grads(False)  # dX and dW units carry no gradient: no zeros for them (issue 12)
+    ctx.set_materialize_grads(False)  # the workspace and the unit gradients carry no gradient: no zeros for them
 
 
-def _backward(ctx, grad_stats, _grad_dx, _grad_dw):
-    x, w, bias, targets, class_weights, lam, stats, dx_unit, dw_unit = ctx.saved_tensors
-    if grad_stats is None:
-        return None, None, None, None, None, None, None, None, None, None
-    g = grad_stats[int(STAT_LOSS)]  # only the per-row loss is differentiable; the other stats are saved values
+def _backward(ctx, grads_out):
+    x, w, bias, targets, class_weights, lam, ws, grads = ctx.saved_tensors
     need_x, need_w, need_b = ctx.needs_input_grad[:3]
-    dx, dw, db = margin_ce_bwd(x, w, bias, targets, class_weights, lam, stats, g, ctx.floats, ctx.ints,
-                               need_x and not ctx.fuse_dx, (need_w or need_b) and not ctx.fuse_dw)
-    if ctx.fuse_dx:
-        dx = (dx_unit * g[:, None].to(dx_unit.dtype)).to(x.dtype) if need_x else None
-    if ctx.fuse_dw:  # the forward fused dW only when every row has the same upstream gradient
-        gw = g[:1].to(dw_unit.dtype) if g.shape[0] else dw_unit.new_zeros(1)
-        dw, db = dw_unit[:-1] * gw, dw_unit[-1] * gw
-        dw = dw.to(w.dtype)
+    grad = grads_out[0]  # only the loss is differentiable; the workspace and unit gradients are saved values
+    if grad is None:
+        return None, None, None, None, None, None, None, None, None, None
+    bx, bw = need_x and not ctx.fuse_dx, (need_w or need_b) and not ctx.fuse_dw
+    dx, dw, db = bwd_grads(margin_ce_bwd(x, w, bias, targets, class_weights, lam, ws, grad, ctx.floats, ctx.ints,
+                                         bx, bw), bx, bw, bias is not None)
+    if ctx.fuse_dx or ctx.fuse_dw:
+        dx, dw, db = _fused_backward(x, w, ws, grads, grad, ctx, dx, dw, db)
     return (dx if need_x else None, dw if need_w else None,
             db.to(bias.dtype) if need_b and bias is not None else None,
             None, None, None, None, None, None, None)
 
 
+def _fused_backward(x, w, ws, grads, grad, ctx, dx, dw, db):
+    """dX, dW and d bias from the forward's unit gradients (one-tile heads) times the upstream gradient (and the
+    reduction's scale, unless one forward program already applied it)."""
+    (B, D), C = x.shape, _w_dc(w, ctx.ints)[1]
+    n_dx, n_dw = _fused_sizes(B, D, C, ctx.fuse_dx, ctx.fuse_dw)
+    one_prog = ws.numel() - ws_size(B, 0) == 2  # the workspace holds 2 sums per forward program
+    g = grad if one_prog else grad * ws[N_STATS * B]
+    if ctx.fuse_dx:
+        g_rows = g.to(grads.dtype)
+        dx = (grads[:n_dx].view(B, D) * (g_rows[:, None] if g_rows.dim() else g_rows)).to(x.dtype)
+    if ctx.fuse_dw:  # the forward fused dW only when every row has the same upstream gradient
+        dwu = (grads[n_dx:] if n_dx else grads) * g.to(grads.dtype)
+        dw = dwu.as_strided(w.shape, (D, 1) if ctx.ints[6] else (C, 1))  # the layout the kernel wrote
+        dw = dw if dw.dtype == w.dtype else dw.to(w.dtype)
+        db = dwu.as_strided((C,), (1,), D * C) if ctx.needs_input_grad[2] else None
+    return dx, dw, db
+
+
 margin_ce_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
-def margin_loss(x, w_dc, bias, targets, class_weights, lam, p: LossParams, classes_first: bool = False):
+def margin_loss(x, w, bias, targets, class_weights, lam, p: LossParams, classes_first: bool = False):
     """Loss of any of the four kinds on the fused Triton kernels (see `deepfense.torch_backend.margin_loss`).
-    classes_first: w_dc is CrossEntropy's fc.weight [C, D] as it is (the small-head kernels take it by its strides,
-    no transpose op; the large-head path takes its [D, C] view)."""
+
+    w: the [D, C] weight, or with classes_first CrossEntropy's fc.weight [C, D] as given: the kernels read it through
+    its strides and write dW in its layout, so a step has no transpose op. The reduction happens in the forward launch.
+    """
     if x.device.type != "cuda" and not INTERPRET:
         raise RuntimeError("backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 set before importing deepfense "
                            f"to run the kernels on CPU in the interpreter); got tensors on {x.device}. "
                            "Use backend='torch' or 'auto' on this device.")
-    if x.dtype not in _TL or w_dc.dtype not in _TL:
+    if x.dtype not in _TL or w.dtype not in _TL:
         raise ValueError("backend='triton' supports float16, bfloat16, float32 and float64, "
-                         f"got {x.dtype}/{w_dc.dtype}")
-    lam = kernel_lam(lam, p, x, w_dc)
+                         f"got {x.dtype}/{w.dtype}")
+    lam = kernel_lam(lam, p, x, w)
     targets = targets.contiguous()
     class_weights = None if class_weights is None else class_weights.contiguous()
     grad_on = torch.is_grad_enabled()
-    need_x, need_w = grad_on and x.requires_grad, grad_on and (w_dc.requires_grad or
+    need_x, need_w = grad_on and x.requires_grad, grad_on and (w.requires_grad or
                                                               (bias is not None and bias.requires_grad))
-    if w_dc.shape[0 if classes_first else 1] <= P.SMALL_C and p.sub_centers == 1 and P._small_head_ready():
-        from .small_head import small_head_loss
-        return small_head_loss(x, w_dc, bias, targets, class_weights, lam, p, classes_first)
-    w_dc = w_dc.t() if classes_first else w_dc
     sub = p.sub_centers  # K > 1: the large-head kernels, whatever C * K (the small-head path has no sub-centres)
-    fwd = _plan(x, w_dc, int(p.margin), sub, need_dx=need_x, need_dw=need_w, uniform_grad=p.reduction != "none")[0]
-    fuse_dx, fuse_dw = fwd.meta["FUSE_DX"], fwd.meta["FUSE_DW"]
-    floats, ints = op_params(p, w_dc.shape[1] // sub)
-    stats, _, _ = margin_ce_fwd(x, w_dc, bias, targets, class_weights, lam, floats, ints, fuse_dx, fuse_dw)
-    rows = stats[int(STAT_LOSS)]
-    if p.reduction == "none":
-        return rows
-    if p.reduction == "sum":
-        return rows.sum()
-    # mean over the class weights of kept rows; 0, not NaN, when no row is kept (the rows then sum to 0). The row
-    # weights do not depend on x or w: a detached denominator keeps its ~10 backward ops out of every step (issue 12)
-    return rows.sum() / stats[int(STAT_ROWW)].detach().sum().clamp_min(torch.finfo(rows.dtype).tiny)
+    C = w.shape[0] if classes_first else w.shape[1] // sub
+    if C <= P.SMALL_C and sub == 1 and P._small_head_ready():
+        from .small_head import small_head_loss
+        return small_head_loss(x, w, bias, targets, class_weights, lam, p, classes_first)
+    fwd = _plan(x, C, int(p.margin), sub, w_dtype=w.dtype, need_dx=need_x, need_dw=need_w,
+                uniform_grad=p.reduction != "none")[0]
+    floats, ints = op_params(p, C, classes_first=classes_first)
+    return margin_ce_fwd(x, w, bias, targets, class_weights, lam, floats, ints, fwd.meta["FUSE_DX"],
+                         fwd.meta["FUSE_DW"])[0]
 
 
 def kernel_lam(lam, p: LossParams, x: torch.Tensor, w: torch.Tensor) -> Optional[torch.Tensor]:
@@ -282,15 +353,15 @@ def partial_row_stats(x, w, bias, targets, class_weights, lam, floats: List[floa
     margin, s, m, gamma, m_real, m_fake, alpha, eps, ignore_index, bonafide, c_offset, n_classes = _unpack(floats,
                                                                                                             ints)
     sub = _sub(ints)
-    (B, D), C = x.shape, w.shape[1] // sub
-    args, meta, acc, n_targets = _common(x, w, bias, targets, class_weights, lam, margin, sub)
-    fwd = _plan(x, w, margin, sub, need_dx=False, need_dw=False)[0]
+    B, (D, C, sw_d, sw_c) = x.shape[0], _w_dc(w, ints)
+    args, meta, acc, n_targets = _common(x, w, bias, targets, class_weights, lam, margin, C, sub)
+    fwd = _plan(x, C, margin, sub, w_dtype=w.dtype, need_dx=False, need_dw=False)[0]
     part = torch.empty(N_STATS, 1, B, dtype=acc, device=x.device)
     if B > 0:  # one split over all this weight's classes: the ranks' partials are merged by the caller
         unused = part
         tiles = dict(P.constexprs(fwd), SPLIT=True, FUSE_DX=False, FUSE_DW=False)
         K._margin_ce_fwd_kernel[(fwd.grid[0], 1)](
-            *args, unused, part, unused, unused, B, D, C, n_targets, c_offset, n_classes,
-            triton.cdiv(C, fwd.meta["BLOCK_C"]), x.stride(0), x.stride(1), w.stride(0), w.stride(1), s, m, gamma,
+            *args, unused, part, unused, unused, unused, B, D, C, n_targets, c_offset, n_classes,
+            triton.cdiv(C, fwd.meta["BLOCK_C"]), 0, x.stride(0), x.stride(1), sw_d, sw_c, 0, 0, s, m, gamma,
             m_real, m_fake, alpha, eps, ignore_index, bonafide, **tiles, **meta)
     return part[:, 0]

@@ -58,6 +58,15 @@ def sm_count(device: Optional[torch.device]) -> int:
     return 1
 
 
+# fp32 inputs: the dots' input_precision, chosen by measurement (bench/precision_study.py, README "fp32 dot
+# precision"): tf32x3 (three tf32 tensor-core dots) meets the error rule as well as IEEE fp32, which runs on the FMA
+# units; plain tf32 fails it (s = 30..64 turns its ~1e-3 operand rounding into 0.01-0.03 logit error).
+# DEEPFENSE_FP32_PRECISION=ieee|tf32x3|tf32 overrides it; the plan's fp32 tiles depend on it (IEEE dots hold their
+# operands in registers). 16-bit inputs use the tensor cores with fp32 accumulation.
+FP32_PRECISION = os.environ.get("DEEPFENSE_FP32_PRECISION", "tf32x3")
+if FP32_PRECISION not in ("ieee", "tf32x3", "tf32"):
+    raise ValueError(f"DEEPFENSE_FP32_PRECISION must be ieee, tf32x3 or tf32, got {FP32_PRECISION!r}")
+
 # Heads with at most this many classes take the small-head path (`small_head.py`): a row reduction, no dot padding.
 SMALL_C = 16
 # Tests set this to force the class splits under the interpreter tiles; None lets the plan decide.
@@ -97,16 +106,18 @@ def fuse_dx_default() -> bool:
 def plan(margin, B: int, D: int, C: int, x_dtype: torch.dtype, w_dtype: torch.dtype, *, n_sm: int,
          need_dx: bool = True, need_dw: bool = True, uniform_grad: bool = True, deterministic: bool = True,
          gpu: Optional[bool] = None, fuse_dx: Optional[bool] = None, small: bool = True,
-         sub: int = 1) -> Tuple[Launch, ...]:
+         sub: int = 1, fp32_precision: Optional[str] = None) -> Tuple[Launch, ...]:
     """Every launch of one training step (forward, then backward), in launch order.
 
     Args: margin (`deepfense.params.Margin`), B, D, C the shapes (C: this weight's columns), x/w dtypes, n_sm the
     device's multiprocessors; need_dx/need_dw which gradients the step needs; uniform_grad: every row gets the same
     upstream gradient (reduction 'mean'/'sum'), so a one-tile forward can sum dW before it is known; deterministic:
-    no atomics (the only mode today); gpu: the GPU tiles (default `gpu_tiles()`), else small interpreter tiles;
+    no floating-point atomics, every sum in a fixed order (the only mode today; the batch reduction's ticket is an
+    integer-valued counter); gpu: the GPU tiles (default `gpu_tiles()`), else small interpreter tiles;
     small: C <= SMALL_C takes the small-head path (`small_head.plan_small`); sub: sub-centres per class (the weight
     has C * sub columns; sub > 1 never takes the small-head path nor the one-tile fused gradients, and its dW grid
-    has one program per class block and sub-centre).
+    has one program per class block and sub-centre); fp32_precision: the fp32 dots' input_precision (default
+    FP32_PRECISION).
 
     Large heads: `_margin_ce_fwd_kernel` (row blocks x class splits; one-tile heads also write dW partials),
     `_margin_ce_combine_kernel` when the classes are split, `_margin_ce_bwd_dx_kernel` (feature chunks x row blocks x
@@ -115,7 +126,7 @@ def plan(margin, B: int, D: int, C: int, x_dtype: torch.dtype, w_dtype: torch.dt
     256 padded). Splits are chosen so that every launch has about 2 x n_sm programs; split partials
     are summed in split order. Launch.meta holds the constexprs (UPPER case) and the split counts (lower case).
     """
-    del deterministic  # no atomics anywhere yet
+    del deterministic  # no floating-point atomic sums anywhere yet
     gpu = gpu_tiles() if gpu is None else gpu
     margin = int(margin)
     if small and sub == 1 and C <= SMALL_C and _small_head_ready():
@@ -125,9 +136,12 @@ def plan(margin, B: int, D: int, C: int, x_dtype: torch.dtype, w_dtype: torch.dt
     if gpu:
         # fp32 inputs: tf32x3 dots split every operand into high and low halves, so the K slices, the backward's
         # accumulators and dX's class tiles shrink, the forward takes 8 warps and a whole D >= 512 is two halves (main
-        # + tail): every variant then fits 255 registers without a spill (bench/compile_check.py)
+        # + tail; 16-bit inputs from D = 1024; fp32 dX from D = 1024 two chunks); IEEE dots hold their operand tiles
+        # in registers, so their K slices are 16 wide: every variant then fits 255 registers without a spill
+        # (bench/compile_check.py)
         fp32 = torch.float32 in (x_dtype, w_dtype)
-        bb_f, bk = 64, (32 if fp32 else 64)
+        ieee = fp32 and (fp32_precision or FP32_PRECISION) == "ieee"
+        bb_f, bk = 64, (16 if ieee else 32 if fp32 else 64)
         bc_f = 16 if one_class else max(16, min(_pow2(C), 64))
         d_pad = max(16, _pow2(D))
         do = min(d_pad, _MAX_DO)
@@ -136,8 +150,11 @@ def plan(margin, B: int, D: int, C: int, x_dtype: torch.dtype, w_dtype: torch.dt
         tail = max(16, _pow2(D - main)) if D > main else 0
         if do == d_pad and tail and main + tail < d_pad:
             do = main
-        if fp32 and tail == 0 and do == D >= 512:  # fp32: two half-width dX dots (main + tail), not one wide one
+        if tail == 0 and do == D >= (512 if fp32 else 1024):  # two half-width dX dots (main + tail), not one wide
             do = main = tail = D // 2
+        # fp32 at D >= 1024: dX's halves become two feature chunks of quarter + quarter (each chunk recomputes the
+        # logits: one more GEMM-equivalent, 6 in all), else its two [16, 512] accumulators spill 240-980 B
+        chunk_dx = fp32 and do == main == tail >= 512
         span = main + tail if do == main and tail else do  # the features one backward program accumulates
         acc = _ACC_ELEMS // 2 if fp32 else _ACC_ELEMS
         narrow = max(16, min(64, _pow2(acc // span + 1) // 2))  # the tile side that meets the whole feature chunk
@@ -149,6 +166,7 @@ def plan(margin, B: int, D: int, C: int, x_dtype: torch.dtype, w_dtype: torch.dt
         warps_f = 8 if fp32 else 4
     else:  # small tiles, so small test shapes still run several row / class / feature tiles
         bb_f = bk = bc_f = do = bb_x = bc_x = bc_w = bb_w = 16
+        chunk_dx = False
         warps_b, warps_f, main, tail = 4, 4, 16, 0
     single = C <= bc_f and sub == 1
     fuse_dx = (fuse_dx_default() if fuse_dx is None else fuse_dx) and single and need_dx
@@ -167,10 +185,11 @@ def plan(margin, B: int, D: int, C: int, x_dtype: torch.dtype, w_dtype: torch.dt
     n_do = 1 if has_tail else _cdiv(D, do)
     blocks = dict(BLOCK_K=bk, BLOCK_DO=do, HAS_TAIL=has_tail, BLOCK_DT=tail if has_tail else 16)
     if need_dx and not fuse_dx:
-        n_rb = _cdiv(B, bb_x)
-        splits, per = _split(_cdiv(C, bc_x), n_rb * n_do, n_sm, gpu)
-        out.append(Launch("_margin_ce_bwd_dx_kernel", (n_do, n_rb, splits), warps_b, 2,
-                          dict(BLOCK_B=bb_x, BLOCK_C=bc_x, **blocks, n_splits=splits, tiles_per_split=per)))
+        n_rb, n_dx = _cdiv(B, bb_x), (2 if chunk_dx else n_do)
+        blocks_x = dict(blocks, BLOCK_DO=main // 2, BLOCK_DT=main // 2) if chunk_dx else blocks
+        splits, per = _split(_cdiv(C, bc_x), n_rb * n_dx, n_sm, gpu)
+        out.append(Launch("_margin_ce_bwd_dx_kernel", (n_dx, n_rb, splits), warps_b, 2,
+                          dict(BLOCK_B=bb_x, BLOCK_C=bc_x, **blocks_x, n_splits=splits, tiles_per_split=per)))
     if need_dw and not fuse_dw:
         n_cb = _cdiv(C, bc_w) * sub
         splits, per = _split(_cdiv(B, bb_w), n_cb * n_do, n_sm, gpu)
