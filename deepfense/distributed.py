@@ -122,8 +122,8 @@ class ShardedMarginLossFunction(torch.autograd.Function):
             cols = [part[1] * torch.exp(part[0] - gmax), part[2], part[3]]
         else:
             xg, wf = _gather_rows(x.detach().to(dt), lay), w.to(dt)
-            logits, cos, xnorm, rx, rw, cos_y, lam_t, tcol, owned, wf, best = _local_logits(xg, wf, bias, tg, valid,
-                                                                                            lam, p, lay)
+            (logits, cos, xnorm, rx, rw, cos_y, lam_t, tcol, owned, wf, best,
+             dirty) = _local_logits(xg, wf, bias, tg, valid, lam, p, lay)
             gmax = logits.amax(1)
             dist.all_reduce(gmax, op=dist.ReduceOp.MAX, group=lay.group)
             cols = [torch.exp(logits - gmax[:, None]).sum(1), torch.where(owned, logits.gather(1, tcol)[:, 0], 0.0)]
@@ -166,6 +166,8 @@ class ShardedMarginLossFunction(torch.autograd.Function):
             tgrad = (torch.where(owned[:, None], _target_logit_grad(cos_y, xnorm, lam_t, p), scale_c)
                      if p.margin in (Margin.ANGULAR, Margin.COMBINED) else None)
             xscale = _dlogits_to_dcos(dlogits, logits, scale_c, rx, tcol, tgrad, p)
+            if dirty is not None:
+                dlogits.masked_fill_(dirty, 0.0)  # filtered cosines are constants
         if best is not None:  # sub-centres: each class's gradient to its winning column
             dlogits = _to_sub_centers(dlogits, best, p.sub_centers)
         ctx.save_for_backward(xg, wf, cos, dlogits, rx, rw, xscale, scale)
@@ -198,11 +200,12 @@ class ShardedMarginLossFunction(torch.autograd.Function):
 def _local_logits(xg, wf, bias, tg, valid, lam, p: LossParams, lay: _Layout):
     """Logits [B_total, C_r] of the gathered rows against this rank's classes (torch ops), margin on owned targets,
     with what backward needs: the cosines of every column ([B_total, C_r * K] with K sub-centres), ..., the weight
-    `_project_grad` takes (normalised for the cosine losses) and each class's winning sub-centre (None for K = 1)."""
+    `_project_grad` takes (normalised for the cosine losses), each class's winning sub-centre (None for K = 1) and
+    the logits insightface's interclass filtering zeroes (non-target cosines above the threshold; None when off)."""
     n_local = wf.shape[1] // p.sub_centers
     owned = valid & (tg >= lay.c0) & (tg < lay.c0 + n_local)  # this rank holds the row's target column
     tcol = (tg - lay.c0).clamp(0, n_local - 1)[:, None]
-    cos = xnorm = rx = rw = cos_y = lam_t = best = None
+    cos = xnorm = rx = rw = cos_y = lam_t = best = dirty = None
     if p.margin == Margin.NONE:
         logits = torch.addmm(bias.to(xg.dtype), xg, wf) if bias is not None else xg @ wf
     else:
@@ -213,10 +216,14 @@ def _local_logits(xg, wf, bias, tg, valid, lam, p: LossParams, lay: _Layout):
         cos_y = cos.gather(1, tcol)
         lam_t = None if lam is None else torch.as_tensor(lam, dtype=xg.dtype, device=xg.device)
         logits = cos * _logit_scale(xnorm, lam_t, p)
+        if p.margin == Margin.COMBINED and p.filter_threshold > 0:  # the target column only where this rank owns it
+            dirty = cos > p.filter_threshold
+            dirty.scatter_(1, tcol, dirty.gather(1, tcol) & ~owned[:, None])
+            logits.masked_fill_(dirty, 0.0)
         logits.scatter_(1, tcol, torch.where(owned[:, None], _target_logit(cos_y, xnorm, lam_t, p),
                                              logits.gather(1, tcol)))
         cos = cos_cols
-    return logits, cos, xnorm, rx, rw, cos_y, lam_t, tcol, owned, wf, best
+    return logits, cos, xnorm, rx, rw, cos_y, lam_t, tcol, owned, wf, best, dirty
 
 
 def _sample(tg, valid, lay: _Layout, n_local, sample_rate, generator):
@@ -273,8 +280,6 @@ def sharded_margin_loss(x, w_dc, bias, targets, class_weights, lam, p: LossParam
     """
     if p.margin == Margin.ONE_CLASS:
         raise ValueError("process_group does not apply to OCSoftmax: it has a single class centre, nothing to shard")
-    if p.filter_threshold > 0:
-        raise ValueError("process_group does not support interclass_filtering_threshold yet")
     k = p.sub_centers  # each rank holds whole classes: its C_r * k adjacent columns
     if w_dc.dim() == 2 and w_dc.shape[-1] % k:
         raise ValueError(f"weight has {w_dc.shape[-1]} columns, not a multiple of sub_centers={k}")

@@ -62,12 +62,13 @@ def _data(kind, sizes, n_classes, dim, *, weighted, ignored, seed=0, device="cpu
 
 
 def _check_exact(rank, world, device, kind, sizes, n_classes, *, reduction="mean", smoothing=0.0, weighted=False,
-                 ignored=(), dim=6, backend="auto", rtol=1e-10, sub=1):
+                 ignored=(), dim=6, backend="auto", rtol=1e-10, sub=1, extra=None):
     x, t, w, bias, cw, up = _data(kind, sizes, n_classes, dim, weighted=weighted, ignored=ignored, device=device,
                                   sub=sub)
     kw = dict(class_weights=cw, reduction=reduction, label_smoothing=smoothing, ignore_index=IGNORE)
     if sub > 1:
         kw["sub_centers"] = sub
+    kw.update(extra or {})
     leaves = [a.clone().requires_grad_() for a in (x, w, bias) if a is not None]
     gold = _loss(kind, leaves[0], leaves[1], t, leaves[2] if bias is not None else None, backend="reference", **kw)
     (gold * up).sum().backward() if reduction == "none" else (0.7 * gold).backward()
@@ -103,6 +104,9 @@ def _exact_cases(rank, world, device):
     for kind, sub in (("ArcFace", 3), ("AMSoftmax", 2)):  # sub-centres: each rank holds its classes' K columns
         _check_exact(rank, world, device, kind, (5, 3, 4)[:world], 7, reduction="none", weighted=True, ignored=(1,),
                      smoothing=0.1, sub=sub)
+    for sub in (1, 2):  # insightface's interclass filtering: some non-target cosines of D = 6 rows exceed 0.3
+        _check_exact(rank, world, device, "ArcFace", (5, 3, 4)[:world], 7, weighted=True, ignored=(1,), sub=sub,
+                     extra=dict(interclass_filtering_threshold=0.3))
 
 
 def _kernel_cases(rank, world, device):
@@ -114,6 +118,8 @@ def _kernel_cases(rank, world, device):
                          ignored=(1, 6), smoothing=0.0 if kind == "ASoftmax" else 0.1, backend="triton", rtol=1e-6)
     _check_exact(rank, world, device, "ArcFace", (5, 3, 4)[:world], 40, reduction="mean", weighted=True,
                  ignored=(1,), smoothing=0.1, backend="triton", rtol=1e-6, sub=2)
+    _check_exact(rank, world, device, "ArcFace", (5, 3, 4)[:world], 40, reduction="none", weighted=True,
+                 ignored=(1,), backend="triton", rtol=1e-6, extra=dict(interclass_filtering_threshold=0.3))
 
 
 def _sampling_case(rank, world, device):
