@@ -85,22 +85,25 @@ def _plain_oc(p: LossParams, x, w, targets):
     return _finite_or_none(torch_plain.margin_loss(x, w, None, targets, p))
 
 
-def _plain_ce(p: LossParams, x, w, bias, targets, backend, validate):
-    """CrossEntropy's small-batch path, taken before any other work: torch's `linear` + `cross_entropy`
-    (`deepfense.torch_plain`) when the call is well-formed, the backend resolves to 'torch', the value checks run and
-    `torch_plain.applies`; else None, and the general path answers (and names any problem). torch checks the targets
-    itself: an out-of-range one raises inside, and the general path then raises our error for it. A loss that is not
-    finite also goes to the general path: every row ignored (torch's mean is NaN, ours 0) or NaN/Inf inputs (named
-    there). At B = 8 a forward costs ~10 us of torch ops, so these checks are kept to attribute reads."""
+def _plain_ce(x, w, bias, targets, ignore_index, label_smoothing, reduction, backend, validate):
+    """CrossEntropy's small-batch path, taken before any other work (no LossParams either): torch's `linear` +
+    `cross_entropy` (`deepfense.torch_plain`) when the call is well-formed, its options valid, the backend resolves to
+    'torch', the value checks run and `torch_plain.cross_entropy_applies`; else None, and the general path answers
+    (and names any problem). torch checks the targets itself: an out-of-range one raises inside, and the general
+    path then raises our error for it. A loss that is not finite also goes to the general path: every row ignored
+    (torch's mean is NaN, ours 0) or NaN/Inf inputs (named there). At B = 8 a forward costs ~10 us of torch ops, so
+    these checks are kept to attribute reads."""
     if not (isinstance(x, torch.Tensor) and isinstance(targets, torch.Tensor) and x.dim() == 2 and targets.dim() == 1
             and targets.dtype == torch.int64 and w.shape[1] == x.shape[1] and targets.shape[0] == x.shape[0]
-            and (bias is None or bias.shape == (w.shape[0],))):
+            and (bias is None or bias.shape == (w.shape[0],)) and type(ignore_index) is int
+            and reduction in ("mean", "sum", "none") and type(label_smoothing) in (float, int)
+            and 0.0 <= label_smoothing <= 1.0):
         return None
     if (resolve_backend(backend, x.device) != "torch" or not validating(targets, validate)
-            or not torch_plain.applies(p, x, w.shape[0], bias, None, w.dtype)):
+            or not torch_plain.cross_entropy_applies(x, w, bias)):
         return None
     try:
-        loss = torch_plain.margin_loss(x, w, bias, targets, p)
+        loss = torch_plain.cross_entropy(x, w, bias, targets, reduction, ignore_index, float(label_smoothing))
     except (IndexError, RuntimeError):  # a target out of range, tensors on two devices: named by the general path
         return None
     return _finite_or_none(loss)
@@ -200,11 +203,11 @@ def cross_entropy_loss(embeddings, weight, targets, *, bias=None, class_weights=
     """
     if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
         raise ValueError("weight must be a 2-D tensor [n_classes, embedding_dim]")
-    p = _params(Margin.NONE, ignore_index=ignore_index, label_smoothing=float(label_smoothing), reduction=reduction)
     if class_weights is None and process_group is None:
-        loss = _plain_ce(p, embeddings, weight, bias, targets, backend, validate)
+        loss = _plain_ce(embeddings, weight, bias, targets, ignore_index, label_smoothing, reduction, backend, validate)
         if loss is not None:
             return loss
+    p = _params(Margin.NONE, ignore_index=ignore_index, label_smoothing=float(label_smoothing), reduction=reduction)
     return _dispatch(p, embeddings, weight, bias, targets, class_weights, None, backend, process_group, validate)
 
 

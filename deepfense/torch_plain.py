@@ -33,24 +33,39 @@ def applies(p: LossParams, x, n_classes: int, bias, class_weights, w_dtype: torc
     """Whether `margin_loss` may serve this call: a small CrossEntropy or OCSoftmax head without class weights, and one
     floating dtype (fp32 or fp64) for every input. The caller checks the targets (see the module docstring)."""
     rows = MAX_ROWS.get(p.margin)
-    if rows is None or class_weights is not None or not 0 < x.shape[0] <= rows:
+    return rows is not None and class_weights is None and _fits(rows, x, n_classes, bias, w_dtype)
+
+
+def cross_entropy_applies(x, w, bias) -> bool:
+    """`applies` for CrossEntropy without class weights, w its fc.weight [C, D] (no LossParams needed)."""
+    return _fits(MAX_ROWS[Margin.NONE], x, w.shape[0], bias, w.dtype)
+
+
+def _fits(max_rows: int, x, n_classes: int, bias, w_dtype: torch.dtype) -> bool:
+    if not 0 < x.shape[0] <= max_rows or n_classes > MAX_CLASSES:
         return False
-    if n_classes > MAX_CLASSES or x.dtype not in (torch.float32, torch.float64) or w_dtype != x.dtype:
+    if x.dtype not in (torch.float32, torch.float64) or w_dtype != x.dtype:
         return False
     return bias is None or bias.dtype == x.dtype
+
+
+def cross_entropy(x, w, bias, targets, reduction: str, ignore_index: int, label_smoothing: float):
+    """CrossEntropy on `x` [B, D], fc.weight `w` [C, D], `bias` [C] or None, `targets` [B] int64 (torch checks their
+    range itself), reduced per `reduction`, in x's dtype."""
+    if x.shape[0] * x.shape[1] < WIDE_GEMM:
+        logits = F.linear(x, w, bias)
+    else:  # [C, D] @ [D, B], then a transposed view: see WIDE_GEMM
+        logits = (torch.mm(w, x.t()) if bias is None else torch.addmm(bias[:, None], w, x.t())).t()
+    # torch's own op behind F.cross_entropy, without its Python wrapper (~2 us of the ~10 a small forward costs)
+    return torch._C._nn.cross_entropy_loss(logits, targets, None, _REDUCTION[reduction], ignore_index,
+                                           label_smoothing)
 
 
 def margin_loss(x, w, bias, targets, p: LossParams):
     """The loss on `x` [B, D], `w` (CrossEntropy: fc.weight [C, D]; OCSoftmax: [D, 1]), `bias` [C] or None, `targets`
     [B] all in range; reduced per `p.reduction`, in x's dtype."""
     if p.margin == Margin.NONE:
-        if x.shape[0] * x.shape[1] < WIDE_GEMM:
-            logits = F.linear(x, w, bias)
-        else:  # [C, D] @ [D, B], then a transposed view: see WIDE_GEMM
-            logits = (torch.mm(w, x.t()) if bias is None else torch.addmm(bias[:, None], w, x.t())).t()
-        # torch's own op behind F.cross_entropy, without its Python wrapper (~2 us of the ~10 a small forward costs)
-        return torch._C._nn.cross_entropy_loss(logits, targets, None, _REDUCTION[p.reduction], p.ignore_index,
-                                               p.label_smoothing)
+        return cross_entropy(x, w, bias, targets, p.reduction, p.ignore_index, p.label_smoothing)
     norm = torch.linalg.vector_norm(x, dim=1, keepdim=True) * torch.linalg.vector_norm(w)
     # 1/|x||w|, and 0 for a zero vector: 1/inf is 0 with a zero gradient, where 1/0 would make the gradient NaN; a
     # NaN norm is not > 0 either, and 0 times the row's NaN dot product stays NaN

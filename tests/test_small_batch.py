@@ -23,13 +23,18 @@ SYNCS = {"item", "_local_scalar_dense", "nonzero", "is_nonzero", "tolist", "equa
 
 @pytest.fixture
 def plain_calls(monkeypatch):
-    """Counts the calls that reach the plain path."""
+    """Counts the calls that reach the plain path (CrossEntropy's `cross_entropy`, OCSoftmax's `margin_loss`)."""
     calls = []
-    real = torch_plain.margin_loss
+    real_ce, real = torch_plain.cross_entropy, torch_plain.margin_loss
+
+    def spy_ce(*args):
+        calls.append(Margin.NONE)
+        return real_ce(*args)
 
     def spy(*args):
         calls.append(args[-1].margin)
         return real(*args)
+    monkeypatch.setattr(torch_plain, "cross_entropy", spy_ce)
     monkeypatch.setattr(torch_plain, "margin_loss", spy)
     return calls
 
