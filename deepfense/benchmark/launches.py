@@ -81,7 +81,5 @@ def representative_steps(dtypes=("bf16", "fp32")) -> List[Step]:
             for loss in MARGINS:
                 if loss == "OCSoftmax" and family != "deepfake":
                     continue  # one centre: the class count does not change its launches
-                if loss == "ArcFace" and family == "deepfake":
-                    continue  # ArcFace's large heads; its small-head forward (C = 2) is not covered yet (see README)
                 out.append(Step(loss, B, D, C, dtype))
     return out
