@@ -164,16 +164,18 @@ def plan(margin, B: int, D: int, C: int, x_dtype: torch.dtype, w_dtype: torch.dt
         if sub > 1:  # the winner and its 1/|w| per (row, class) stay live too: narrower class tiles
             bc_x, bc_w = max(16, bc_x // 2), max(16, bc_w // 2)
         warps_f = 8 if fp32 else 4
+        # IEEE dots' operand tiles in registers: 3 forward stages took ArcFace's face forward to an 8-B spill
+        stages_f = 2 if ieee else 3
     else:  # small tiles, so small test shapes still run several row / class / feature tiles
         bb_f = bk = bc_f = do = bb_x = bc_x = bc_w = bb_w = 16
         chunk_dx = False
-        warps_b, warps_f, main, tail = 4, 4, 16, 0
+        warps_b, warps_f, main, tail, stages_f = 4, 4, 16, 0, 3
     single = C <= bc_f and sub == 1
     fuse_dx = (fuse_dx_default() if fuse_dx is None else fuse_dx) and single and need_dx
     fuse_dw = single and need_dw and uniform_grad
     n_rows = _cdiv(max(B, 1), bb_f)
     n_splits, per = (1, 1) if single else _split(_cdiv(C, bc_f), n_rows, n_sm, gpu)
-    fwd = Launch("_margin_ce_fwd_kernel", (n_rows, n_splits), warps_f, 3,
+    fwd = Launch("_margin_ce_fwd_kernel", (n_rows, n_splits), warps_f, stages_f,
                  dict(BLOCK_B=bb_f, BLOCK_C=bc_f, BLOCK_K=bk, SPLIT=n_splits > 1, FUSE_DX=fuse_dx, FUSE_DW=fuse_dw,
                       n_splits=n_splits, tiles_per_split=per))
     out = [fwd]
@@ -193,8 +195,12 @@ def plan(margin, B: int, D: int, C: int, x_dtype: torch.dtype, w_dtype: torch.dt
     if need_dw and not fuse_dw:
         n_cb = _cdiv(C, bc_w) * sub
         splits, per = _split(_cdiv(B, bb_w), n_cb * n_do, n_sm, gpu)
-        out.append(Launch("_margin_ce_bwd_dw_kernel", (n_do, n_cb, splits), warps_b, 2,
-                          dict(BLOCK_B=bb_w, BLOCK_C=bc_w, **blocks, n_splits=splits, tiles_per_split=per)))
+        # ASoftmax's and ArcFace's margin maths beside a whole D >= 1024 of fp32 accumulators: 16-wide K slices, and
+        # for ArcFace one pipeline stage (either alone still spilled 8-16 B at 255 registers: bench/compile_check.py)
+        wide = gpu and chunk_dx and margin in (2, 4)
+        blocks_w = dict(blocks, BLOCK_K=16) if wide else blocks
+        out.append(Launch("_margin_ce_bwd_dw_kernel", (n_do, n_cb, splits), warps_b, 1 if wide and margin == 4 else 2,
+                          dict(BLOCK_B=bb_w, BLOCK_C=bc_w, **blocks_w, n_splits=splits, tiles_per_split=per)))
     return tuple(out)
 
 
