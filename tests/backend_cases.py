@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from deepfense import functional as F
 
@@ -83,3 +84,18 @@ def assert_close_to_gold(loss, case, backend, opts, dtype):
         err = (f - g).abs()
         assert (err <= bound).all(), (f"{name} ({backend}, {dtype}): max error {err.max().item():.3g}, "
                                       f"worst excess {(err - bound).max().item():.3g}")
+
+
+class LargestAllocation(TorchDispatchMode):
+    """Records the number of elements of the largest tensor any op returns while active (kernels' outputs included)."""
+
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor):
+                self.largest = max(self.largest, t.numel())
+        return out

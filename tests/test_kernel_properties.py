@@ -3,9 +3,8 @@ selection, and training that tracks the reference."""
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
-from backend_cases import DEVICE, FUNCS, LOSSES, make_case, options, run
+from backend_cases import DEVICE, FUNCS, LOSSES, LargestAllocation, make_case, options, run
 from deepfense import functional as F
 from deepfense import reference
 
@@ -50,21 +49,6 @@ def test_bitwise_deterministic(loss, C):
         assert (a is None and b is None) or torch.equal(a, b)
 
 
-class _LargestAllocation(TorchDispatchMode):
-    """Records the largest tensor any op produces while active (kernels' outputs included)."""
-
-    def __init__(self):
-        super().__init__()
-        self.largest = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in out if isinstance(out, (tuple, list)) else (out,):
-            if isinstance(t, torch.Tensor):
-                self.largest = max(self.largest, t.numel())
-        return out
-
-
 @pytest.mark.parametrize("loss", ["am", "a", "ce"])
 def test_no_batch_by_class_allocation(loss):
     """With many classes, neither forward nor backward allocates anything of B x C elements."""
@@ -72,12 +56,12 @@ def test_no_batch_by_class_allocation(loss):
     case = make_case(loss, B, D, C, torch.float32, seed=4)
     x, w = case["x"].requires_grad_(), case["w"].requires_grad_()
     extra = {"bias": case["bias"]} if loss == "ce" else {}
-    with _LargestAllocation() as mode:
+    with LargestAllocation() as mode:
         out = FUNCS[loss](x, w, case["t"], backend="triton", **options(loss), **extra)
         out.backward()
     assert x.grad is not None and w.grad is not None
     assert 0 < mode.largest < B * C // 4, mode.largest
-    with _LargestAllocation() as ref_mode:  # the check can fail: the reference does allocate B x C
+    with LargestAllocation() as ref_mode:  # the check can fail: the reference does allocate B x C
         FUNCS[loss](x, w, case["t"], backend="reference", **options(loss), **extra).backward()
     assert ref_mode.largest >= B * C
 

@@ -9,9 +9,8 @@ import math
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
-from backend_cases import DEVICE, assert_close_to_gold, make_case, options, run
+from backend_cases import DEVICE, LargestAllocation, assert_close_to_gold, make_case, options, run
 from deepfense import functional as F
 from deepfense.kernels import plan as P
 from deepfense.params import Margin
@@ -110,21 +109,6 @@ def test_plan_never_takes_the_small_head_or_one_tile_fusion():
     assert launches[2].grid[1] == 3  # one dW program per class block and sub-centre
 
 
-class _SizeRecorder(TorchDispatchMode):
-    """The largest number of elements of any tensor a torch op returns while active."""
-
-    def __init__(self):
-        super().__init__()
-        self.largest = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in out if isinstance(out, (tuple, list)) else (out,):
-            if isinstance(t, torch.Tensor):
-                self.largest = max(self.largest, t.numel())
-        return out
-
-
 def test_no_batch_by_classes_buffer():
     """Forward + backward on the fused path allocate nothing of B*C elements (the torch backend's [B, C*K] cosines
     show the recorder sees such buffers)."""
@@ -133,7 +117,7 @@ def test_no_batch_by_classes_buffer():
     case = make_case("arc", B, D, C, torch.float32, seed=2, sub_centers=K)
     sizes = {}
     for backend in ("triton", "torch"):
-        with _SizeRecorder() as rec:
+        with LargestAllocation() as rec:
             run("arc", case, backend, dict(sub_centers=K, validate=False))
         sizes[backend] = rec.largest
     assert sizes["torch"] >= B * C * K
