@@ -15,12 +15,11 @@ everywhere. They never run while torch.compile traces. See `deepfense.inputs` fo
 from __future__ import annotations
 
 import functools
-import math
 
 import torch
 
 from . import reference, torch_plain
-from .inputs import BACKENDS, check_finite, check_targets, check_tensors, resolve_backend, validating
+from .inputs import BACKENDS, check_finite, check_targets, check_tensors, loss_is_finite, resolve_backend, validating
 from .params import Fallback, Margin, LossParams
 
 __all__ = ["am_softmax_loss", "a_softmax_loss", "oc_softmax_loss", "cross_entropy_loss", "arcface_loss",
@@ -82,7 +81,8 @@ def _plain_oc(p: LossParams, x, w, targets):
     answer: some row ignored, or a loss that is not finite (NaN/Inf inputs, which the general path then names)."""
     if not check_targets(targets, 2, p):
         return None
-    return _finite_or_none(torch_plain.margin_loss(x, w, None, targets, p))
+    loss = torch_plain.margin_loss(x, w, None, targets, p)
+    return loss if loss_is_finite(loss) else None
 
 
 def _plain_ce(x, w, bias, targets, ignore_index, label_smoothing, reduction, backend, validate):
@@ -106,11 +106,7 @@ def _plain_ce(x, w, bias, targets, ignore_index, label_smoothing, reduction, bac
         loss = torch_plain.cross_entropy(x, w, bias, targets, reduction, ignore_index, float(label_smoothing))
     except (IndexError, RuntimeError):  # a target out of range, tensors on two devices: named by the general path
         return None
-    return _finite_or_none(loss)
-
-
-def _finite_or_none(loss):
-    return loss if (math.isfinite(loss.item()) if loss.dim() == 0 else bool(torch.isfinite(loss).all())) else None
+    return loss if loss_is_finite(loss) else None
 
 
 def _reference(p: LossParams, x, w_dc, bias, targets, class_weights, lam):
@@ -240,7 +236,8 @@ def arcface_loss(embeddings, weight, targets, *, m=0.2, s=32.0, fallback="wespea
             raise ValueError(f"{name} must be {'> 0' if name == 's' else '>= 0'}, got {v}")
     # the runtime scalars (s, m2, m3) travel as one float64 tensor on the embeddings' device, built by arithmetic
     # (`scalar_like`): a schedule never changes the static options, and torch.compile keeps a Python float symbolic
-    like = torch.empty((), dtype=torch.float64, device=embeddings.device if isinstance(embeddings, torch.Tensor) else None)
+    device = embeddings.device if isinstance(embeddings, torch.Tensor) else None
+    like = torch.empty((), dtype=torch.float64, device=device)
     lam = torch.stack([reference.scalar_like(v, like).reshape(()) for v in (s, m, m3)])
     p = LossParams(Margin.COMBINED, s=1.0, m=0.0, m1=float(m1), m3=0.0,
                    fallback=int(Fallback[fallback.upper()]), filter_threshold=float(interclass_filtering_threshold),

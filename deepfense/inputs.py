@@ -124,9 +124,14 @@ def check_targets(targets, n_targets, p: LossParams) -> bool:
     return False
 
 
+def loss_is_finite(loss) -> bool:
+    """Whether every value of the (small) loss is finite: one host sync."""
+    return math.isfinite(loss.item()) if loss.dim() == 0 else bool(torch.isfinite(loss).all())
+
+
 def check_finite(loss, x, w_dc, bias):
     """Host sync on the (small) loss; only when it is not finite are the inputs scanned to name the culprit."""
-    if math.isfinite(loss.item()) if loss.dim() == 0 else bool(torch.isfinite(loss.detach()).all()):
+    if loss_is_finite(loss):
         return
     for name, t in (("embeddings", x), ("weight", w_dc), ("bias", bias)):
         if t is not None and not torch.isfinite(t.detach()).all():
