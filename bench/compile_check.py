@@ -53,9 +53,9 @@ except ImportError:  # older triton: no specialisation hints (the compile is sti
 
 TOOLS = os.path.join(os.path.dirname(triton.backends.nvidia.__file__), "bin")
 TL_DTYPES = {"bf16": tl.bfloat16, "fp16": tl.float16, "fp32": tl.float32, "fp64": tl.float64}
-FLOATS = {"s", "m", "gamma", "m_real", "m_fake", "alpha", "eps", "pad_w"}
+FLOATS = {"s", "m", "gamma", "m_real", "m_fake", "alpha", "eps"}
 ACC_POINTERS = {"STATS_ptr", "PART_ptr", "DWP_ptr", "RED_ptr", "G_ptr", "BIAS_ptr", "CW_ptr", "LAM_ptr", "DB_ptr",
-                "LOSS_ptr", "ROWW_ptr", "SAVED_ptr", "DEN_ptr"}
+                "LOSS_ptr", "ROWW_ptr", "SAVED_ptr", "WS_ptr"}
 
 
 @dataclass(frozen=True)
@@ -230,7 +230,7 @@ def _constexprs(meta: dict, kernel, step: Step) -> dict:
     step_meta = dict(MARGIN=int(MARGINS[step.loss]), HAS_BIAS=step.has_bias, HAS_CW=False,
                      DOT_DTYPE=step.dtype, ACC_DTYPE="fp32",
                      PRECISION=FP32_PRECISION if step.dtype == "fp32" else "ieee", NEED_DX=True, NEED_DW=True,
-                     HAS_XCOEF=step.loss != "CrossEntropy", PAD=True, HAS_DEN=True,  # small head, 'mean'
+                     HAS_XCOEF=step.loss != "CrossEntropy", REDUCED=True,  # small head, 'mean'
                      SUB=1)  # the representative steps have no sub-centres
     out = {}
     for p in kernel.params:

@@ -32,8 +32,8 @@ from deepfense.kernels import small_head_kernels as K  # noqa: E402
 from deepfense.kernels.small_head import plan_small  # noqa: E402
 from deepfense.params import Margin  # noqa: E402
 
-FLOATS = {"s", "m", "gamma", "m_real", "m_fake", "alpha", "eps", "pad_w"}
-ACC_POINTERS = {"LOSS_ptr", "ROWW_ptr", "SAVED_ptr", "G_ptr", "PART_ptr", "BIAS_ptr", "CW_ptr", "LAM_ptr", "DEN_ptr"}
+FLOATS = {"s", "m", "gamma", "m_real", "m_fake", "alpha", "eps"}
+ACC_POINTERS = {"LOSS_ptr", "ROWW_ptr", "SAVED_ptr", "G_ptr", "PART_ptr", "BIAS_ptr", "CW_ptr", "LAM_ptr", "WS_ptr"}
 NAMES = {torch.bfloat16: "bf16", torch.float32: "fp32"}
 
 
@@ -92,14 +92,14 @@ def main(only: str = "") -> int:
                 values = dict(B=B, D=D, C=C, stride_x_row=D, stride_x_col=1, stride_w_d=1 if ce else C,
                               stride_w_c=D if ce else 1, stride_g=0)
                 fwd, bwd = plan_small(margin, B, D, C, dtype, dtype, n_sm=132)
-                flags = (dict(MARGIN=int(margin), HAS_BIAS=ce, HAS_CW=True, PAD=True),  # reduction 'mean'
-                         dict(HAS_XCOEF=not ce, HAS_DEN=True, HAS_BIAS=ce, NEED_DX=True, NEED_DW=True))
+                flags = (dict(MARGIN=int(margin), HAS_BIAS=ce, HAS_CW=True, REDUCED=True),  # reduction 'mean'
+                         dict(HAS_XCOEF=not ce, REDUCED=True, HAS_BIAS=ce, NEED_DX=True, NEED_DW=True))
                 for kernel, launch, flag in ((K._small_head_fwd_kernel, fwd, flags[0]),
                                              (K._small_head_bwd_kernel, bwd, flags[1])):
                     regs, st, ld, stack = usage(kernel, dict(flag, ACC_DTYPE=tl.float32, **launch.meta),
                                                 NAMES[dtype], values, launch)
                     bad += st > 0 or ld > 0 or regs > 128
-                    print(f"{launch.kernel[12:15]} {label:20s} grid {launch.grid[0]:5d} warps {launch.num_warps} "
+                    print(f"{launch.kernel[12:15]} {label:20s} grid {str(launch.grid):10s} warps {launch.num_warps} "
                           f"{launch.meta}: {regs} registers, spill {st}/{ld} bytes, stack {stack}", flush=True)
     return 1 if bad else 0
 

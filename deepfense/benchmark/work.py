@@ -90,10 +90,11 @@ def _combine(l, step, s, plan) -> Work:
     return Work(0, read, written, read + written)
 
 
-def _reduce_io(n_prog: int):
-    """(read, written) bytes of `_reduce_rows` for reduction='mean': each program stores its loss and row-weight
-    sums, the last one reads them all and writes the loss and the backward's gradient scale."""
-    return 2 * n_prog * ACC, 2 * n_prog * ACC + 2 * ACC
+def _reduce_io(n_prog: int, n_sum: int = 2):
+    """(read, written) bytes of `reduce_rows._reduce_sums` for reduction='mean': each program stores its n_sum sums
+    (the loss, the row weight, then the small heads' cosine-term sums), the last one reads them all and writes the
+    loss, the backward's gradient scale and the n_sum - 2 further totals."""
+    return n_sum * n_prog * ACC, n_sum * n_prog * ACC + n_sum * ACC
 
 
 def _chunks(m):
@@ -143,24 +144,25 @@ def _small_fwd(l, step, s, plan) -> Work:
     m, (n_prog,) = l.meta, l.grid
     bb, bk, bc = m["BLOCK_B"], m["BLOCK_K"], m["BLOCK_C"]
     macs = n_prog * cdiv(s.D, bk) * bc * bk * bb
-    read = s.B * (s.D * s.xi + TGT) + n_prog * (s.C * (s.D * s.wi + s.bi) + s.lam)
-    # one buffer of B + 1 columns (the last: program 0's padding): loss, row weight, coefficients a, b (e but for CE)
-    written = (s.B + 1) * (2 + s.C + 1 + s.xcoef * s.C) * ACC
+    red_read, red_written = _reduce_io(n_prog, 2 + s.xcoef * s.C)  # the loss, the row weight, e's column sums
+    read = s.B * (s.D * s.xi + TGT) + n_prog * (s.C * (s.D * s.wi + s.bi) + s.lam) + red_read
+    written = s.B * (s.C + 1) * ACC + red_written  # the coefficients a, b
     unique = s.B * (s.D * s.xi + TGT) + s.C * (s.D * s.wi + s.bi) + written
     return Work(macs, read, written, min(unique, read + written))
 
 
 def _small_bwd(l, step, s, plan) -> Work:
-    m, (n_prog,) = l.meta, l.grid
+    m, (n_groups, n_k) = l.meta, l.grid
     bb, bk, bc = m["BLOCK_B"], m["BLOCK_K"], m["BLOCK_C"]
-    n_k = cdiv(s.D, bk)
-    macs = 2 * cdiv(s.B, bb) * n_k * bc * bb * bk  # the dX and the dW partial products, per row block and K chunk
-    per_row = ACC * (1 + s.C + s.xcoef)  # upstream gradient, coefficients, x coefficient: once per K chunk
-    # dW's cosine term (not for CE): the gradient per program, sum_i e_ic from the forward's row sums (program 0)
-    cos_term = s.xcoef * (n_prog + s.C) * ACC
-    read = n_prog * (s.C * s.D * s.wi + ACC) + n_k * s.B * per_row + cos_term + s.B * s.D * s.xi  # ACC: the mean's sum
-    written = s.B * s.D * s.xi + n_prog * s.C * (s.D + bool(s.bi)) * ACC  # dX, the fp32 partials
-    unique = s.C * s.D * s.wi + s.B * per_row + s.xcoef * s.C * ACC + s.B * s.D * s.xi + ACC + written
+    macs = 2 * cdiv(s.B, bb) * n_k * bc * bb * bk  # the dX and the dW partial products, per row block and K slice
+    per_row = ACC * (s.C + s.xcoef)  # the coefficients a (and b): once per K slice
+    # per program: the upstream gradient and the reduction's scale; row group 0: the cosine term's totals (not CE)
+    once = 2 * l.programs * ACC + n_k * s.xcoef * s.C * ACC
+    read = n_groups * s.C * s.D * s.wi + n_k * s.B * per_row + once + s.B * s.D * s.xi
+    # dX, then dW (and d bias): one row group writes them in w's dtype, several write fp32 partials
+    dw_item = s.wi if n_groups == 1 else ACC
+    written = s.B * s.D * s.xi + n_groups * s.C * (s.D + bool(s.bi)) * dw_item
+    unique = s.C * s.D * s.wi + s.B * per_row + s.xcoef * s.C * ACC + s.B * s.D * s.xi + 2 * ACC + written
     return Work(macs, read, written, min(unique, read + written))
 
 
@@ -173,8 +175,8 @@ def partial_sum_bytes(step, plan) -> int:
     """Bytes the launchers' torch ops move after the kernels to sum split partials (an estimate from the tensors'
     sizes, not counted by the interpreter): dX partials [splits, B, D] fp32 summed and cast, dW partials
     [splits, D, C] (d bias [splits, C]) summed and copied, the one-tile forward's dW partials [row blocks, D + 1, C],
-    the small head's forward buffer [2 + coefficients, B + 1] summed by rows, its [programs, D (+1), C] (cosine term
-    included) summed, then cast."""
+    the small head's backward partials [programs, D (+1), C] (cosine term included) summed, then cast (a single
+    program writes dW itself)."""
     s, total = _Shape(step), 0
     for item in plan:
         m, k = item.meta, item.kernel
@@ -184,10 +186,7 @@ def partial_sum_bytes(step, plan) -> int:
             total += (m["n_splits"] + 2) * (s.D * s.C + (s.C if s.bi else 0)) * ACC + s.D * s.C * s.wi
         elif k == "_margin_ce_fwd_kernel" and m["FUSE_DW"]:
             total += (item.grid[0] + 1) * (s.D + 1) * s.C * ACC
-        elif k == "_small_head_fwd_kernel":  # the row sums of its one [2 + coefficients, B + 1] buffer
-            n = 2 + s.C + 1 + s.xcoef * s.C
-            total += (s.B + 2) * n * ACC
-        elif k == "_small_head_bwd_kernel":
+        elif k == "_small_head_bwd_kernel" and item.grid[0] > 1:  # the partials summed, then cast to w's dtype
             rows = s.D + bool(s.bi)
-            total += (item.grid[0] + 1) * rows * s.C * ACC + s.D * s.C * s.wi
+            total += (item.grid[0] + 1) * rows * s.C * ACC + (rows * s.C * (ACC + s.wi) if s.wi != ACC else 0)
     return total
