@@ -101,6 +101,21 @@ def test_class_splits(monkeypatch, gpu_tiles):
     assert_close_to_gold("arc", case, "triton", options("arc", sub_centers=2, smoothing=0.1), torch.float32)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+def test_wide_dx_takes_two_feature_chunks(monkeypatch, dtype):
+    """From D = 512 the sub-centre dX takes two feature chunks (16-bit: 256 + 256; fp32: main + tail of 128 each),
+    which keeps the face head's dX (D = 512, K = 3) from spilling on sm_90 (bench/compile_check_subcenters.py):
+    an H200's plan against the float64 reference."""
+    _kernels_or_skip()
+    monkeypatch.setenv("DEEPFENSE_TILES", "gpu")
+    monkeypatch.setenv("DEEPFENSE_SM_COUNT", "132")
+    B, D, C = 6, 512, 20
+    dx = P.launch(P.plan(Margin.COMBINED, B, D, C, dtype, dtype, n_sm=132, sub=3), "_margin_ce_bwd_dx_kernel")
+    assert dx.grid[0] == 2 and dx.meta["BLOCK_DO"] == (256 if dtype == torch.bfloat16 else 128), dx
+    case = make_case("arc", B, D, C, dtype, seed=9, sub_centers=3)
+    assert_close_to_gold("arc", case, "triton", options("arc", sub_centers=3, reduction="none"), dtype)
+
+
 def test_plan_never_takes_the_small_head_or_one_tile_fusion():
     launches = P.plan(Margin.COMBINED, 30, 16, 4, torch.float32, torch.float32, n_sm=1, sub=3)
     names = [launch.kernel for launch in launches]

@@ -153,8 +153,9 @@ def plan(margin, B: int, D: int, C: int, x_dtype: torch.dtype, w_dtype: torch.dt
         if tail == 0 and do == D >= (512 if fp32 else 1024):  # two half-width dX dots (main + tail), not one wide
             do = main = tail = D // 2
         # fp32 at D >= 1024: dX's halves become two feature chunks of quarter + quarter (each chunk recomputes the
-        # logits: one more GEMM-equivalent, 6 in all), else its two [16, 512] accumulators spill 240-980 B
-        chunk_dx = fp32 and do == main == tail >= 512
+        # logits: one more GEMM-equivalent, 6 in all), else its two [16, 512] accumulators spill 240-980 B;
+        # sub-centres from D = 512 (below, 16-bit inputs too: the face head's dX spilled 48-152 B)
+        chunk_dx = fp32 and do == main == tail >= (256 if sub > 1 else 512)
         span = main + tail if do == main and tail else do  # the features one backward program accumulates
         acc = _ACC_ELEMS // 2 if fp32 else _ACC_ELEMS
         narrow = max(16, min(64, _pow2(acc // span + 1) // 2))  # the tile side that meets the whole feature chunk
@@ -189,6 +190,8 @@ def plan(margin, B: int, D: int, C: int, x_dtype: torch.dtype, w_dtype: torch.dt
     if need_dx and not fuse_dx:
         n_rb, n_dx = _cdiv(B, bb_x), (2 if chunk_dx else n_do)
         blocks_x = dict(blocks, BLOCK_DO=main // 2, BLOCK_DT=main // 2) if chunk_dx else blocks
+        if gpu and sub > 1 and not chunk_dx and not has_tail and do >= 512:  # two feature chunks per chunk
+            n_dx, blocks_x = 2 * n_do, dict(blocks, BLOCK_DO=do // 2)
         splits, per = _split(_cdiv(C, bc_x), n_rb * n_dx, n_sm, gpu)
         out.append(Launch("_margin_ce_bwd_dx_kernel", (n_dx, n_rb, splits), warps_b, 2,
                           dict(BLOCK_B=bb_x, BLOCK_C=bc_x, **blocks_x, n_splits=splits, tiles_per_split=per)))
