@@ -51,7 +51,12 @@ def test_gpu_plan_matches_reference(h200_plan, loss):
     """The GPU plan's code paths (whole-D feature chunks with masked tails, class-split forward and dX, row-split
     dW) on an unaligned shape, against the float64 reference."""
     case = make_case(loss, 70, 40, 150, torch.float32, seed=3, class_weights=True, ignore_some=True)
-    assert_close_to_gold(loss, case, "triton", options(loss, reduction="none", smoothing=0.1), torch.float32)
+    # CrossEntropy's linear logits reach ~30 here (row losses up to 84 with the class weights): fp32's rounding of
+    # the logits alone moves dX by ~1e-5 relative, a floor torch's elementwise error does not show everywhere (on
+    # an AMD EPYC 2 of 2800 dX elements passed 1e-5 (1 + |g|) by up to 6e-6; the kernels' worst relative error is
+    # 2.1x torch's); the margin losses' cosines are bounded
+    assert_close_to_gold(loss, case, "triton", options(loss, reduction="none", smoothing=0.1), torch.float32,
+                         atol_scale=2.0 if loss == "ce" else 1.0)
 
 
 def test_gpu_plan_fp32_halves_a_wide_feature_chunk(h200_plan):
