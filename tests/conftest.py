@@ -8,6 +8,64 @@ if TEST_DEVICE != "cuda":
     # triton.jit reads this when deepfense.kernels is first imported, which happens after conftest runs
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+
+def _patch_the_interpreter_once_per_launch():
+    """The Triton interpreter patches triton.language's builtins (inspect.getmembers over tl, tl.tensor, tl.math) at
+    every launch and again at every call of a @triton.jit helper inside it, whose scope it then drops: while the
+    launch's patch is in force, a helper that sees no language module the launch has not patched yet changes
+    nothing by patching again, yet those calls took about half of a kernel test's time. Such calls skip it; the
+    others (a helper of triton.language.standard sees triton.language.core) patch as before, and the launch restores
+    its patch as before."""
+    import inspect
+
+    try:
+        import triton.language as tl
+        from triton.runtime import interpreter
+    except ImportError:
+        return
+    real = getattr(interpreter, "_patch_lang", None)
+    if real is None:
+        return
+    patched = set()  # the language modules patched since the current launch began; empty between launches
+
+    class _Kept:
+        def restore(self):
+            pass
+
+    langs_of = {}  # a function's language modules, by the function
+
+    def patch_lang(fn):
+        langs = langs_of.get(fn)
+        if langs is None:
+            langs = {id(v) for v in fn.__globals__.values() if inspect.ismodule(v) and v in (tl, tl.core)}
+            langs_of[fn] = langs
+        if patched and langs <= patched:
+            return _Kept()
+        outer = not patched  # the launch's own call (GridExecutor restores its scope); else a helper's
+        scope = real(fn)
+        patched.update(langs)
+        if outer:
+            restore = scope.restore
+
+            def restore_and_end():
+                patched.clear()
+                restore()
+            scope.restore = restore_and_end
+        return scope
+    interpreter._patch_lang = patch_lang
+
+
+if os.environ.get("TRITON_INTERPRET") == "1":
+    _patch_the_interpreter_once_per_launch()
+
+# pytest-xdist (the README's test command runs one worker per core): each worker keeps torch to one thread, so two
+# workers on two cores do not oversubscribe them
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    import torch
+
+    torch.set_num_threads(1)
+
 # torch.compile's on-disk caches key a graph by its forward ops, not by the Python backward a custom op registers: after
 # a change to a deepfense op's schema a warm cache replays a backward built for the old one ("missing value for
 # argument ..."). Each test session compiles into its own cache unless one is chosen.
@@ -68,8 +126,26 @@ def _fp64_dot_error():
     return None
 
 
+# With pytest-xdist: the files whose tests share a module or session fixture (a compile of every bf16 variant, a
+# venv) run in one worker each, so the fixture is built once; the longest start first, so no worker is left with
+# one of them at the end while the other idles.
+_SHARED_FIXTURE_FILES = ("test_gpu_compile.py", "test_coinstall.py", "test_precision_emulation.py")
+_LONGEST_FIRST = ("test_gpu_compile.py", "test_coinstall.py", "test_compile_and_bad_values.py")
+
+
+def pytest_configure(config):
+    if getattr(config.option, "numprocesses", None) and getattr(config.option, "dist", "no") == "load":
+        config.option.dist = "loadgroup"  # -n without --dist: keep each _SHARED_FIXTURE_FILES file on one worker
+
+
 def pytest_collection_modifyitems(config, items):
     chosen = [i for i in items if i.name.startswith(_FP64_DOT_TESTS) and "triton" in i.name]
     reason = _fp64_dot_error() if chosen else None
     for item in chosen if reason else ():
         item.add_marker(pytest.mark.skip(reason=reason[:200]))
+    for item in items:
+        name = item.path.name
+        if name in _SHARED_FIXTURE_FILES:
+            item.add_marker(pytest.mark.xdist_group(name=name))
+    if getattr(config.option, "numprocesses", None):
+        items.sort(key=lambda item: item.path.name not in _LONGEST_FIRST)  # stable: the order within files stays

@@ -25,7 +25,9 @@ def test_gradcheck_float64(loss, backend):
         extra = {"bias": bias} if loss == "ce" else {}
         return FUNCS[loss](x, w, case["t"], backend=backend, **kw, **extra)
 
-    assert torch.autograd.gradcheck(fn, args, eps=1e-6, atol=1e-5)
+    # the fused kernels in the interpreter: fast mode (finite differences along random directions, a few
+    # evaluations instead of one per input element) keeps the check and the suite's time
+    assert torch.autograd.gradcheck(fn, args, eps=1e-6, atol=1e-5, fast_mode=backend == "triton")
 
 
 def test_gradcheck_reference_at_clamp_edge_and_k_boundaries():
@@ -52,7 +54,7 @@ def test_bitwise_deterministic(loss, C):
 @pytest.mark.parametrize("loss", ["am", "a", "ce"])
 def test_no_batch_by_class_allocation(loss):
     """With many classes, neither forward nor backward allocates anything of B x C elements."""
-    B, D, C = 64, 8, 400  # B x C = 25600 is far above every legitimate buffer (dW: D x C = 3200; dX: B x D)
+    B, D, C = 48, 8, 200  # B x C = 9600 is far above every legitimate buffer (dW: D x C = 1600; dX: B x D)
     case = make_case(loss, B, D, C, torch.float32, seed=4)
     x, w = case["x"].requires_grad_(), case["w"].requires_grad_()
     extra = {"bias": case["bias"]} if loss == "ce" else {}
@@ -90,7 +92,7 @@ def test_triton_on_cpu_without_interpreter_is_a_clear_error(monkeypatch):
 
 @pytest.mark.parametrize("loss,C", [("am", 2), ("a", 2), ("oc", 1), ("ce", 2), ("am", 5), ("ce", 20)])
 def test_training_tracks_reference(loss, C):
-    """A small encoder + loss head trained 30 SGD steps on synthetic bonafide/spoof (or multi-class) clusters with
+    """A small encoder + loss head trained 12 SGD steps on synthetic bonafide/spoof (or multi-class) clusters with
     the fused kernels follows the reference's loss curve and ends at the same weights (fp32, tolerance 1e-4)."""
     gen = torch.Generator().manual_seed(C)
     D_in, D, B = 12, 16, 32
@@ -99,7 +101,7 @@ def test_training_tracks_reference(loss, C):
     init_enc = torch.randn(D_in, D, generator=gen) * 0.3
     init_head = torch.randn(C, D, generator=gen) if loss == "ce" else torch.randn(D, C, generator=gen)
     batches = []
-    for _ in range(30):
+    for _ in range(12):
         t = torch.randint(0, n_t, (B,), generator=gen)
         batches.append((centres[t] + torch.randn(B, D_in, generator=gen), t))
     curves, finals = {}, {}
@@ -116,7 +118,7 @@ def test_training_tracks_reference(loss, C):
             curve.append(out.item())
         curves[backend], finals[backend] = torch.tensor(curve), (enc.detach().cpu(), head.detach().cpu())
     torch.testing.assert_close(curves["triton"], curves["reference"], rtol=1e-4, atol=1e-4)
-    assert curves["reference"][-5:].mean() < curves["reference"][:5].mean()  # it does learn
+    assert curves["reference"][-4:].mean() < curves["reference"][:4].mean()  # it does learn
     for a, b in zip(finals["triton"], finals["reference"]):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
 
