@@ -243,7 +243,7 @@ STEP_LOSS = {"am": "AMSoftmax", "a": "ASoftmax", "oc": "OCSoftmax", "ce": "Cross
 def _planned_work(loss, B, D, C, dtype, n_sm=132):
     """One training step ('mean', CrossEntropy with its bias) by the roofline work model (deepfense.benchmark.work,
     which tests/test_roofline.py checks equals the interpreter's counts exactly): (launches, kernel bytes, bytes of
-    the launchers' torch ops: the forward buffer's row sums, the sum of the dW partials and dW's cast; minimum,
+    the launchers' torch ops: the sum of the row groups' dW partials and dW's cast, none for one group; minimum,
     executed multiply-adds). The minimum reads x and w once and writes dX and dW once."""
     step = Step(STEP_LOSS[loss], B, D, C, "bf16" if dtype == torch.bfloat16 else "fp32", bias=loss == "ce")
     launches = step_launches(step, n_sm)
