@@ -126,16 +126,11 @@ def _fp64_dot_error():
     return None
 
 
-# With pytest-xdist: the files whose tests share a module or session fixture (a compile of every bf16 variant, a
-# venv) run in one worker each, so the fixture is built once; the longest start first, so no worker is left with
-# one of them at the end while the other idles.
+# With pytest-xdist and --dist loadgroup (the README's test command): the files whose tests share a module or session
+# fixture (a compile of every bf16 variant, a venv) run in one worker each, so the fixture is built once; the longest
+# start first, so no worker is left with one of them at the end while the other idles.
 _SHARED_FIXTURE_FILES = ("test_gpu_compile.py", "test_coinstall.py", "test_precision_emulation.py")
 _LONGEST_FIRST = ("test_gpu_compile.py", "test_coinstall.py", "test_compile_and_bad_values.py")
-
-
-def pytest_configure(config):
-    if getattr(config.option, "numprocesses", None) and getattr(config.option, "dist", "no") == "load":
-        config.option.dist = "loadgroup"  # -n without --dist: keep each _SHARED_FIXTURE_FILES file on one worker
 
 
 def pytest_collection_modifyitems(config, items):
