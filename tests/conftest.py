@@ -126,10 +126,9 @@ def _fp64_dot_error():
     return None
 
 
-# With pytest-xdist and --dist loadgroup (the README's test command): the files whose tests share a module or session
-# fixture (a compile of every bf16 variant, a venv) run in one worker each, so the fixture is built once; the longest
-# start first, so no worker is left with one of them at the end while the other idles.
-_SHARED_FIXTURE_FILES = ("test_gpu_compile.py", "test_coinstall.py", "test_precision_emulation.py")
+# With pytest-xdist: the longest files start first, so no worker is left with one of them at the end while the other
+# idles (the files whose tests share a module or session fixture mark themselves xdist_group, so that with
+# --dist loadgroup, the README's test command, one worker builds the fixture once).
 _LONGEST_FIRST = ("test_gpu_compile.py", "test_coinstall.py", "test_compile_and_bad_values.py")
 
 
@@ -138,9 +137,5 @@ def pytest_collection_modifyitems(config, items):
     reason = _fp64_dot_error() if chosen else None
     for item in chosen if reason else ():
         item.add_marker(pytest.mark.skip(reason=reason[:200]))
-    for item in items:
-        name = item.path.name
-        if name in _SHARED_FIXTURE_FILES:
-            item.add_marker(pytest.mark.xdist_group(name=name))
     if getattr(config.option, "numprocesses", None):
         items.sort(key=lambda item: item.path.name not in _LONGEST_FIRST)  # stable: the order within files stays

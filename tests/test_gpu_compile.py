@@ -14,6 +14,7 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "bench", "compile_check.py")
+pytestmark = pytest.mark.xdist_group("gpu_compile")  # --dist loadgroup: one worker compiles the variants once
 pytest.importorskip("triton.backends.nvidia", reason="the NVIDIA backend of triton is not installed")
 
 

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="the study runs in the interpreter")
+pytestmark = [pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="the study runs in the interpreter"),
+              pytest.mark.xdist_group("precision_emulation")]  # one worker runs the study
 
 
 @pytest.fixture(scope="module")
