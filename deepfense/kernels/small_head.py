@@ -110,16 +110,16 @@ def _w_layout(w: torch.Tensor, classes_first: bool):
     return w.shape[1], w.stride(0), w.stride(1)
 
 
-def _fwd_shapes(x, w, ints, reduction, classes_first):
-    """Shapes of the forward's outputs: the loss, the saved coefficients, the row weights ('none') or the
-    reduction's workspace."""
+def _fwd_plan(x, w, ints, reduction, classes_first):
+    """The forward's launch (None for an empty batch) and the shapes of its outputs: the loss, the saved
+    coefficients, the row weights ('none') or the reduction's workspace."""
     B, margin, C = x.shape[0], ints[0], _w_layout(w, classes_first)[0]
+    launch = _plan(x, w, C, margin, False, False)[0] if B else None
     reduced = reduction != REDUCTIONS["none"]
     saved = (n_saved(margin, C, reduced), B)
     if not reduced:
-        return (B,), saved, (B,)
-    n_prog = _plan(x, w, C, margin, False, False)[0].grid[0] if B else 0
-    return (), saved, (sums_size(n_sums(margin, C), n_prog),)
+        return launch, ((B,), saved, (B,))
+    return launch, ((), saved, (sums_size(n_sums(margin, C), launch.grid[0] if B else 0),))
 
 
 @torch.library.custom_op("deepfense::small_head_fwd", mutates_args=())
@@ -141,14 +141,13 @@ def small_head_fwd(x: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor
     B, D = x.shape
     C, stride_w_d, stride_w_c = _w_layout(w, classes_first)
     acc = _acc_dtype(x, w)
-    loss_shape, saved_shape, third_shape = _fwd_shapes(x, w, ints, reduction, classes_first)
+    launch, (loss_shape, saved_shape, third_shape) = _fwd_plan(x, w, ints, reduction, classes_first)
     reduced = reduction != REDUCTIONS["none"]
     # reduced: the workspace zeroed (its ticket starts at 0); an empty batch's loss is 0
     loss = (torch.zeros if B == 0 else torch.empty)(loss_shape, dtype=acc, device=x.device)
     saved = torch.empty(saved_shape, dtype=acc, device=x.device)
     third = (torch.zeros if reduced else torch.empty)(third_shape, dtype=acc, device=x.device)
     if B > 0:
-        launch = _plan(x, w, C, margin, False, False)[0]
         dummy = targets  # never read: its constexpr flag is off
         row_w, ws = (dummy, third) if reduced else (third, dummy)
         K._small_head_fwd_kernel[launch.grid](
@@ -164,14 +163,16 @@ def small_head_fwd(x: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor
 @small_head_fwd.register_fake
 def _(x, w, bias, targets, class_weights, lam, floats, ints, reduction, classes_first):
     acc = _acc_dtype(x, w)
-    return tuple(x.new_empty(shape, dtype=acc) for shape in _fwd_shapes(x, w, ints, reduction, classes_first))
+    return tuple(x.new_empty(shape, dtype=acc) for shape in _fwd_plan(x, w, ints, reduction, classes_first)[1])
 
 
-def _dw_out(x, w, C, margin, bias_dtype, need_dx, need_dw):
-    """(programs, dtype) of the backward's dW (and d bias) output: one program writes it itself, in w's dtype when
-    a bias has that dtype too (else fp32 / fp64, cast by the caller); several write fp32 (fp64) partials."""
-    n_prog = _plan(x, w, C, margin, need_dx, need_dw)[1].grid[0] if x.shape[0] and (need_dx or need_dw) else 0
-    return n_prog, w.dtype if n_prog == 1 and bias_dtype in (None, w.dtype) else _acc_dtype(x, w)
+def _bwd_plan(x, w, C, margin, bias_dtype, need_dx, need_dw):
+    """(the backward's launch, its row groups, the dtype of its dW (and d bias) output); (None, 0, ...) when
+    nothing is launched. One row group writes dW itself, in w's dtype when a bias has that dtype too (else fp32 /
+    fp64, cast by the caller); several write fp32 (fp64) partials."""
+    launch = _plan(x, w, C, margin, need_dx, need_dw)[1] if x.shape[0] and (need_dx or need_dw) else None
+    n_prog = launch.grid[0] if launch is not None else 0
+    return launch, n_prog, w.dtype if n_prog == 1 and bias_dtype in (None, w.dtype) else _acc_dtype(x, w)
 
 
 @torch.library.custom_op("deepfense::small_head_bwd", mutates_args=())
@@ -184,7 +185,7 @@ def small_head_bwd(x: torch.Tensor, w: torch.Tensor, saved: torch.Tensor, grad: 
     loss (any stride; a scalar for 'sum'/'mean'); ws: the forward's reduction workspace for 'sum'/'mean' (the
     gradient scale and the cosine-term totals), else None; bias_dtype: the bias's dtype, None without one.
     Returns dX [B, D] in x's dtype and dW: [D, C] or [C, D] like w (contiguous), or with a bias flat [D * C + C],
-    d bias last ([0] where not needed), fp32/fp64 (in w's dtype when one program wrote it, `_dw_out`): one output,
+    d bias last ([0] where not needed), fp32/fp64 (in w's dtype when one program wrote it, `_bwd_plan`): one output,
     so the step allocates one buffer.
     """
     B, D = x.shape
@@ -193,10 +194,9 @@ def small_head_bwd(x: torch.Tensor, w: torch.Tensor, saved: torch.Tensor, grad: 
     acc = _acc_dtype(x, w)
     dw_shape = (D * C + C,) if has_bias else tuple(w.shape)
     dx = torch.empty((B, D) if need_dx else (0,), dtype=x.dtype, device=x.device)
-    n_prog, dw_dtype = _dw_out(x, w, C, margin, bias_dtype, need_dx, need_dw)
+    launch, n_prog, dw_dtype = _bwd_plan(x, w, C, margin, bias_dtype, need_dx, need_dw)
     if n_prog == 0:  # nothing to launch: the gradients of an empty batch are zero
         return dx, torch.zeros(dw_shape if need_dw else (0,), dtype=dw_dtype, device=x.device)
-    launch = _plan(x, w, C, margin, need_dx, need_dw)[1]
     # one program: dW itself; several: partials [programs, ...], summed below in program order
     part = torch.empty(((n_prog,) if n_prog > 1 else ()) + dw_shape if need_dw else (0,), dtype=dw_dtype,
                        device=x.device)
@@ -216,7 +216,7 @@ def small_head_bwd(x: torch.Tensor, w: torch.Tensor, saved: torch.Tensor, grad: 
 def _(x, w, saved, grad, ws, margin, bias_dtype, need_dx, need_dw, classes_first):
     B, D = x.shape
     C = _w_layout(w, classes_first)[0]
-    dtype = _dw_out(x, w, C, margin, bias_dtype, need_dx, need_dw)[1]
+    dtype = _bwd_plan(x, w, C, margin, bias_dtype, need_dx, need_dw)[2]
     return (x.new_empty((B, D) if need_dx else (0,)),
             x.new_empty(((D * C + C,) if bias_dtype else tuple(w.shape)) if need_dw else (0,), dtype=dtype))
 
