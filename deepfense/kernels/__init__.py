@@ -1,6 +1,20 @@
-"""Fused Triton kernels for the four losses (a sub-package, not a top-level `kernels`, so that it never shadows the
-PyPI package `kernels` that transformers probes for)."""
+"""Fused Triton kernels for the losses (a sub-package, not a top-level `kernels`, so that it never shadows the PyPI
+package `kernels` that transformers probes for).
 
-from .ops import INTERPRET, margin_loss
+Two kernel families serve a call: the small-head kernels (`small_head_loss`, at most `plan.SMALL_C` classes) and the
+large-head kernels (`large_head_loss`); `plan.uses_small_head` says which one a head takes, and
+`deepfense.dispatch` is the one place that asks it.
+"""
 
-__all__ = ["margin_loss", "INTERPRET"]
+from .ops import INTERPRET, check_device, large_head_loss
+from .plan import uses_small_head
+from .small_head import small_head_loss
+
+__all__ = ["INTERPRET", "check_device", "large_head_loss", "small_head_loss", "uses_small_head"]
+
+
+def margin_loss(x, w, bias, targets, class_weights, lam, p, classes_first: bool = False):
+    """Transitional: the kernels' loss, small or large head as `uses_small_head` says."""
+    C = w.shape[0] if classes_first else w.shape[1] // p.sub_centers
+    fn = small_head_loss if uses_small_head(C, p.sub_centers) else large_head_loss
+    return fn(x, w, bias, targets, class_weights, lam, p, classes_first)

@@ -294,12 +294,9 @@ def _fused_backward(x, w, ws, grads, grad, ctx, dx, dw, db):
 margin_ce_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
-def margin_loss(x, w, bias, targets, class_weights, lam, p: LossParams, classes_first: bool = False):
-    """Loss of any of the four kinds on the fused Triton kernels (see `deepfense.torch_backend.margin_loss`).
-
-    w: the [D, C] weight, or with classes_first CrossEntropy's fc.weight [C, D] as given: the kernels read it through
-    its strides and write dW in its layout, so a step has no transpose op. The reduction happens in the forward launch.
-    """
+def check_device(x: torch.Tensor, w: torch.Tensor):
+    """Raise unless the kernels can run on these tensors: CUDA (or any device under TRITON_INTERPRET=1) and a float
+    dtype they compile for."""
     if x.device.type != "cuda" and not INTERPRET:
         raise RuntimeError("backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 set before importing deepfense "
                            f"to run the kernels on CPU in the interpreter); got tensors on {x.device}. "
@@ -307,17 +304,23 @@ def margin_loss(x, w, bias, targets, class_weights, lam, p: LossParams, classes_
     if x.dtype not in _TL or w.dtype not in _TL:
         raise ValueError("backend='triton' supports float16, bfloat16, float32 and float64, "
                          f"got {x.dtype}/{w.dtype}")
+
+
+def large_head_loss(x, w, bias, targets, class_weights, lam, p: LossParams, classes_first: bool = False):
+    """Loss of any of the four kinds on the large-head fused kernels (see `deepfense.torch_backend.margin_loss`).
+
+    w: the [D, C*K] weight, or with classes_first CrossEntropy's fc.weight [C, D] as given: the kernels read it through
+    its strides and write dW in its layout, so a step has no transpose op. The reduction happens in the forward launch.
+    """
+    check_device(x, w)
     lam = kernel_lam(lam, p, x, w)
     targets = targets.contiguous()
     class_weights = None if class_weights is None else class_weights.contiguous()
     grad_on = torch.is_grad_enabled()
     need_x, need_w = grad_on and x.requires_grad, grad_on and (w.requires_grad or
                                                               (bias is not None and bias.requires_grad))
-    sub = p.sub_centers  # K > 1: the large-head kernels, whatever C * K (the small-head path has no sub-centres)
+    sub = p.sub_centers
     C = w.shape[0] if classes_first else w.shape[1] // sub
-    if C <= P.SMALL_C and sub == 1 and P._small_head_ready():
-        from .small_head import small_head_loss
-        return small_head_loss(x, w, bias, targets, class_weights, lam, p, classes_first)
     fwd = _plan(x, C, int(p.margin), sub, w_dtype=w.dtype, need_dx=need_x, need_dw=need_w,
                 uniform_grad=p.reduction != "none")[0]
     floats, ints = op_params(p, C, classes_first=classes_first)

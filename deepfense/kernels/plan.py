@@ -129,7 +129,7 @@ def plan(margin, B: int, D: int, C: int, x_dtype: torch.dtype, w_dtype: torch.dt
     del deterministic  # no floating-point atomic sums anywhere yet
     gpu = gpu_tiles() if gpu is None else gpu
     margin = int(margin)
-    if small and sub == 1 and C <= SMALL_C and _small_head_ready():
+    if small and uses_small_head(C, sub):
         from .small_head import plan_small
         return plan_small(margin, B, D, C, x_dtype, w_dtype, n_sm=n_sm, need_dx=need_dx, need_dw=need_dw, gpu=gpu)
     one_class = margin == 3  # Margin.ONE_CLASS (params is not imported here: plan sits below it)
@@ -207,13 +207,10 @@ def plan(margin, B: int, D: int, C: int, x_dtype: torch.dtype, w_dtype: torch.dt
     return tuple(out)
 
 
-def _small_head_ready() -> bool:
-    """The small-head path is used once its module exists (engineer s8's branch)."""
-    try:
-        from . import small_head  # noqa: F401
-    except ImportError:
-        return False
-    return SMALL_HEADS
+def uses_small_head(C: int, sub: int = 1) -> bool:
+    """Whether a head of C classes (sub sub-centres each) runs on the small-head kernels rather than the large-head
+    ones: C <= SMALL_C without sub-centres (the small-head kernels have none)."""
+    return SMALL_HEADS and sub == 1 and C <= SMALL_C
 
 
 # Tests turn this off to run heads with C <= SMALL_C through the large-head kernels (their one-tile fused path).

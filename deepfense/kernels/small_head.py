@@ -16,7 +16,7 @@ from ..params import LossParams, Margin
 from . import small_head_kernels as K
 # the plan's kernel names resolve here too (compile checks look a Launch's kernel up in this module)
 from .small_head_kernels import _small_head_bwd_kernel, _small_head_fwd_kernel  # noqa: F401
-from .ops import _TL, INTERPRET, _unpack, op_params
+from .ops import _TL, INTERPRET, _unpack, check_device, op_params
 from .plan import Launch, gpu_tiles, sm_count
 from .reduce_rows import sums_size
 
@@ -250,7 +250,7 @@ small_head_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 def small_head_loss(x, w_dc, bias, targets, class_weights, lam, p: LossParams, classes_first: bool = False):
     """Loss of any of the four kinds with at most `MAX_CLASSES` classes, on the small-head kernels; the contract of
-    `deepfense.kernels.ops.margin_loss`.
+    `deepfense.kernels.ops.large_head_loss`.
 
     Args: x [B, D], w_dc [D, C] (any strides; OCSoftmax [D, 1]) or, when classes_first, CrossEntropy's fc.weight
     [C, D] as it is, bias [C] or None (CrossEntropy), targets [B] int, class_weights [C] ([2] OCSoftmax) or None,
@@ -258,12 +258,7 @@ def small_head_loss(x, w_dc, bias, targets, class_weights, lam, p: LossParams, c
     Returns: fp32 (fp64 for fp64 inputs) loss, a scalar or [B] for reduction='none'; 'mean' divides by the row
     weights' sum (0, not NaN, when every row is ignored).
     """
-    if x.device.type != "cuda" and not INTERPRET:
-        raise RuntimeError("backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 set before importing deepfense "
-                           f"to run the kernels on CPU in the interpreter); got tensors on {x.device}.")
-    if x.dtype not in _TL or w_dc.dtype not in _TL:
-        raise ValueError("backend='triton' supports float16, bfloat16, float32 and float64, "
-                         f"got {x.dtype}/{w_dc.dtype}")
+    check_device(x, w_dc)
     C = _w_layout(w_dc, classes_first)[0]
     if not 1 <= C <= MAX_CLASSES:
         raise ValueError(f"the small-head path takes 1..{MAX_CLASSES} classes, got {C}")
@@ -274,6 +269,6 @@ def small_head_loss(x, w_dc, bias, targets, class_weights, lam, p: LossParams, c
         lam = None
     class_weights = None if class_weights is None else class_weights.contiguous()
     floats, ints = op_params(p, C)
-    # the reduction runs inside the op: no autograd graph of torch ops around it (issue 12: ops per step)
+    # the reduction runs inside the op: no autograd graph of torch ops around it
     return small_head_fwd(x, w_dc, bias, targets.contiguous(), class_weights, lam, floats, ints,
                           REDUCTIONS[p.reduction], classes_first)[0]
