@@ -300,7 +300,7 @@ def sharded_margin_loss(x, w_dc, bias, targets, class_weights, lam, p: LossParam
     if list(widths) != [b - a for a, b in expected]:
         raise ValueError(f"each rank must hold its torch.tensor_split slice of the {n_classes} classes: expected "
                          f"widths {[b - a for a, b in expected]}, got {list(widths)}")
-    check_tensors(x, w_dc, bias, targets, class_weights, n_classes)
+    check_tensors(x, w_dc.t() if p.margin == Margin.NONE else w_dc, bias, targets, class_weights, p, n_classes)
     lay = _Layout(group, rank, world, tuple(sizes), expected[rank][0], n_classes)
     tg = _gather_rows(targets, lay, fill=p.ignore_index)
     validate = validating(tg, validate)
@@ -324,7 +324,7 @@ def sharded_margin_loss(x, w_dc, bias, targets, class_weights, lam, p: LossParam
     cw_cols = cw if (class_weights is not None or not kernels) else None  # the kernels take none as all ones
     loss = ShardedMarginLossFunction.apply(x, w_dc, bias, tg, row_w, cw_cols, cw_total, lam, p, lay, kernels)
     if validate:
-        check_finite(loss, x, w_dc, bias)
+        check_finite(loss, x=x, weight=w_dc, bias=bias, class_weights=class_weights)
     return loss
 
 

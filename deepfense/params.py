@@ -9,7 +9,8 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
-REDUCTIONS = ("mean", "sum", "none")
+from .options import (COSINE, COSINE_MARGIN, NON_NEGATIVE, REDUCTIONS, SCALE, SPHEREFACE_M, LossConfigError, Rule,
+                      check_bool, check_choice, check_ignore_index, check_int, check_label_smoothing)
 
 
 class Margin(enum.IntEnum):
@@ -81,24 +82,30 @@ class LossParams:
     sub_centers: int = 1
 
     def __post_init__(self):
-        if self.reduction not in REDUCTIONS:
-            raise ValueError(f"reduction must be one of {REDUCTIONS}, got {self.reduction!r}")
-        if not 0.0 <= self.label_smoothing <= 1.0:
-            raise ValueError(f"label_smoothing must be in [0, 1], got {self.label_smoothing}")
-        if self.label_smoothing and self.margin in (Margin.ANGULAR, Margin.ONE_CLASS):
-            raise ValueError(f"label_smoothing is not defined for {self.margin.name} losses (ASoftmax, OCSoftmax)")
-        if self.margin == Margin.ANGULAR and (int(self.m) != self.m or not 1 <= self.m <= 5):
-            raise ValueError(f"ASoftmax m must be an integer in 1..5, got {self.m}")
-        if self.gamma < 0:
-            raise ValueError(f"gamma must be >= 0, got {self.gamma}")
-        if self.sub_centers < 1 or (self.sub_centers > 1 and self.margin not in (Margin.ADDITIVE, Margin.COMBINED)):
-            raise ValueError(f"sub_centers must be >= 1 (and > 1 only for AMSoftmax, ArcFace, CombinedMargin), got "
-                             f"{self.sub_centers}")
-        if self.margin == Margin.COMBINED and not self.m1 > 0:
-            raise ValueError(f"m1 must be > 0, got {self.m1}")
-        if self.fallback not in tuple(Fallback):
-            raise ValueError(f"fallback must be a Fallback value, got {self.fallback!r}")
-        if self.margin in (Margin.ADDITIVE, Margin.COMBINED) and self.s <= 0:
-            raise ValueError(f"s must be > 0, got {self.s}")
-        if self.margin == Margin.ONE_CLASS and self.alpha <= 0:
-            raise ValueError(f"alpha must be > 0, got {self.alpha}")
+        """Check every option with its rule (`deepfense.options`); errors name the loss and the option."""
+        owner = LOSS_NAMES[self.margin]
+        for key, rule in _RULES[self.margin].items():
+            rule(owner, key, getattr(self, key))
+        check_choice(owner, "reduction", self.reduction, REDUCTIONS)
+        check_label_smoothing(owner, self.label_smoothing,
+                              allowed=self.margin not in (Margin.ANGULAR, Margin.ONE_CLASS))
+        check_ignore_index(owner, self.ignore_index)
+        check_int(owner, "bonafide_label", self.bonafide_label, low=0, high=1)
+        check_int(owner, "sub_centers", self.sub_centers, low=1)
+        if self.sub_centers > 1 and self.margin not in (Margin.ADDITIVE, Margin.COMBINED):
+            raise LossConfigError(f"{owner}: 'sub_centers' > 1 is only for AMSoftmax, ArcFace and CombinedMargin, "
+                                  f"got {self.sub_centers}", "sub_centers")
+        check_choice(owner, "fallback", self.fallback, tuple(Fallback))
+        check_bool(owner, "straight_through", self.straight_through)
+
+
+LOSS_NAMES = {Margin.NONE: "CrossEntropy", Margin.ADDITIVE: "AMSoftmax", Margin.ANGULAR: "ASoftmax",
+              Margin.ONE_CLASS: "OCSoftmax", Margin.COMBINED: "ArcFace"}
+# the options each loss reads from LossParams; ArcFace's s, m2 and m3 travel as a tensor (see functional.arcface_loss)
+_RULES = {
+    Margin.NONE: {},
+    Margin.ADDITIVE: {"s": SCALE, "m": COSINE_MARGIN},
+    Margin.ANGULAR: {"m": SPHEREFACE_M, "gamma": NON_NEGATIVE},
+    Margin.ONE_CLASS: {"m_real": COSINE, "m_fake": COSINE, "alpha": SCALE},
+    Margin.COMBINED: {"m1": SCALE, "filter_threshold": Rule(low=0.0, high=1.0)},
+}

@@ -1,25 +1,31 @@
-"""Plain-autograd formulations of CrossEntropy and OCSoftmax for small batches on the 'torch' backend.
+"""Plain-autograd formulations of CrossEntropy and OCSoftmax for small heads on the CPU ('torch' backend).
 
-At DeepFense's sizes (B = 1..256, C = 2) a loss costs the dispatch of its small ops, not arithmetic, so the fewest ops
-win: torch's fused `linear` + `cross_entropy`, and OCSoftmax in 15 ops with autograd's own backward, beat the
-closed-form Function (`deepfense.torch_backend`) that pays off at large B. The caller (`deepfense.functional._plain`)
-takes this path only while the value checks run, so an out-of-range target raises (torch's cross_entropy checks its
-targets; OCSoftmax's are checked first, and a batch with ignored rows goes to the Function), and a non-finite result
-(CrossEntropy with every row ignored: torch's mean is NaN where ours is 0) is recomputed by the Function. What this path
-keeps itself: a NaN or Inf in a row's inputs gives that row a NaN loss, and an exact zero vector
-has cosine 0 and a zero gradient. `deepfense.reference` stays the oracle it is tested against.
+At DeepFense's sizes (B = 1..1024, C = 2) a loss costs the dispatch of its small ops, not arithmetic, so the fewest ops
+win: torch's fused `linear` + `cross_entropy` (the very ops DeepFense's CrossEntropy runs), and OCSoftmax in about
+twenty ops with autograd's own backward, beat the closed-form Function (`deepfense.torch_backend`) that pays off at
+large B. Every option is served here (class weights, ignore_index, label smoothing, every reduction), whether or not
+the value checks run: `deepfense.dispatch` chooses this path from shapes, dtypes and the device alone.
+
+What this path keeps itself, as the other paths do: a NaN or Inf in a row's inputs gives that row a NaN loss; an exact
+zero vector has cosine 0 and a zero gradient; `reduction='mean'` over rows that are all ignored (or all of weight 0)
+is 0, not NaN; a target out of range raises (torch's index checks on the CPU, named by `deepfense.inputs`).
+`deepfense.reference` stays the oracle it is tested against.
 """
 
 from __future__ import annotations
+
+import functools
+import math
 
 import torch
 import torch.nn.functional as F
 
 from .params import LossParams, Margin
 
-# Largest batch for which this path is faster than the Function (measured on 2 CPU cores, fwd+bwd, C = 2, D = 160 and
-# 1024: the plain path wins up to B = 4096 for CrossEntropy and about B = 2048 for OCSoftmax).
-MAX_ROWS = {Margin.NONE: 4096, Margin.ONE_CLASS: 1024}
+# Largest batch for which this path beats the Function, fwd+bwd, C = 2, D = 160 and 1024 (bench/plain_path.py prints
+# the crossover; seen on 2-core AMD EPYC and Intel Xeon machines with 1 and 2 threads: CrossEntropy's plain ops win
+# at every batch measured, OCSoftmax's up to B = 2048-4096).
+MAX_ROWS = {Margin.NONE: 1 << 16, Margin.ONE_CLASS: 2048}
 MAX_CLASSES = 16  # heads this narrow: the [B, C] logits are no bigger than the [B] statistics
 # From B*D = 2^17 on, CrossEntropy's logits are computed as W X^T (an [C, B] product with the long D inside), whose
 # backward products are W^T G^T and G^T X: on 2 CPU cores (MKL) the [B, D] x [D, C] product behind `linear` and the
@@ -29,52 +35,72 @@ WIDE_GEMM = 1 << 17
 _REDUCTION = {"none": 0, "mean": 1, "sum": 2}  # torch's reduction enum (torch.nn._reduction.get_enum)
 
 
-def applies(p: LossParams, x, n_classes: int, bias, class_weights, w_dtype: torch.dtype) -> bool:
-    """Whether `margin_loss` may serve this call: a small CrossEntropy or OCSoftmax head without class weights, and one
-    floating dtype (fp32 or fp64) for every input. The caller checks the targets (see the module docstring)."""
+def serves(p: LossParams, x, w_dtype: torch.dtype, bias, n_classes: int) -> bool:
+    """Whether this path serves a call: CrossEntropy or OCSoftmax on CPU tensors, a head of at most `MAX_CLASSES`
+    classes and `MAX_ROWS` rows, and one floating dtype (fp32 or fp64) for the embeddings, weight and bias."""
     rows = MAX_ROWS.get(p.margin)
-    return rows is not None and class_weights is None and _fits(rows, x, n_classes, bias, w_dtype)
-
-
-def cross_entropy_applies(x, w, bias) -> bool:
-    """`applies` for CrossEntropy without class weights, w its fc.weight [C, D] (no LossParams needed)."""
-    return _fits(MAX_ROWS[Margin.NONE], x, w.shape[0], bias, w.dtype)
-
-
-def _fits(max_rows: int, x, n_classes: int, bias, w_dtype: torch.dtype) -> bool:
-    if not 0 < x.shape[0] <= max_rows or n_classes > MAX_CLASSES:
+    if rows is None or not x.is_cpu or not x.shape[0] <= rows or n_classes > MAX_CLASSES:
         return False
     if x.dtype not in (torch.float32, torch.float64) or w_dtype != x.dtype:
         return False
     return bias is None or bias.dtype == x.dtype
 
 
-def cross_entropy(x, w, bias, targets, reduction: str, ignore_index: int, label_smoothing: float):
-    """CrossEntropy on `x` [B, D], fc.weight `w` [C, D], `bias` [C] or None, `targets` [B] int64 (torch checks their
-    range itself), reduced per `reduction`, in x's dtype."""
+def cross_entropy(x, w, bias, targets, class_weights, p: LossParams):
+    """CrossEntropy on `x` [B, D], fc.weight `w` [C, D], `bias` [C] or None, `targets` [B] int64, class weights [C] or
+    None; reduced per `p.reduction`, in x's dtype."""
     if x.shape[0] * x.shape[1] < WIDE_GEMM:
         logits = F.linear(x, w, bias)
     else:  # [C, D] @ [D, B], then a transposed view: see WIDE_GEMM
         logits = (torch.mm(w, x.t()) if bias is None else torch.addmm(bias[:, None], w, x.t())).t()
+    cw = None if class_weights is None else class_weights.to(x.dtype)
+    # torch's mean over no kept weight is 0/0, ours is 0. Eager: a read of the CPU scalar (no device sync) finds it;
+    # compiled: the sum over the kept weight, which the compiled graph fuses
+    compiled_mean = p.reduction == "mean" and torch.compiler.is_compiling()
     # torch's own op behind F.cross_entropy, without its Python wrapper (~2 us of the ~10 a small forward costs)
-    return torch._C._nn.cross_entropy_loss(logits, targets, None, _REDUCTION[reduction], ignore_index,
-                                           label_smoothing)
+    loss = torch._C._nn.cross_entropy_loss(logits, targets, cw, _REDUCTION["sum" if compiled_mean else p.reduction],
+                                           p.ignore_index, p.label_smoothing)
+    if compiled_mean:
+        den = _kept_weight(targets, cw, p)
+        return loss / torch.where(den > 0, den, 1.0)
+    if p.reduction == "mean" and math.isnan(loss.item()) and _kept_weight(targets, cw, p) == 0:
+        return loss.nan_to_num(0.0)
+    return loss
 
 
-def margin_loss(x, w, bias, targets, p: LossParams):
-    """The loss on `x` [B, D], `w` (CrossEntropy: fc.weight [C, D]; OCSoftmax: [D, 1]), `bias` [C] or None, `targets`
-    [B] all in range; reduced per `p.reduction`, in x's dtype."""
-    if p.margin == Margin.NONE:
-        return cross_entropy(x, w, bias, targets, p.reduction, p.ignore_index, p.label_smoothing)
+def _kept_weight(targets, cw, p: LossParams):
+    """The sum of the kept rows' class weights: the denominator of 'mean'."""
+    kept = targets != p.ignore_index
+    return kept.sum() if cw is None else (cw[targets.clamp(0, cw.shape[0] - 1)] * kept).sum()
+
+
+@functools.lru_cache(maxsize=64)
+def _one_class_table(p: LossParams, dtype: torch.dtype) -> torch.Tensor:
+    """[2, 2] (slope, offset) of z = slope * cos + offset, by target: alpha (m_real - cos) for bonafide, alpha (cos -
+    m_fake) for spoof."""
+    bona, spoof = (-p.alpha, p.alpha * p.m_real), (p.alpha, -p.alpha * p.m_fake)
+    return torch.tensor([bona, spoof] if p.bonafide_label == 0 else [spoof, bona], dtype=dtype)
+
+
+def one_class(x, w, targets, class_weights, p: LossParams):
+    """OCSoftmax on `x` [B, D], the bonafide centre `w` [D, 1], `targets` [B] in {0, 1} or ignore_index, class weights
+    [2] (by target) or None; reduced per `p.reduction`, in x's dtype."""
     norm = torch.linalg.vector_norm(x, dim=1, keepdim=True) * torch.linalg.vector_norm(w)
     # 1/|x||w|, and 0 for a zero vector: 1/inf is 0 with a zero gradient, where 1/0 would make the gradient NaN; a
     # NaN norm is not > 0 either, and 0 times the row's NaN dot product stays NaN
     inv = torch.where(norm > 0, norm, torch.inf).reciprocal()
     cos = ((x @ w) * inv).clamp(-1.0, 1.0)[:, 0]
-    bona = targets == p.bonafide_label  # z = alpha (m_real - cos) if bonafide, else alpha (cos - m_fake)
-    slope = torch.where(bona, -p.alpha, p.alpha).to(cos.dtype)
-    offset = torch.where(bona, p.alpha * p.m_real, -p.alpha * p.m_fake).to(cos.dtype)
-    rows = F.softplus(torch.addcmul(offset, slope, cos))
+    kept = targets != p.ignore_index
+    safe = torch.where(kept, targets, 0)  # index_select raises for a target outside {0, 1}, negative ones too
+    coef = torch.index_select(_one_class_table(p, x.dtype), 0, safe)
+    # softplus' own threshold (20) returns z itself above it, 2e-9 relative off log1p(exp(z)): too far for float64
+    rows = F.softplus(torch.addcmul(coef[:, 1], coef[:, 0], cos), threshold=40.0)
+    weight = kept.to(x.dtype) if class_weights is None else torch.index_select(class_weights.to(x.dtype), 0, safe) * kept
+    rows = rows * weight
     if p.reduction == "none":
         return rows
-    return rows.sum() if p.reduction == "sum" else rows.mean()
+    total = rows.sum()
+    if p.reduction == "sum":
+        return total
+    den = weight.sum()
+    return total / torch.where(den > 0, den, 1.0)  # 'mean' over no kept weight is 0 (total is 0 then), not NaN

@@ -189,7 +189,7 @@ def test_bad_options_are_clear_errors():
         F.arcface_loss(case["x"], case["w"], case["t"], fallback="insightface")
     with pytest.raises(ValueError, match="multiple of sub_centers"):
         F.arcface_loss(case["x"], case["w"], case["t"], sub_centers=3)
-    with pytest.raises(ValueError, match="m1 must be > 0"):
+    with pytest.raises(ValueError, match="'m1' must be a finite number > 0"):
         F.arcface_loss(case["x"], case["w"], case["t"], m1=0.0)
 
 

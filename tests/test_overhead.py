@@ -14,6 +14,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from backend_cases import DEVICE, FUNCS, make_case, options
 from deepfense import inputs
+from deepfense import options as option_rules
 from deepfense.losses import AMSoftmax, ASoftmax, CrossEntropy, OCSoftmax
 from deepfense.params import LossParams, Margin
 
@@ -64,7 +65,7 @@ def counter(monkeypatch):
                 mode.launching -= 1
         monkeypatch.setattr(InterpretedFunction, "run", run)
     monkeypatch.delenv("DEEPFENSE_VALIDATE", raising=False)
-    monkeypatch.setattr(inputs, "POLICY_DEVICE", "cuda")
+    monkeypatch.setattr(option_rules, "POLICY_DEVICE", "cuda")
     return mode
 
 
@@ -98,7 +99,9 @@ def _kernels_direct(loss):
     lam = torch.tensor(7.5) if loss == "a" else None
 
     def fn(x, w, t, bias):
-        return kernels.margin_loss(x, w, bias, t, None, lam, PARAMS[loss], classes_first=loss == "ce")
+        small = kernels.uses_small_head(w.shape[0 if loss == "ce" else 1])
+        fn = kernels.small_head_loss if small else kernels.large_head_loss
+        return fn(x, w, bias, t, None, lam, PARAMS[loss], classes_first=loss == "ce")
     return fn
 
 
@@ -113,7 +116,7 @@ def _count(counter, step):
 @pytest.mark.parametrize("loss", ["am", "a", "oc", "ce"])
 def test_functional_layer_adds_no_op(loss, counter):
     """Checks, dispatch and options of the functional API issue no tensor op of their own under the CUDA policy:
-    a step through `deepfense.functional` issues exactly the ops of the kernels' `margin_loss` called directly."""
+    a step through `deepfense.functional` issues exactly the ops of the kernels' entry point called directly."""
     case = make_case(loss, 5, 6, 2, torch.float32, seed=3)
     through_api = _count(counter, _step(loss, case, _functional(loss)))
     direct = _count(counter, _step(loss, case, _kernels_direct(loss)))

@@ -1,7 +1,8 @@
 """The small-head path (deepfense.kernels.small_head, C <= 16) against the float64 reference, and its properties.
 
-Every case runs through the functional API with the Triton backend's entry point replaced by `small_head_loss`, so
-the same inputs, options and error rule as tests/test_backends.py apply (|fast - gold| <= 2 |torch same dtype - gold|
+Every case runs through the functional API on backend='triton', which serves these heads with the small-head
+kernels (the `small` fixture sees that it did), so the same inputs, options and error rule as tests/test_backends.py
+apply (|fast - gold| <= 2 |torch same dtype - gold|
 + atol). Interpreter tiles are 4-8 wide (kernels.small_head.plan_small, gpu=False), so these small shapes run several
 row blocks, K chunks and backward programs; the `gpu_plan` cases use the H200 plan (DEEPFENSE_TILES=gpu,
 DEEPFENSE_SM_COUNT=132).
@@ -10,7 +11,7 @@ DEEPFENSE_SM_COUNT=132).
 import pytest
 import torch
 
-import deepfense.kernels
+from deepfense import dispatch
 from backend_cases import FUNCS, LOSSES, assert_close_to_gold, make_case, options, run
 from work_counter import WorkCounter
 from deepfense.benchmark.launches import Step, step_launches
@@ -23,14 +24,15 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
 
 @pytest.fixture
 def small(monkeypatch):
-    """Route backend='triton' to `small_head_loss`; counts the calls so a test can tell the path ran."""
+    """Counts the calls the dispatcher sends to the small-head kernels, so a test can tell the path ran."""
     calls = []
+    real = dispatch._IMPLEMENTATIONS[dispatch.Path.SMALL_HEAD]
 
-    def route(x, w_dc, bias, targets, class_weights, lam, p, classes_first=False):
-        calls.append(w_dc.shape[0 if classes_first else 1])
-        return small_head_loss(x, w_dc, bias, targets, class_weights, lam, p, classes_first)
+    def spy(p, x, w, *args):
+        calls.append(w.shape[0 if p.margin == Margin.NONE else 1])
+        return real(p, x, w, *args)
 
-    monkeypatch.setattr(deepfense.kernels, "margin_loss", route)
+    monkeypatch.setitem(dispatch._IMPLEMENTATIONS, dispatch.Path.SMALL_HEAD, spy)
     return calls
 
 

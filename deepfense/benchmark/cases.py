@@ -103,17 +103,6 @@ ISSUE2 = (("AMSoftmax", 256, 192, 2), ("AMSoftmax", 4096, 192, 2), ("AMSoftmax",
           ("OCSoftmax", 4096, 192, 1))
 
 
-# DeepFense's own training sizes (its recipes: batch 1..32, D = 128..1024, C = 2; issue 12), against its modules.
-DEEPFENSE_SHAPES = tuple((b, d, 2) for d in (160, 1024) for b in (8, 32, 256))
-SUITES = {"deepfense": DEEPFENSE_SHAPES}
-DEEPFENSE_LOSSES = ("AMSoftmax", "ASoftmax", "OCSoftmax", "CrossEntropy")  # the losses DeepFense 0.2.2 has
-
-
-def suite_cases(name: str, dtypes=None) -> list[Case]:
-    """The named suite's cases (every loss, fp32 unless `dtypes`), none of them compiled."""
-    return _expand(DEEPFENSE_LOSSES, SUITES[name], dtypes or ["fp32"], name)
-
-
 # ArcFace (issue 10): the ECAPA-TDNN speaker heads (VoxCeleb2, and with speed perturbation) and a face head.
 ARCFACE_SPEAKER = ((256, 192, 5994), (128, 192, 17982))
 ARCFACE_FACE = {"cuda": (1024, 512, 93431), "cpu": (128, 512, 93431)}

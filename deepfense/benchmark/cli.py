@@ -65,9 +65,10 @@ def _parser():
     b.add_argument("--dtypes", help=f"comma list from {list(DTYPE_NAMES)} (default: fp32 on CPU, bf16,fp32 on CUDA)")
     b.add_argument("--providers", help="comma list of provider names (default: all; see `list`)")
     b.add_argument("--suite", choices=SUITE_NAMES,
-                   help="a named sweep: 'deepfense' = every loss at B 8/32/256, D 160/1024, C 2 against DeepFense "
-                        "0.2.2's modules (providers deepfense,deepfense-0.2.2 unless --providers), with the value "
-                        "checks at the library default")
+                   help="a named sweep: 'deepfense' = each loss head against DeepFense 0.2.2's own module with "
+                        "the same options: with and without class weights, value checks at the default and off, "
+                        "B 8/32/256/1024, D 160/1024, at torch's default threads and at 1 (--threads N: only N; "
+                        "--quick: B 8/256, D 160)")
     b.add_argument("--quick", action="store_true", help="a handful of small shapes, no torch.compile, few reps")
     b.add_argument("--compile", choices=["anchors", "all", "none"], default=None,
                    help="which shapes get torch.compile(reference): anchors (default), all, "
@@ -123,7 +124,7 @@ def _bench(a) -> int:
     import torch
 
     from . import measure, report, runner
-    from .cases import DTYPES, LOSSES, custom_cases, default_cases, parse_shapes, suite_cases
+    from .cases import DTYPES, LOSSES, custom_cases, default_cases, parse_shapes
     from .providers import select
     device = _device(a.device)
     if a.threads:
@@ -140,27 +141,26 @@ def _bench(a) -> int:
         shapes = (shapes or []) + [(b, d, c) for b in _ints(a.B) or [256] for d in _ints(a.D) or [192]
                                    for c in _ints(a.C) or [2]]
     if a.suite:
-        cases = [c for c in suite_cases(a.suite, dtypes) if c.loss in losses]
-    elif shapes:
+        from . import deepfense_suite
+        return deepfense_suite.main(a.out, [a.threads] if a.threads else [None, 1], quick=a.quick, log=runner.log)
+    if shapes:
         cases = custom_cases(losses, shapes, dtypes or (["bf16"] if device == "cuda" else ["fp32"]))
     else:
         cases = [c for c in default_cases(device, a.quick, dtypes) if c.loss in losses]
     if a.plan:
         return _print_plans(cases, a.sm_count or _sms(device))
     compile_mode = a.compile or ("none" if a.quick else "anchors")
-    reps = a.reps or (10 if a.quick else 400 if a.suite else 30 if device == "cpu" else 50)
-    budget = 0.15 if a.quick else (0.8 if a.suite else 0.4 if device == "cpu" else 0.1)
-    # the suite compares steps of 0.05-2 ms that differ by a few percent: 20 rounds of interleaving, so a neighbour's
-    # burst of load lands on both sides of a ratio
-    rounds = 20 if a.suite else runner.ROUNDS
-    providers = select(_csv(a.providers) or (["deepfense", "deepfense-0.2.2"] if a.suite else None))
+    reps = a.reps or (10 if a.quick else 30 if device == "cpu" else 50)
+    budget = 0.15 if a.quick else (0.4 if device == "cpu" else 0.1)
+    rounds = runner.ROUNDS
+    providers = select(_csv(a.providers))
     runner.log(f"deepfense bench on {runner.device_name(device)}: {len(cases)} cases x {len(providers)} providers")
     ceil = measure.ceilings(device, sorted({c.dtype for c in cases}))
     runner.log(f"ceilings: copy {ceil['copy_GBps']:.3g} GB/s, matmul TFLOP/s {ceil['matmul_TFLOPs']}")
     meta = {"device": device, "device_name": runner.device_name(device), "date": datetime.date.today().isoformat(),
             "versions": runner.versions(), "threads": torch.get_num_threads(), "ceilings": ceil,
             "load_start": os.getloadavg()[0], "cpus": os.cpu_count(),
-            "settings": f"{a.suite or ('quick' if a.quick else 'default' if not shapes else 'custom')} sweep, compile="
+            "settings": f"{'quick' if a.quick else 'default' if not shapes else 'custom'} sweep, compile="
                         f"{compile_mode}, reps<={reps} in {rounds} rounds, time budget {budget}s/measurement, "
                         f"DEEPFENSE_VALIDATE={os.environ.get('DEEPFENSE_VALIDATE', 'unset (library default)')}"}
     stem = runner.file_stem(meta["device_name"], a.quick)

@@ -12,9 +12,3 @@ from .small_head import small_head_loss
 
 __all__ = ["INTERPRET", "check_device", "large_head_loss", "small_head_loss", "uses_small_head"]
 
-
-def margin_loss(x, w, bias, targets, class_weights, lam, p, classes_first: bool = False):
-    """Transitional: the kernels' loss, small or large head as `uses_small_head` says."""
-    C = w.shape[0] if classes_first else w.shape[1] // p.sub_centers
-    fn = small_head_loss if uses_small_head(C, p.sub_centers) else large_head_loss
-    return fn(x, w, bias, targets, class_weights, lam, p, classes_first)

@@ -16,7 +16,7 @@ from ..params import LossParams, Margin
 from . import small_head_kernels as K
 # the plan's kernel names resolve here too (compile checks look a Launch's kernel up in this module)
 from .small_head_kernels import _small_head_bwd_kernel, _small_head_fwd_kernel  # noqa: F401
-from .ops import _TL, INTERPRET, _unpack, check_device, op_params
+from .ops import _TL, INTERPRET, _unpack, check_device, kernel_lam, op_params
 from .plan import Launch, gpu_tiles, sm_count
 from .reduce_rows import sums_size
 
@@ -262,11 +262,7 @@ def small_head_loss(x, w_dc, bias, targets, class_weights, lam, p: LossParams, c
     C = _w_layout(w_dc, classes_first)[0]
     if not 1 <= C <= MAX_CLASSES:
         raise ValueError(f"the small-head path takes 1..{MAX_CLASSES} classes, got {C}")
-    if p.margin == Margin.ANGULAR:
-        lam = torch.as_tensor(lam, dtype=torch.float32, device=x.device)
-        lam = lam if lam.numel() == 1 and lam.dim() <= 1 else lam.reshape(1)  # one value: 0-dim or [1], no view
-    elif p.margin != Margin.COMBINED:  # CombinedMargin's LAM comes from ops.kernel_lam
-        lam = None
+    lam = kernel_lam(lam, p, x, w_dc)
     class_weights = None if class_weights is None else class_weights.contiguous()
     floats, ints = op_params(p, C)
     # the reduction runs inside the op: no autograd graph of torch ops around it

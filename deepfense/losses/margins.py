@@ -17,6 +17,7 @@ from typing import Optional, Sequence
 import torch
 
 from .. import functional as F
+from .. import options
 from ..params import Fallback
 from ..reference import class_cosine
 from . import checks
@@ -25,34 +26,27 @@ from .modules import _LossHead, _Mapper, _local_classes
 FALLBACKS = tuple(f.name.lower() for f in Fallback)
 
 
-def check_scalar(owner: str, key: str, value, *, low: float, low_open: bool = False):
-    """A float (checked as `checks.check_float`) or a 0-dim floating tensor (a schedulable value, not checked)."""
-    if isinstance(value, torch.Tensor):
-        if value.dim() != 0 or not value.is_floating_point():
-            raise checks.WrongTypeError(f"{owner}: '{key}' must be a number or a 0-dim float tensor, got a tensor of "
-                                        f"shape {tuple(value.shape)} and dtype {value.dtype}", key)
-        return value
-    return checks.check_float(owner, key, value, low=low, low_open=low_open)
+def _scalar(rule):
+    """A rule that also takes a 0-dim float tensor (a schedulable value), its value checked on assignment."""
+    return lambda owner, key, value: rule(owner, key, value, tensors="value")
 
 
 class _AngularMarginHead(_LossHead):
     """Shared construction, forward and logits of ArcFace and CombinedMargin; subclasses set m1, m2 and m3."""
 
+    _OPTIONS = {**_LossHead._OPTIONS, "s": _scalar(options.SCALE),
+                "fallback": lambda o, k, v: checks.check_choice(o, k, v, FALLBACKS),
+                "straight_through": options.check_bool,
+                "interclass_filtering_threshold": options.Rule(low=0.0, high=1.0)}
+
     def _init_head(self, embedding_dim, n_classes, s, fallback, interclass_filtering_threshold, straight_through,
                    sub_centers, process_group, common):
-        name = type(self).__name__
-        self.n_classes = checks.check_int(name, "n_classes", n_classes, low=1)
+        self.n_classes = checks.check_int(type(self).__name__, "n_classes", n_classes, low=1)
         self.process_group = process_group
-        self.s = check_scalar(name, "s", s, low=0.0, low_open=True)
-        self.fallback = checks.check_choice(name, "fallback", fallback, FALLBACKS)
-        self.interclass_filtering_threshold = checks.check_float(name, "interclass_filtering_threshold",
-                                                                 interclass_filtering_threshold, low=0.0)
-        if not isinstance(straight_through, bool):
-            raise checks.WrongTypeError(f"{name}: 'straight_through' must be a bool, got {straight_through!r}",
-                                        "straight_through")
-        self.straight_through = straight_through
-        self.sub_centers = checks.check_int(name, "sub_centers", sub_centers, low=1)
-        self._init_common(embedding_dim, self.n_classes, smoothing_allowed=True, **common)
+        self.s, self.fallback, self.straight_through = s, fallback, straight_through
+        self.interclass_filtering_threshold = interclass_filtering_threshold
+        self.sub_centers = checks.check_int(type(self).__name__, "sub_centers", sub_centers, low=1)
+        self._init_common(embedding_dim, self.n_classes, **common)
         self.mapper = _Mapper(self.embedding_dim, _local_classes(self.n_classes, process_group) * self.sub_centers)
 
     def forward(self, embeddings: torch.Tensor, targets: torch.Tensor, logits=None) -> torch.Tensor:
@@ -86,12 +80,13 @@ class ArcFace(_AngularMarginHead):
                  ignore_index: int = -100, label_smoothing: float = 0.0, bonafide_label: int = 1,
                  backend: str = "auto", process_group=None, validate: Optional[bool] = None):
         super().__init__()
-        self.m = check_scalar(type(self).__name__, "m", m, low=0.0)
+        self.m = m
         self._init_head(embedding_dim, n_classes, s, fallback, 0.0, straight_through, sub_centers, process_group,
                         dict(class_weights=class_weights, reduction=reduction, ignore_index=ignore_index,
                              label_smoothing=label_smoothing, bonafide_label=bonafide_label, weight=weight,
                              backend=backend, validate=validate))
 
+    _OPTIONS = {**_AngularMarginHead._OPTIONS, "m": _scalar(options.ANGLE)}
     m1, m3 = 1.0, 0.0
 
     @property
@@ -121,16 +116,15 @@ class CombinedMargin(_AngularMarginHead):
                  label_smoothing: float = 0.0, bonafide_label: int = 1, backend: str = "auto", process_group=None,
                  validate: Optional[bool] = None):
         super().__init__()
-        name = type(self).__name__
-        self.m1 = checks.check_float(name, "m1", m1, low=0.0, low_open=True)
-        self.m2 = check_scalar(name, "m2", m2, low=0.0)
-        self.m3 = check_scalar(name, "m3", m3, low=0.0)
+        self.m1, self.m2, self.m3 = m1, m2, m3
         self._init_head(embedding_dim, n_classes, s, fallback, interclass_filtering_threshold, straight_through,
                         sub_centers, process_group,
                         dict(class_weights=class_weights, reduction=reduction, ignore_index=ignore_index,
                              label_smoothing=label_smoothing, bonafide_label=bonafide_label, weight=weight,
                              backend=backend, validate=validate))
 
+    _OPTIONS = {**_AngularMarginHead._OPTIONS, "m1": options.SCALE, "m2": _scalar(options.ANGLE),
+                "m3": _scalar(options.COSINE_MARGIN)}
     _repr_keys = ("embedding_dim", "n_classes", "m1", "m2", "m3", "s", "interclass_filtering_threshold", "fallback",
                   "sub_centers", "reduction", "backend")
 
@@ -159,7 +153,9 @@ class MarginScheduler:
         if not hasattr(head, attr):
             raise ValueError(f"{type(head).__name__} has no attribute {attr!r} to schedule")
         self.head, self.attr = head, attr
-        self.initial_margin, self.final_margin = float(initial_margin), float(final_margin)
+        check = getattr(head, "check_option", lambda name, value: value)  # the head's rule for that option
+        self.initial_margin = float(check(attr, float(initial_margin)))
+        self.final_margin = float(check(attr, float(final_margin)))
         self.increase_start_iter, self.fix_start_iter = int(increase_start_iter), int(fix_start_iter)
         self.increase_type = increase_type
         self.current_iter = 0
@@ -193,7 +189,7 @@ class MarginScheduler:
 
     def _set(self, value: float) -> None:
         current = getattr(self.head, self.attr)
-        if isinstance(current, torch.Tensor):
+        if isinstance(current, torch.Tensor):  # every value the ramp takes lies between two checked ends
             with torch.no_grad():
                 current.fill_(value)
         else:

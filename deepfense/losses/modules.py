@@ -12,8 +12,11 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
+from .. import dispatch
 from .. import functional as F
+from ..params import Margin
 from ..reference import class_cosine, cosine
+from .. import options
 from . import checks
 
 
@@ -41,22 +44,64 @@ class _LossHead(nn.Module):
         checks.check_unknown_keys(cls, kwargs, siblings=loss_classes())
         return super().__new__(cls)
 
+    # attribute -> rule (`deepfense.options`), applied on every assignment, construction included: `head.m = -5.0`
+    # raises as `AMSoftmax(..., m=-5.0)` does. Subclasses add their own.
+    _OPTIONS = {
+        "reduction": lambda o, k, v: options.check_choice(o, k, v, options.REDUCTIONS),
+        "ignore_index": lambda o, k, v: options.check_ignore_index(o, v),
+        "bonafide_label": lambda o, k, v: options.check_int(o, k, v, low=0, high=1),
+        "loss_weight": lambda o, k, v: options.NON_NEGATIVE(o, "weight", v),
+        "backend": lambda o, k, v: checks.check_backend(o, v),
+        "validate": lambda o, k, v: options.check_validate(o, v),
+    }
+    _SMOOTHING = True  # whether the loss takes label_smoothing
+    process_group = None  # the class-parallel group of the heads that take one
+
+    def __setattr__(self, name, value):
+        rule = self._OPTIONS.get(name)
+        if rule is not None:
+            value = rule(type(self).__name__, name, value)
+        elif name == "label_smoothing":
+            value = options.check_label_smoothing(type(self).__name__, value, allowed=self._SMOOTHING)
+        if rule is not None or name in ("label_smoothing", "sub_centers"):
+            self.__dict__.pop("_params", None)  # the options changed: `loss_params` builds them again
+        super().__setattr__(name, value)
+
+    def loss_params(self):
+        """This head's options as `deepfense.params.LossParams`, built once per change of an option (and while
+        torch.compile traces, from the attributes: a changed float margin then recompiles once, not every time)."""
+        if torch.compiler.is_compiling():
+            return self._build_params()
+        p = self.__dict__.get("_params")
+        if p is None:
+            p = self.__dict__["_params"] = self._build_params()
+        return p
+
+    def _build_params(self):
+        raise NotImplementedError
+
+    def _loss(self, embeddings, weight, targets, bias=None, lam=None):
+        """The loss through the one dispatch point (`deepfense.dispatch.run`), with this head's options."""
+        return dispatch.run(self.loss_params(), embeddings, weight, bias, targets, self.class_weights, lam,
+                            backend=self.backend, process_group=self.process_group, validate=self.validate)
+
+    def check_option(self, name: str, value):
+        """`value` checked as option `name` would be on assignment (what `MarginScheduler` writes in place)."""
+        rule = self._OPTIONS.get(name)
+        return value if rule is None else rule(type(self).__name__, name, value)
+
     def _init_common(self, embedding_dim, n_weights, *, class_weights, reduction, ignore_index, label_smoothing,
-                     smoothing_allowed, bonafide_label, weight, backend, validate=None):
+                     bonafide_label, weight, backend, validate=None):
         name = type(self).__name__
         self.embedding_dim = checks.check_int(name, "embedding_dim", embedding_dim, low=1)
         self.n_weights = n_weights  # how many class weights the loss takes (n_classes; 2 for OCSoftmax)
         self.register_buffer("class_weights", checks.check_class_weights(name, class_weights, n_weights))
-        self.reduction = checks.check_reduction(name, reduction)
-        self.ignore_index = checks.check_int(name, "ignore_index", ignore_index)
-        self.label_smoothing = checks.check_label_smoothing(name, label_smoothing, allowed=smoothing_allowed)
-        self.bonafide_label = checks.check_int(name, "bonafide_label", bonafide_label, low=0, high=1)
-        self.spoof_label = 1 - self.bonafide_label
-        self.loss_weight = checks.check_float(name, "weight", weight, low=0.0)
-        self.backend = checks.check_backend(name, backend)
-        if validate is not None and not isinstance(validate, bool):
-            raise checks.LossConfigError(f"{name}: validate must be None, True or False, got {validate!r}", "validate")
-        self.validate = validate  # value checks: None = the device's default (deepfense.inputs), True / False
+        self.reduction, self.ignore_index, self.label_smoothing = reduction, ignore_index, label_smoothing
+        self.bonafide_label, self.loss_weight, self.backend, self.validate = bonafide_label, weight, backend, validate
+
+    @property
+    def spoof_label(self) -> int:
+        return 1 - self.bonafide_label
 
     def _options(self) -> dict:
         """Keyword arguments every functional loss takes."""
@@ -132,21 +177,24 @@ class AMSoftmax(_LossHead):
         name = type(self).__name__
         self.n_classes = checks.check_int(name, "n_classes", n_classes, low=1)
         self.process_group = process_group
-        self.m = checks.check_float(name, "m", m, low=0.0)
-        self.s = checks.check_float(name, "s", s, low=0.0, low_open=True)
+        self.m, self.s = m, s
         self._init_common(embedding_dim, self.n_classes, class_weights=class_weights, reduction=reduction,
-                          ignore_index=ignore_index, label_smoothing=label_smoothing, smoothing_allowed=True,
+                          ignore_index=ignore_index, label_smoothing=label_smoothing,
                           bonafide_label=bonafide_label, weight=weight, backend=backend, validate=validate)
         self.sub_centers = checks.check_int(name, "sub_centers", sub_centers, low=1)
         self.mapper = _Mapper(self.embedding_dim, _local_classes(self.n_classes, process_group) * self.sub_centers)
 
+    _OPTIONS = {**_LossHead._OPTIONS, "m": options.COSINE_MARGIN, "s": options.SCALE}
     _repr_keys = ("embedding_dim", "n_classes", "m", "s", "reduction", "backend")
 
     def forward(self, embeddings: torch.Tensor, targets: torch.Tensor, logits=None) -> torch.Tensor:
         """Loss of embeddings [B, D] against integer targets [B]; `logits` (DeepFense's cache) is ignored."""
-        return F.am_softmax_loss(embeddings, self.mapper.weight, targets, m=self.m, s=self.s,
-                                 label_smoothing=self.label_smoothing, process_group=self.process_group,
-                                 sub_centers=self.sub_centers, **self._options())
+        return self._loss(embeddings, self.mapper.weight, targets)
+
+    def _build_params(self):
+        return F.loss_params(Margin.ADDITIVE, s=self.s, m=self.m, ignore_index=self.ignore_index,
+                             label_smoothing=self.label_smoothing, reduction=self.reduction,
+                             sub_centers=self.sub_centers)
 
     def get_logits(self, embeddings: torch.Tensor) -> torch.Tensor:
         """[B, C] scaled cosines s*cos_c (no margin; with sub-centres the max over each class's K)."""
@@ -180,18 +228,18 @@ class ASoftmax(_LossHead):
         name = type(self).__name__
         self.n_classes = checks.check_int(name, "n_classes", n_classes, low=1)
         self.process_group = process_group
-        self.lambda_gamma = checks.check_float(name, "lambda_gamma", lambda_gamma, low=0.0)
-        self.lambda_power = checks.check_float(name, "lambda_power", lambda_power, low=0.0)
-        self.m = checks.check_int(name, "m", m, low=1, high=5)
-        self.gamma = checks.check_float(name, "gamma", gamma, low=0.0)
-        self.lambda_min = checks.check_float(name, "lambda_min", lambda_min, low=0.0)
-        self.lambda_max = checks.check_float(name, "lambda_max", lambda_max, low=0.0)
+        self.lambda_gamma, self.lambda_power, self.m, self.gamma = lambda_gamma, lambda_power, m, gamma
+        self.lambda_min, self.lambda_max = lambda_min, lambda_max
         self._init_common(embedding_dim, self.n_classes, class_weights=class_weights, reduction=reduction,
-                          ignore_index=ignore_index, label_smoothing=label_smoothing, smoothing_allowed=False,
+                          ignore_index=ignore_index, label_smoothing=label_smoothing,
                           bonafide_label=bonafide_label, weight=weight, backend=backend, validate=validate)
         self.mapper = _Mapper(self.embedding_dim, _local_classes(self.n_classes, process_group))
         self.register_buffer("step", torch.zeros((), dtype=torch.int64))
 
+    _OPTIONS = {**_LossHead._OPTIONS, "m": options.SPHEREFACE_M, "gamma": options.NON_NEGATIVE,
+                "lambda_min": options.NON_NEGATIVE, "lambda_max": options.NON_NEGATIVE,
+                "lambda_gamma": options.NON_NEGATIVE, "lambda_power": options.NON_NEGATIVE}
+    _SMOOTHING = False
     _repr_keys = ("embedding_dim", "n_classes", "m", "gamma", "lambda_min", "lambda_max", "reduction", "backend")
 
     @property
@@ -204,8 +252,11 @@ class ASoftmax(_LossHead):
         """Loss of embeddings [B, D] against targets [B]; advances `step` in training mode. `logits` is ignored."""
         if self.training:
             self.step.add_(1)  # in place on the buffer: no Python counter, so torch.compile keeps one graph
-        return F.a_softmax_loss(embeddings, self.mapper.weight, targets, m=self.m, lam=self.lam, gamma=self.gamma,
-                                process_group=self.process_group, **self._options())
+        return self._loss(embeddings, self.mapper.weight, targets, lam=self.lam)
+
+    def _build_params(self):
+        return F.loss_params(Margin.ANGULAR, m=float(self.m), gamma=self.gamma, ignore_index=self.ignore_index,
+                             reduction=self.reduction)
 
     def get_logits(self, embeddings: torch.Tensor) -> torch.Tensor:
         """[B, C] logits |x| * cos_c (no margin)."""
@@ -237,22 +288,26 @@ class OCSoftmax(_LossHead):
         name = type(self).__name__
         m_real = _one_of(name, "m_real", m_real, w_posi=w_posi, r_real=r_real)
         m_fake = _one_of(name, "m_fake", m_fake, w_nega=w_nega, r_fake=r_fake)
-        self.m_real = checks.check_float(name, "m_real", self.DISPLAY_DEFAULTS["m_real"] if m_real is None else m_real,
-                                         low=-1.0, high=1.0)
-        self.m_fake = checks.check_float(name, "m_fake", self.DISPLAY_DEFAULTS["m_fake"] if m_fake is None else m_fake,
-                                         low=-1.0, high=1.0)
-        self.alpha = checks.check_float(name, "alpha", alpha, low=0.0, low_open=True)
+        self.m_real = self.DISPLAY_DEFAULTS["m_real"] if m_real is None else m_real
+        self.m_fake = self.DISPLAY_DEFAULTS["m_fake"] if m_fake is None else m_fake
+        self.alpha = alpha
         self._init_common(embedding_dim, 2, class_weights=class_weights, reduction=reduction,
-                          ignore_index=ignore_index, label_smoothing=label_smoothing, smoothing_allowed=False,
+                          ignore_index=ignore_index, label_smoothing=label_smoothing,
                           bonafide_label=bonafide_label, weight=weight, backend=backend, validate=validate)
         self.mapper = _Mapper(self.embedding_dim, 1)
 
+    _OPTIONS = {**_LossHead._OPTIONS, "m_real": options.COSINE, "m_fake": options.COSINE, "alpha": options.SCALE}
+    _SMOOTHING = False
     _repr_keys = ("embedding_dim", "m_real", "m_fake", "alpha", "bonafide_label", "reduction", "backend")
 
     def forward(self, embeddings: torch.Tensor, targets: torch.Tensor, logits=None) -> torch.Tensor:
         """Loss of embeddings [B, D] against targets [B] in {0, 1}; `logits` is ignored."""
-        return F.oc_softmax_loss(embeddings, self.mapper.weight, targets, m_real=self.m_real, m_fake=self.m_fake,
-                                 alpha=self.alpha, bonafide_label=self.bonafide_label, **self._options())
+        return self._loss(embeddings, self.mapper.weight, targets)
+
+    def _build_params(self):
+        return F.loss_params(Margin.ONE_CLASS, m_real=self.m_real, m_fake=self.m_fake, alpha=self.alpha,
+                             bonafide_label=self.bonafide_label, ignore_index=self.ignore_index,
+                             reduction=self.reduction)
 
     def get_logits(self, embeddings: torch.Tensor) -> torch.Tensor:
         """[B, 1] cosine to the bonafide centre."""
@@ -289,7 +344,7 @@ class CrossEntropy(_LossHead):
         self.n_classes = checks.check_int(type(self).__name__, "n_classes", n_classes, low=1)
         self.process_group = process_group
         self._init_common(embedding_dim, self.n_classes, class_weights=class_weights, reduction=reduction,
-                          ignore_index=ignore_index, label_smoothing=label_smoothing, smoothing_allowed=True,
+                          ignore_index=ignore_index, label_smoothing=label_smoothing,
                           bonafide_label=bonafide_label, weight=weight, backend=backend, validate=validate)
         self.fc = nn.Linear(self.embedding_dim, _local_classes(self.n_classes, process_group))
 
@@ -297,9 +352,11 @@ class CrossEntropy(_LossHead):
 
     def forward(self, embeddings: torch.Tensor, targets: torch.Tensor, logits=None) -> torch.Tensor:
         """Loss of embeddings [B, D] against targets [B]; `logits` is ignored (recomputed in the fused path)."""
-        return F.cross_entropy_loss(embeddings, self.fc.weight, targets, bias=self.fc.bias,
-                                    label_smoothing=self.label_smoothing, process_group=self.process_group,
-                                    **self._options())
+        return self._loss(embeddings, self.fc.weight, targets, bias=self.fc.bias)
+
+    def _build_params(self):
+        return F.loss_params(Margin.NONE, ignore_index=self.ignore_index, label_smoothing=self.label_smoothing,
+                             reduction=self.reduction)
 
     def get_logits(self, embeddings: torch.Tensor) -> torch.Tensor:
         """[B, C] logits x W^T + b, computed in the promoted dtype of embeddings and weights."""
