@@ -54,8 +54,17 @@ from .params import LossParams, Margin
 from .torch_backend import (_compute_dtype, _cosines, _dlogits_to_dcos, _logit_scale, _project_grad, _sub_center_max,
                             _target_logit, _target_logit_grad, _to_sub_centers)
 
-__all__ = ["class_slice", "rank_slice", "set_step", "sharded_margin_loss", "ShardedMarginLossFunction",
-           "sum_comm_hook"]
+__all__ = ["class_slice", "rank_slice", "set_step", "DeclaredGroup", "sharded_margin_loss",
+           "ShardedMarginLossFunction", "sum_comm_hook"]
+
+
+@dataclass(frozen=True)
+class DeclaredGroup:
+    """A process group with the global class count a sharded head was built for. Passed as `process_group` (the loss
+    heads do), it makes every rank check that the ranks' slices add up to `n_classes` and that they all declared it."""
+
+    group: object
+    n_classes: int
 
 
 def rank_slice(n_classes: int, group) -> tuple[int, int]:
@@ -301,7 +310,8 @@ def sharded_margin_loss(x, w_dc, bias, targets, class_weights, lam, p: LossParam
         backend: 'triton' (what 'auto' picks for CUDA inputs) runs each rank's share on the fused kernels, which
             merge their per-rank log-sum-exp across ranks and never hold the [B_total, C_r] logits; else torch ops.
         validate: the value checks' switch (`deepfense.inputs.validating`); they run when any rank's policy says so.
-        n_classes: the global C the caller's head was built for (None: the sum of the ranks' slices).
+        n_classes: the global C the caller's head was built for (None: the sum of the ranks' slices); a
+            `DeclaredGroup` as `group` carries it too.
 
     Every rank first sends its shapes, dtypes, options and checks' outcome in one small all-gather
     (`deepfense.distributed_checks`); any disagreement or failed check raises on every rank before the step's other
@@ -313,6 +323,8 @@ def sharded_margin_loss(x, w_dc, bias, targets, class_weights, lam, p: LossParam
     """
     if p.margin == Margin.ONE_CLASS:
         raise ValueError("process_group does not apply to OCSoftmax: it has a single class centre, nothing to shard")
+    if isinstance(group, DeclaredGroup):
+        group, n_classes = group.group, group.n_classes
     if group is None or not dist.is_available() or not dist.is_initialized():
         raise ValueError("process_group needs an initialised torch.distributed process group")
     world, rank = dist.get_world_size(group), dist.get_rank(group)

@@ -64,13 +64,27 @@ def _class_weights(rank, backend):
     _am(x, w, t, backend, class_weights=cw)
 
 
-def _declared(rank, backend, disagree=True):
-    """Heads built for 7 and 9 classes hold 4 columns each: the slices add up to 8, which neither declared."""
+def _declared_heads(rank, backend):
+    """Heads built for 7 and 9 classes hold 4 columns each (rank 0 of 7, rank 1 of 9): the slices add up to 8."""
+    from deepfense.losses import AMSoftmax
+    torch.manual_seed(rank)
+    head = AMSoftmax(6, 7 if rank == 0 else 9, backend=backend, process_group=dist.group.WORLD).double()
+    x, _, t, _ = _inputs(rank)
+    head(x, t)
+
+
+def _declared_call(rank, backend):
+    """Both ranks declare 9 classes to the functional path, but their slices (4 columns each) add up to 8."""
     from deepfense.distributed import sharded_margin_loss
-    x, w, t, _ = _inputs(rank)  # 4 columns each
+    x, w, t, _ = _inputs(rank)
     p = LossParams(Margin.ADDITIVE, s=16.0, m=0.35)
-    sharded_margin_loss(x, w, None, t, None, None, p, dist.group.WORLD, backend=backend,
-                        n_classes=(7 if rank == 0 else 9) if disagree else 9)
+    sharded_margin_loss(x, w, None, t, None, None, p, dist.group.WORLD, backend=backend, n_classes=9)
+
+
+def _negative_targets(rank, backend):
+    """Every kept target of rank 1 is negative (and not ignore_index)."""
+    x, w, t, _ = _inputs(rank)
+    _am(x, w, t if rank == 0 else torch.full_like(t, -5), backend, validate=True)
 
 
 def _unowned(validate):
@@ -226,10 +240,11 @@ CASES = {  # name: (case, backends)
     "reduction mean vs sum": (_differ("reduction", "mean", "sum"), BOTH),
     "reduction mean vs none": (_differ("reduction", "mean", "none"), BOTH),
     "ignore_index -100 vs -1": (_differ("ignore_index", -100, -1), BOTH),
-    "n_classes 7 vs 9": (_declared, BOTH),
-    "n_classes 9 declared, slices of 8": (lambda rank, backend: _declared(rank, backend, False), TORCH),
+    "heads for n_classes 7 vs 9": (_declared_heads, BOTH),
+    "n_classes 9 declared, slices of 8": (_declared_call, TORCH),
     "unowned target, checks off": (_unowned(False), BOTH),
     "unowned target, checks on": (_unowned(True), BOTH),
+    "negative targets on rank 1, checks on": (_negative_targets, TORCH),
     "NaN embeddings on rank 1, none": (_not_finite("x", "none"), BOTH),
     "NaN embeddings on rank 1, mean": (_not_finite("x", "mean"), BOTH),
     "NaN weight on rank 1, mean": (_not_finite("w", "mean"), BOTH),
@@ -254,11 +269,12 @@ EXPECT = {
     "reduction mean vs sum": ("ValueError", "reduction: rank 0 has 'mean'; rank 1 has 'sum'"),
     "reduction mean vs none": ("ValueError", "reduction: rank 0 has 'mean'; rank 1 has 'none'"),
     "ignore_index -100 vs -1": ("ValueError", "ignore_index: rank 0 has -100; rank 1 has -1"),
-    "n_classes 7 vs 9": ("ValueError", "ranks disagree on declared n_classes: rank 0 has 7; rank 1 has 9"),
+    "heads for n_classes 7 vs 9": ("ValueError", "ranks disagree on declared n_classes: rank 0 has 7; rank 1 has 9"),
     "n_classes 9 declared, slices of 8": ("ValueError", "slices add up to 8 classes, but on rank 0 its head was built "
                                                         "for 9"),
     "unowned target, checks off": ("ok", '"dw_nan": true'),
     "unowned target, checks on": ("ValueError", "target 9 on rank 0 is out of range"),
+    "negative targets on rank 1, checks on": ("ValueError", "target -5 on rank 1 is out of range"),
     "NaN embeddings on rank 1, none": ("ValueError", "NaN or Inf values in the embeddings on rank 1"),
     "NaN embeddings on rank 1, mean": ("ValueError", "NaN or Inf values in the embeddings on rank 1"),
     "NaN weight on rank 1, mean": ("ValueError", "NaN or Inf values in the weight on rank 1"),

@@ -63,6 +63,14 @@ class _LossHead(nn.Module):
         return dict(class_weights=self.class_weights, ignore_index=self.ignore_index, reduction=self.reduction,
                     backend=self.backend, validate=self.validate)
 
+    def _sharding(self):
+        """`process_group` as the functional API takes it: with the class count this head was built for, which every
+        rank checks against the sum of the ranks' slices (`deepfense.distributed.DeclaredGroup`)."""
+        if getattr(self, "process_group", None) is None:
+            return None
+        from ..distributed import DeclaredGroup
+        return DeclaredGroup(self.process_group, self.n_classes)
+
     def _check_embeddings(self, embeddings: torch.Tensor) -> None:
         if not isinstance(embeddings, torch.Tensor) or embeddings.dim() != 2 or not embeddings.is_floating_point():
             got = tuple(embeddings.shape) if isinstance(embeddings, torch.Tensor) else type(embeddings).__name__
@@ -145,7 +153,7 @@ class AMSoftmax(_LossHead):
     def forward(self, embeddings: torch.Tensor, targets: torch.Tensor, logits=None) -> torch.Tensor:
         """Loss of embeddings [B, D] against integer targets [B]; `logits` (DeepFense's cache) is ignored."""
         return F.am_softmax_loss(embeddings, self.mapper.weight, targets, m=self.m, s=self.s,
-                                 label_smoothing=self.label_smoothing, process_group=self.process_group,
+                                 label_smoothing=self.label_smoothing, process_group=self._sharding(),
                                  sub_centers=self.sub_centers, **self._options())
 
     def get_logits(self, embeddings: torch.Tensor) -> torch.Tensor:
@@ -205,7 +213,7 @@ class ASoftmax(_LossHead):
         if self.training:
             self.step.add_(1)  # in place on the buffer: no Python counter, so torch.compile keeps one graph
         return F.a_softmax_loss(embeddings, self.mapper.weight, targets, m=self.m, lam=self.lam, gamma=self.gamma,
-                                process_group=self.process_group, **self._options())
+                                process_group=self._sharding(), **self._options())
 
     def get_logits(self, embeddings: torch.Tensor) -> torch.Tensor:
         """[B, C] logits |x| * cos_c (no margin)."""
@@ -298,7 +306,7 @@ class CrossEntropy(_LossHead):
     def forward(self, embeddings: torch.Tensor, targets: torch.Tensor, logits=None) -> torch.Tensor:
         """Loss of embeddings [B, D] against targets [B]; `logits` is ignored (recomputed in the fused path)."""
         return F.cross_entropy_loss(embeddings, self.fc.weight, targets, bias=self.fc.bias,
-                                    label_smoothing=self.label_smoothing, process_group=self.process_group,
+                                    label_smoothing=self.label_smoothing, process_group=self._sharding(),
                                     **self._options())
 
     def get_logits(self, embeddings: torch.Tensor) -> torch.Tensor:
