@@ -29,14 +29,17 @@ Gradient convention:
 
 Costs: per step, all-gathers of B x D embeddings and the targets, two all-reduces of [B_total] / [B_total, 2..3] row
 statistics, a reduce-scatter of B_total x D in backward; batch sizes are exchanged with one small all-gather and a host
-sync. With backend 'triton' (what 'auto' picks for CUDA inputs) each rank's share runs on the fused kernels: their
-forward returns the rows' partial softmax statistics over the rank's classes (`kernels.ops.partial_row_stats`), which
-the collectives merge, and their backward recomputes the logit tiles from the merged LSE, so no rank holds the
-[B_total, C_r] logits. Otherwise the share runs as torch ops (`_local_logits`).
+sync, which also carries everything the ranks must agree on (`deepfense.distributed_checks`: shapes, dtypes, options,
+the outcome of each rank's own checks), so a disagreement raises the same error on every rank before the other
+collectives (docs/distributed.md). With backend 'triton' (what 'auto' picks for CUDA inputs) each rank's share runs
+on the fused kernels: their forward returns the rows' partial softmax statistics over the rank's classes
+(`kernels.ops.partial_row_stats`), which the collectives merge, and their backward recomputes the logit tiles from the
+merged LSE, so no rank holds the [B_total, C_r] logits. Otherwise the share runs as torch ops (`_local_logits`).
 
 Partial FC (`sample_rate` < 1): each rank keeps every class of its slice that is a target in the gathered batch, plus
-random others up to ceil(sample_rate * C_r) columns; the softmax then runs over the kept classes only. This is an
-approximation (insightface's Partial FC), reproducible under a seeded ``generator``; unkept columns get zero gradient.
+random others up to ceil(sample_rate * C_r) columns (in integers: `_kept_quota`); the softmax then runs over the kept
+classes only. This is an approximation (insightface's Partial FC), reproducible under a seeded ``generator``; unkept
+columns get zero gradient.
 """
 
 from __future__ import annotations
@@ -48,32 +51,15 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from .distributed_checks import build_record, class_slice, exchange, raise_not_finite, set_step, settle
-from .inputs import check_tensors, loss_is_finite, resolve_backend, validating
+from .distributed_checks import (DeclaredGroup, build_record, check_local, class_slice, exchange, gather,
+                                 raise_not_finite, rank_slice, set_step, settle)
+from .inputs import loss_is_finite, validating
 from .params import LossParams, Margin
 from .torch_backend import (_compute_dtype, _cosines, _dlogits_to_dcos, _logit_scale, _project_grad, _sub_center_max,
                             _target_logit, _target_logit_grad, _to_sub_centers)
 
 __all__ = ["class_slice", "rank_slice", "set_step", "DeclaredGroup", "sharded_margin_loss",
            "ShardedMarginLossFunction", "sum_comm_hook"]
-
-
-@dataclass(frozen=True)
-class DeclaredGroup:
-    """A process group with the global class count a sharded head was built for. Passed as `process_group` (the loss
-    heads do), it makes every rank check that the ranks' slices add up to `n_classes` and that they all declared it."""
-
-    group: object
-    n_classes: int
-
-
-def rank_slice(n_classes: int, group) -> tuple[int, int]:
-    """[start, stop) of the calling rank's classes in `group` (`class_slice` order). Raises when the rank would hold
-    no class, so a sharded head with fewer classes than ranks fails where it is built, not at its first forward."""
-    world = dist.get_world_size(group)
-    if n_classes < world:
-        raise ValueError(f"{n_classes} classes cannot be split over {world} ranks: each rank needs at least one")
-    return class_slice(n_classes, world, dist.get_rank(group))
 
 
 @dataclass(frozen=True)
@@ -100,9 +86,7 @@ def _gather_rows(t: torch.Tensor, lay: _Layout, fill=0) -> torch.Tensor:
     """All-gather [B_r, ...] tensors of uneven length into [world * bmax, ...], each rank's rows padded with `fill`."""
     padded = t.new_full((lay.bmax, *t.shape[1:]), fill)
     padded[: t.shape[0]] = t
-    parts = [torch.empty_like(padded) for _ in range(lay.world)]
-    dist.all_gather(parts, padded.contiguous(), group=lay.group)
-    return torch.cat(parts)
+    return gather(padded, lay.group).flatten(0, 1)
 
 
 class ShardedMarginLossFunction(torch.autograd.Function):
@@ -281,19 +265,6 @@ def _sample(tg, valid, lay: _Layout, n_local, sample_rate, generator):
     return idx, new_tg, new_lay
 
 
-def _check_local(x, w_dc, bias, targets, class_weights, p: LossParams, sample_rate, backend) -> bool:
-    """This rank's own checks (shapes, dtypes, devices, options; no tensor values read). Returns whether the rank's
-    share runs on the fused kernels."""
-    if class_weights is not None and not (isinstance(class_weights, torch.Tensor) and class_weights.dim() == 1):
-        raise ValueError("class_weights must be a 1-D tensor: the weights of all C classes, the same on every rank")
-    check_tensors(x, w_dc, bias, targets, class_weights, 0 if class_weights is None else class_weights.shape[0])
-    if w_dc.shape[-1] % p.sub_centers:
-        raise ValueError(f"weight has {w_dc.shape[-1]} columns, not a multiple of sub_centers={p.sub_centers}")
-    if not 0.0 < sample_rate <= 1.0:
-        raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate}")
-    return resolve_backend(backend, x.device) == "triton"
-
-
 def sharded_margin_loss(x, w_dc, bias, targets, class_weights, lam, p: LossParams, group, *,
                         sample_rate: float = 1.0, generator: Optional[torch.Generator] = None, backend: str = "auto",
                         validate: Optional[bool] = None, n_classes: Optional[int] = None):
@@ -331,7 +302,7 @@ def sharded_margin_loss(x, w_dc, bias, targets, class_weights, lam, p: LossParam
     device = next((t.device for t in (x, w_dc, targets) if isinstance(t, torch.Tensor)), torch.device("cpu"))
     error = None
     try:  # a failed local check is raised after the exchange, on every rank, so that no peer waits for this one
-        kernels = _check_local(x, w_dc, bias, targets, class_weights, p, sample_rate, backend)
+        kernels = check_local(x, w_dc, bias, targets, class_weights, p, sample_rate, backend)
         record = build_record(group, device, p, ok=True, validate=validating(targets, validate), x=x, w_dc=w_dc,
                               bias=bias, targets=targets, class_weights=class_weights, lam=lam,
                               sample_rate=sample_rate, declared=n_classes)

@@ -18,13 +18,16 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from .params import REDUCTIONS, Margin
+from .inputs import check_tensors, resolve_backend
+from .params import REDUCTIONS, LossParams, Margin
 
-__all__ = ["RECORD", "Agreement", "class_slice", "build_record", "exchange", "settle", "set_step", "raise_not_finite"]
+__all__ = ["RECORD", "Agreement", "DeclaredGroup", "class_slice", "rank_slice", "check_local", "build_record",
+           "gather", "exchange", "settle", "set_step", "raise_not_finite"]
 
 _MAGIC = 0x64664C53  # marks a loss record: a record paired with another collective's payload reads as junk
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _INT_VIEW = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+_HASHED_COLUMNS = 64  # of the weight slice, for the DDP check: random slices differ in any of them
 _NO_TARGET = (2 ** 62, -2 ** 62)  # (min, max) of a rank without kept targets: inside any range check
 _FLOATS = frozenset({"s", "m", "gamma", "m1", "m3", "filter", "smoothing", "sample_rate", "lam0", "lam1", "lam2"})
 
@@ -55,6 +58,37 @@ def class_slice(n_classes: int, world: int, rank: int) -> tuple[int, int]:
     base, extra = divmod(n_classes, world)
     start = rank * base + min(rank, extra)
     return start, start + base + (rank < extra)
+
+
+def rank_slice(n_classes: int, group) -> tuple[int, int]:
+    """[start, stop) of the calling rank's classes in `group` (`class_slice` order). Raises when the rank would hold
+    no class, so a sharded head with fewer classes than ranks fails where it is built, not at its first forward."""
+    world = dist.get_world_size(group)
+    if n_classes < world:
+        raise ValueError(f"{n_classes} classes cannot be split over {world} ranks: each rank needs at least one")
+    return class_slice(n_classes, world, dist.get_rank(group))
+
+
+@dataclass(frozen=True)
+class DeclaredGroup:
+    """A process group with the global class count a sharded head was built for. Passed as `process_group` (the loss
+    heads do), it makes every rank check that the ranks' slices add up to `n_classes` and that they all declared it."""
+
+    group: object
+    n_classes: int
+
+
+def check_local(x, w_dc, bias, targets, class_weights, p: LossParams, sample_rate, backend) -> bool:
+    """This rank's own checks (shapes, dtypes, devices, options; no tensor values read). Returns whether the rank's
+    share runs on the fused kernels."""
+    if class_weights is not None and not (isinstance(class_weights, torch.Tensor) and class_weights.dim() == 1):
+        raise ValueError("class_weights must be a 1-D tensor: the weights of all C classes, the same on every rank")
+    check_tensors(x, w_dc, bias, targets, class_weights, 0 if class_weights is None else class_weights.shape[0])
+    if w_dc.shape[-1] % p.sub_centers:
+        raise ValueError(f"weight has {w_dc.shape[-1]} columns, not a multiple of sub_centers={p.sub_centers}")
+    if not 0.0 < sample_rate <= 1.0:
+        raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate}")
+    return resolve_backend(backend, x.device) == "triton"
 
 
 def set_step(step, group=None) -> None:
@@ -121,9 +155,9 @@ def build_record(group, device, p, *, ok, validate, x=None, w_dc=None, bias=None
         parts = [torch.zeros((), dtype=torch.int64, device=device)] * 2
         if class_weights is not None:
             parts[0] = _checksum(class_weights.to(torch.float64))
-        if first:  # the first call with this weight: a sharded head inside DDP has equal slices
+        if first:  # the first call with this weight: a sharded head inside DDP has equal slices (a few columns tell)
             _hashed[id(base)] = base
-            parts[1] = _checksum(w_dc)
+            parts[1] = _checksum(w_dc[:, :_HASHED_COLUMNS])
         t, keep = targets.long(), targets != p.ignore_index
         if t.numel():
             parts += [torch.where(keep, t, _NO_TARGET[0]).amin(), torch.where(keep, t, _NO_TARGET[1]).amax()]
@@ -144,12 +178,17 @@ def _code(dtype) -> int:
     return _DTYPES.index(dtype) if dtype in _DTYPES else -1
 
 
+def gather(t: torch.Tensor, group) -> torch.Tensor:
+    """[world, *t.shape]: every rank's t (the same shape on every rank), in rank order."""
+    parts = [torch.empty_like(t) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(parts, t.contiguous(), group=group)
+    return torch.stack(parts)
+
+
 def exchange(record: torch.Tensor, group) -> list:
     """All-gather the records; one host sync. Returns one dict per rank, floats decoded, 'lam' as a 3-tuple."""
-    parts = [torch.empty_like(record) for _ in range(dist.get_world_size(group))]
-    dist.all_gather(parts, record, group=group)
     out = []
-    for row in torch.stack(parts).tolist():
+    for row in gather(record, group).tolist():
         rec = {k: _float(v) if k in _FLOATS else v for k, v in zip(RECORD, row)}
         rec["lam"] = (rec.pop("lam0"), rec.pop("lam1"), rec.pop("lam2"))
         out.append(rec)
@@ -185,8 +224,8 @@ def _out_of_step(what: str) -> ValueError:
 
 
 def settle(records: list, group, local_error) -> Agreement:
-    """Run the agreement checks on every rank's record; every rank raises the same ValueError on the same records
-    (a rank whose own local check failed re-raises its error, prefixed with its rank). `local_error`: this rank's."""
+    """Run the agreement checks on every rank's record; every rank raises the same ValueError on the same records,
+    except that a rank whose own local check failed raises that error (`local_error`), its peers one naming it."""
     rank = dist.get_rank(group)
     world = len(records)
     junk = [r for r, rec in enumerate(records) if rec["magic"] != _MAGIC]
@@ -194,7 +233,7 @@ def settle(records: list, group, local_error) -> Agreement:
         raise _out_of_step(f"rank{'s' if len(junk) > 1 else ''} {', '.join(map(str, junk))} sent no loss record")
     failed = [r for r, rec in enumerate(records) if not rec["ok"]]
     if local_error is not None:
-        raise type(local_error)(f"rank {rank}: {local_error}") from local_error
+        raise local_error
     if failed:
         raise ValueError(f"rank{'s' if len(failed) > 1 else ''} {', '.join(map(str, failed))} rejected "
                          f"{'their' if len(failed) > 1 else 'its'} inputs of the sharded loss (the error is raised "
@@ -225,8 +264,8 @@ def settle(records: list, group, local_error) -> Agreement:
         for r, rec in enumerate(records):
             lo, hi = rec["target_min"], rec["target_max"]  # lo > hi: the rank has no kept target
             if lo <= hi and (lo < 0 or hi >= n_classes):
-                raise ValueError(f"target {lo if lo < 0 else hi} on rank {r} is out of range: targets must be in [0, {n_classes}) "
-                                 f"or ignore_index ({records[0]['ignore_index']})")
+                raise ValueError(f"target {lo if lo < 0 else hi} on rank {r} is out of range: targets must be in "
+                                 f"[0, {n_classes}) or ignore_index ({records[0]['ignore_index']})")
     if world > 1 and all(rec["w_hashed"] for rec in records) and len({rec["w_hash"] for rec in records}) == 1 \
             and len(set(agreement.widths)) == 1:
         raise ValueError("every rank holds the same weight slice: a sharded head inside DistributedDataParallel (DDP "
@@ -241,9 +280,7 @@ def raise_not_finite(x, w_dc, bias, group) -> None:
     names = ("embeddings", "weight", "bias")
     flags = torch.tensor([t is not None and not bool(torch.isfinite(t.detach()).all()) for t in (x, w_dc, bias)],
                          dtype=torch.int64, device=x.device)
-    parts = [torch.empty_like(flags) for _ in range(dist.get_world_size(group))]
-    dist.all_gather(parts, flags, group=group)
-    culprits = [f"{names[i]} on rank {r}" for r, row in enumerate(torch.stack(parts).tolist())
+    culprits = [f"{names[i]} on rank {r}" for r, row in enumerate(gather(flags, group).tolist())
                 for i, bad in enumerate(row) if bad]
     if culprits:
         raise ValueError(f"NaN or Inf values in the {', '.join(culprits)}")

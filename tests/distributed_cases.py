@@ -45,6 +45,19 @@ def _differ(option, value0, value1):
     return case
 
 
+def _runtime_margin(kind):
+    """Rank 1's runtime scalar differs: ASoftmax's lambda (its annealing step), ArcFace's tensor margin."""
+    def case(rank, backend):
+        x, w, t, _ = _inputs(rank)
+        value = torch.tensor((3.0, 0.4)[kind == "ArcFace"] + rank, dtype=torch.float64)
+        kw = dict(process_group=dist.group.WORLD, backend=backend)
+        if kind == "ArcFace":
+            F.arcface_loss(x, w, t, m=value, s=16.0, **kw)
+        else:
+            F.a_softmax_loss(x, w, t, m=4, lam=value, **kw)
+    return case
+
+
 def _dim(rank, backend):
     x, w, t, _ = _inputs(rank, dim=6 if rank == 0 else 5)
     _am(x, w, t, backend)
@@ -236,6 +249,8 @@ CASES = {  # name: (case, backends)
     "label smoothing 0 vs 0.1": (_differ("label_smoothing", 0.0, 0.1), BOTH),
     "m 0.35 vs 0.2": (_differ("m", 0.35, 0.2), BOTH),
     "s 16 vs 30": (_differ("s", 16.0, 30.0), BOTH),
+    "ASoftmax lambda 3 vs 4": (_runtime_margin("ASoftmax"), BOTH),
+    "ArcFace tensor m 0.4 vs 1.4": (_runtime_margin("ArcFace"), BOTH),
     "class weights differ": (_class_weights, BOTH),
     "reduction mean vs sum": (_differ("reduction", "mean", "sum"), BOTH),
     "reduction mean vs none": (_differ("reduction", "mean", "none"), BOTH),
@@ -257,7 +272,6 @@ CASES = {  # name: (case, backends)
     "collectives and host syncs": (_consistent_counts, BOTH),
 }
 
-_REJECTED = {0: ("ValueError", "rank 1 rejected its inputs"), 1: ("ValueError", "rank 1: ")}
 EXPECT = {
     "embedding dim 6 vs 5": ("ValueError", "ranks disagree on embedding_dim: rank 0 has 6; rank 1 has 5"),
     "fp32 vs fp64": ("ValueError", "embeddings dtype: rank 0 has torch.float32; rank 1 has torch.float64"),
@@ -265,6 +279,9 @@ EXPECT = {
     "label smoothing 0 vs 0.1": ("ValueError", "ranks disagree on label_smoothing: rank 0 has 0.0; rank 1 has 0.1"),
     "m 0.35 vs 0.2": ("ValueError", "ranks disagree on m: rank 0 has 0.35; rank 1 has 0.2"),
     "s 16 vs 30": ("ValueError", "ranks disagree on s: rank 0 has 16.0; rank 1 has 30.0"),
+    "ASoftmax lambda 3 vs 4": ("ValueError", "ranks disagree on runtime margins (ASoftmax lambda; ArcFace's tensor s, "
+                                              "m, m3): rank 0 has (3.0, 0.0, 0.0); rank 1 has (4.0, 0.0, 0.0)"),
+    "ArcFace tensor m 0.4 vs 1.4": ("ValueError", "rank 0 has (16.0, 0.4, 0.0); rank 1 has (16.0, 1.4, 0.0)"),
     "class weights differ": ("ValueError", "ranks disagree on class_weights (checksum)"),
     "reduction mean vs sum": ("ValueError", "reduction: rank 0 has 'mean'; rank 1 has 'sum'"),
     "reduction mean vs none": ("ValueError", "reduction: rank 0 has 'mean'; rank 1 has 'none'"),
@@ -278,7 +295,8 @@ EXPECT = {
     "NaN embeddings on rank 1, none": ("ValueError", "NaN or Inf values in the embeddings on rank 1"),
     "NaN embeddings on rank 1, mean": ("ValueError", "NaN or Inf values in the embeddings on rank 1"),
     "NaN weight on rank 1, mean": ("ValueError", "NaN or Inf values in the weight on rank 1"),
-    "targets 2 != batch 3 on rank 1": {0: _REJECTED[0], 1: ("ValueError", "rank 1: batch size mismatch")},
+    "targets 2 != batch 3 on rank 1": {0: ("ValueError", "rank 1 rejected its inputs"),
+                                       1: ("ValueError", "batch size mismatch: embeddings have 3 rows, targets 2")},
     "catch and continue": ("ok", '"steps"'),
     "call skipped on rank 1 (set_step)": ("ValueError", "declared steps (set_step): rank 0 has 1; rank 1 has 2"),
     "stray collective on rank 1": ("ValueError", "sharded loss calls made: rank 0 has"),
