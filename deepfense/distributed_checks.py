@@ -186,16 +186,21 @@ def gather(t: torch.Tensor, group) -> torch.Tensor:
 
 
 def exchange(record: torch.Tensor, group) -> list:
-    """All-gather the records; one host sync. Returns one dict per rank, floats decoded, 'lam' as a 3-tuple."""
+    """All-gather the records; one host sync. Returns one dict per rank, 'lam' as a 3-tuple; floats stay as their
+    bits, so they compare exactly (NaN included) and `_show` decodes them."""
     out = []
     for row in gather(record, group).tolist():
-        rec = {k: _float(v) if k in _FLOATS else v for k, v in zip(RECORD, row)}
+        rec = dict(zip(RECORD, row))
         rec["lam"] = (rec.pop("lam0"), rec.pop("lam1"), rec.pop("lam2"))
         out.append(rec)
     return out
 
 
 def _show(key, value) -> str:
+    if key in _FLOATS:
+        return repr(_float(value))
+    if key == "lam":
+        return repr(tuple(map(_float, value)))
     if key in ("x_dtype", "w_dtype"):
         return str(_DTYPES[value]) if 0 <= value < len(_DTYPES) else "another dtype"
     if key == "reduction":

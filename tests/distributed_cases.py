@@ -205,8 +205,10 @@ def _zero_class_rank(rank, backend):
 
 
 def _consistent_counts(rank, backend):
-    """The agreement costs no collective and no host sync over the three all-gathers, two all-reduces and one host
-    sync (two with the value checks) a forward made before it existed; backward's are unchanged."""
+    """The agreement adds no collective and no host sync: a forward made three all-gathers, two all-reduces and one
+    host sync (four tensor reads with the value checks: the record, the targets' min and max, the loss) before it
+    existed; now the same collectives and one read (two with the checks: the targets' range rides in the record).
+    Backward's are unchanged. Host syncs are counted as tensor reads (item, tolist, bool, int, float)."""
     counts = {}
 
     def counting(owner, name, key):
