@@ -24,7 +24,6 @@ from deepfense.distributed import _kept_quota
 from distributed_cases import CASES, EXPECT
 
 WORLD, TIMEOUT_S, FAST_S = 2, 20, 8.0  # every outcome must arrive well inside the process-group timeout
-BACKENDS = ("torch", "triton")
 pytestmark = pytest.mark.xdist_group("distributed_agreement")
 
 
