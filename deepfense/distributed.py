@@ -29,43 +29,37 @@ Gradient convention:
 
 Costs: per step, all-gathers of B x D embeddings and the targets, two all-reduces of [B_total] / [B_total, 2..3] row
 statistics, a reduce-scatter of B_total x D in backward; batch sizes are exchanged with one small all-gather and a host
-sync. With backend 'triton' (what 'auto' picks for CUDA inputs) each rank's share runs on the fused kernels: their
-forward returns the rows' partial softmax statistics over the rank's classes (`kernels.ops.partial_row_stats`), which
-the collectives merge, and their backward recomputes the logit tiles from the merged LSE, so no rank holds the
-[B_total, C_r] logits. Otherwise the share runs as torch ops (`_local_logits`).
+sync, which also carries everything the ranks must agree on (`deepfense.distributed_checks`: shapes, dtypes, options,
+the outcome of each rank's own checks), so a disagreement raises the same error on every rank before the other
+collectives (docs/distributed.md). With backend 'triton' (what 'auto' picks for CUDA inputs) each rank's share runs
+on the fused kernels: their forward returns the rows' partial softmax statistics over the rank's classes
+(`kernels.ops.partial_row_stats`), which the collectives merge, and their backward recomputes the logit tiles from the
+merged LSE, so no rank holds the [B_total, C_r] logits. Otherwise the share runs as torch ops (`_local_logits`).
 
 Partial FC (`sample_rate` < 1): each rank keeps every class of its slice that is a target in the gathered batch, plus
-random others up to ceil(sample_rate * C_r) columns; the softmax then runs over the kept classes only. This is an
-approximation (insightface's Partial FC), reproducible under a seeded ``generator``; unkept columns get zero gradient.
+random others up to ceil(sample_rate * C_r) columns (in integers: `_kept_quota`); the softmax then runs over the kept
+classes only. This is an approximation (insightface's Partial FC), reproducible under a seeded ``generator``; unkept
+columns get zero gradient.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
+from fractions import Fraction
 from typing import Optional
 
 import torch
 import torch.distributed as dist
 
-from .inputs import check_finite, check_targets, check_tensors, resolve_backend, validating
+from .distributed_checks import (DeclaredGroup, build_record, check_local, class_slice, exchange, gather,
+                                 raise_not_finite, rank_slice, set_step, settle)
+from .inputs import loss_is_finite, validating
 from .params import LossParams, Margin
 from .torch_backend import (_compute_dtype, _cosines, _dlogits_to_dcos, _logit_scale, _project_grad, _sub_center_max,
                             _target_logit, _target_logit_grad, _to_sub_centers)
 
-__all__ = ["class_slice", "rank_slice", "sharded_margin_loss", "ShardedMarginLossFunction", "sum_comm_hook"]
-
-
-def class_slice(n_classes: int, world: int, rank: int) -> tuple[int, int]:
-    """[start, stop) of rank's classes: the `torch.tensor_split(torch.arange(n_classes), world)[rank]` order."""
-    base, extra = divmod(n_classes, world)
-    start = rank * base + min(rank, extra)
-    return start, start + base + (rank < extra)
-
-
-def rank_slice(n_classes: int, group) -> tuple[int, int]:
-    """[start, stop) of the calling rank's classes in `group` (`class_slice` order)."""
-    return class_slice(n_classes, dist.get_world_size(group), dist.get_rank(group))
+__all__ = ["class_slice", "rank_slice", "set_step", "DeclaredGroup", "sharded_margin_loss",
+           "ShardedMarginLossFunction", "sum_comm_hook"]
 
 
 @dataclass(frozen=True)
@@ -92,9 +86,7 @@ def _gather_rows(t: torch.Tensor, lay: _Layout, fill=0) -> torch.Tensor:
     """All-gather [B_r, ...] tensors of uneven length into [world * bmax, ...], each rank's rows padded with `fill`."""
     padded = t.new_full((lay.bmax, *t.shape[1:]), fill)
     padded[: t.shape[0]] = t
-    parts = [torch.empty_like(padded) for _ in range(lay.world)]
-    dist.all_gather(parts, padded.contiguous(), group=lay.group)
-    return torch.cat(parts)
+    return gather(padded, lay.group).flatten(0, 1)
 
 
 class ShardedMarginLossFunction(torch.autograd.Function):
@@ -103,11 +95,15 @@ class ShardedMarginLossFunction(torch.autograd.Function):
     Inputs: x [B_r, D] local embeddings; w [D, C_r] local columns; bias [C_r] or None; tg [world * bmax] gathered
     targets in this softmax's class space (pads are ignore_index); row_w [world * bmax] row weights (0 for ignored and
     pad rows); cw [C_r] class weights of the local columns; cw_total: 0-dim sum of all C class weights; lam: ASoftmax
-    lambda; p: options; lay: `_Layout`; kernels: run the per-rank work on the fused Triton kernels (else torch ops).
+    lambda; p: options; lay: `_Layout`; kernels: run the per-rank work on the fused Triton kernels (else torch ops);
+    validate: check that the loss of the gathered rows is finite (the same answer on every rank).
+    A target owned by no rank (out of range, value checks off) makes its row's loss and gradients NaN, as in the
+    single-process path.
     """
 
     @staticmethod
-    def forward(ctx, x, w, bias, tg, row_w, cw, cw_total, lam, p: LossParams, lay: _Layout, kernels: bool):
+    def forward(ctx, x, w, bias, tg, row_w, cw, cw_total, lam, p: LossParams, lay: _Layout, kernels: bool,
+                validate: bool):
         dt = _compute_dtype(x, w)
         ctx.p, ctx.lay, ctx.dtypes, ctx.has_bias, ctx.kernels = p, lay, (x.dtype, w.dtype), bias is not None, kernels
         valid = tg != p.ignore_index
@@ -137,6 +133,8 @@ class ShardedMarginLossFunction(torch.autograd.Function):
         coef_t = row_w
         if p.margin == Margin.ANGULAR and p.gamma:
             coef_t = row_w * (1.0 - torch.exp(-nll)).clamp_min(0.0) ** p.gamma  # global p_y: focal factor, constant
+        unowned = valid & ((tg < 0) | (tg >= lay.n_classes))  # no rank holds it: NaN loss and gradients for the row
+        coef_t = torch.where(unowned, torch.nan, coef_t)
         eps = p.label_smoothing
         coef_t = (1.0 - eps) * coef_t if eps else coef_t
         rows, coef_p = coef_t * nll, coef_t
@@ -152,6 +150,8 @@ class ShardedMarginLossFunction(torch.autograd.Function):
             den = row_w.sum()
             scale = torch.where(den > 0, 1.0 / den, 0.0)
             out = rows.sum() * scale
+        if validate and not loss_is_finite(rows.sum()):  # the gathered rows: every rank takes this branch together
+            raise_not_finite(x, w, bias, lay.group)
         if kernels:  # backward recomputes the logit tiles from the global LSE and coefficients
             ctx.save_for_backward(xg, w, bias, tg, cw, lam_k, torch.stack([lse, coef_p, coef_t]), scale)
             return out
@@ -194,7 +194,7 @@ class ShardedMarginLossFunction(torch.autograd.Function):
         dist.reduce_scatter(dx, list(dx_all.contiguous().chunk(lay.world)), group=lay.group)  # sum of partial dX
         dx = dx[: lay.sizes[lay.rank]]
         x_dtype, w_dtype = ctx.dtypes
-        return dx.to(x_dtype), dw.to(w_dtype), db, None, None, None, None, None, None, None, None
+        return dx.to(x_dtype), dw.to(w_dtype), db, None, None, None, None, None, None, None, None, None
 
 
 def _local_logits(xg, wf, bias, tg, valid, lam, p: LossParams, lay: _Layout):
@@ -226,21 +226,29 @@ def _local_logits(xg, wf, bias, tg, valid, lam, p: LossParams, lay: _Layout):
     return logits, cos, xnorm, rx, rw, cos_y, lam_t, tcol, owned, wf, best, dirty
 
 
+def _kept_quota(sample_rate: float, width: int) -> int:
+    """ceil(sample_rate * width) in integers, the rate read as the decimal it was written as: 0.07 of 100 classes
+    keeps 7 (the float product is 7.000000000000001, whose ceil keeps 8)."""
+    rate = Fraction(repr(float(sample_rate)))
+    return -(-rate.numerator * width // rate.denominator)
+
+
 def _sample(tg, valid, lay: _Layout, n_local, sample_rate, generator):
     """Partial FC: the local columns to keep, this softmax's targets in the kept-class space, and its new layout.
 
     Every rank keeps its slice's positive classes (sorted, first) and random others up to k_r = max(#positives,
-    ceil(sample_rate * C_r)). The kept spaces are concatenated in rank order, so every rank can map any target from
-    the gathered targets alone. Host syncs: the number of positives decides the shapes.
+    `_kept_quota(sample_rate, C_r)`). The kept spaces are concatenated in rank order, so every rank can map any
+    target from the gathered targets alone. valid: the rows whose target some rank holds (the others keep theirs).
+    Host syncs: the number of positives decides the shapes.
     """
     world, n_classes, dev = lay.world, lay.n_classes, tg.device
-    starts = torch.tensor([class_slice(n_classes, world, r)[0] for r in range(world)], device=dev)
-    widths = torch.tensor([class_slice(n_classes, world, r)[1] - class_slice(n_classes, world, r)[0]
-                           for r in range(world)], device=dev)
+    bounds = [class_slice(n_classes, world, r) for r in range(world)]
+    starts = torch.tensor([a for a, _ in bounds], device=dev)
+    quota = torch.tensor([_kept_quota(sample_rate, b - a) for a, b in bounds], device=dev)
     positives = torch.unique(tg[valid])  # sorted
     owner = torch.searchsorted(starts, positives, right=True) - 1
     n_pos = torch.bincount(owner, minlength=world)
-    keep = torch.maximum(n_pos, torch.ceil(widths.double() * sample_rate).long())
+    keep = torch.maximum(n_pos, quota)
     offsets = torch.cumsum(keep, 0) - keep
     pos_offsets = torch.cumsum(n_pos, 0) - n_pos
     # a target's kept-space index: its owner's offset + its rank among that owner's positives
@@ -259,7 +267,7 @@ def _sample(tg, valid, lay: _Layout, n_local, sample_rate, generator):
 
 def sharded_margin_loss(x, w_dc, bias, targets, class_weights, lam, p: LossParams, group, *,
                         sample_rate: float = 1.0, generator: Optional[torch.Generator] = None, backend: str = "auto",
-                        validate: Optional[bool] = None):
+                        validate: Optional[bool] = None, n_classes: Optional[int] = None):
     """Class-parallel AMSoftmax / ASoftmax / CrossEntropy; `functional.*_loss(..., process_group=group)` lands here.
 
     Args:
@@ -272,7 +280,13 @@ def sharded_margin_loss(x, w_dc, bias, targets, class_weights, lam, p: LossParam
             (e.g. `torch.Generator().manual_seed(seed + step)`); the same seed on every rank is fine.
         backend: 'triton' (what 'auto' picks for CUDA inputs) runs each rank's share on the fused kernels, which
             merge their per-rank log-sum-exp across ranks and never hold the [B_total, C_r] logits; else torch ops.
-        validate: the value checks' switch (`deepfense.inputs.validating`), run on the gathered targets.
+        validate: the value checks' switch (`deepfense.inputs.validating`); they run when any rank's policy says so.
+        n_classes: the global C the caller's head was built for (None: the sum of the ranks' slices); a
+            `DeclaredGroup` as `group` carries it too.
+
+    Every rank first sends its shapes, dtypes, options and checks' outcome in one small all-gather
+    (`deepfense.distributed_checks`); any disagreement or failed check raises on every rank before the step's other
+    collectives, so no rank waits for a peer that has raised.
 
     Returns:
         The loss per `p.reduction` (a scalar equal on every rank, or [B_r] for 'none'), float32 (float64 for float64
@@ -280,32 +294,24 @@ def sharded_margin_loss(x, w_dc, bias, targets, class_weights, lam, p: LossParam
     """
     if p.margin == Margin.ONE_CLASS:
         raise ValueError("process_group does not apply to OCSoftmax: it has a single class centre, nothing to shard")
-    k = p.sub_centers  # each rank holds whole classes: its C_r * k adjacent columns
-    if w_dc.dim() == 2 and w_dc.shape[-1] % k:
-        raise ValueError(f"weight has {w_dc.shape[-1]} columns, not a multiple of sub_centers={k}")
-    if not 0.0 < sample_rate <= 1.0:
-        raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate}")
+    if isinstance(group, DeclaredGroup):
+        group, n_classes = group.group, group.n_classes
     if group is None or not dist.is_available() or not dist.is_initialized():
         raise ValueError("process_group needs an initialised torch.distributed process group")
     world, rank = dist.get_world_size(group), dist.get_rank(group)
-    table = torch.tensor([x.shape[0] if isinstance(x, torch.Tensor) and x.dim() else 0, w_dc.shape[-1] // k],
-                         device=x.device)
-    parts = [torch.empty_like(table) for _ in range(world)]
-    dist.all_gather(parts, table, group=group)
-    sizes, widths = zip(*torch.stack(parts).tolist())  # host sync: shapes of the gathered batch
-    n_classes = sum(widths)
-    if n_classes < world:
-        raise ValueError(f"{n_classes} classes cannot be split over {world} ranks: each rank needs at least one")
-    expected = [class_slice(n_classes, world, r) for r in range(world)]
-    if list(widths) != [b - a for a, b in expected]:
-        raise ValueError(f"each rank must hold its torch.tensor_split slice of the {n_classes} classes: expected "
-                         f"widths {[b - a for a, b in expected]}, got {list(widths)}")
-    check_tensors(x, w_dc.t() if p.margin == Margin.NONE else w_dc, bias, targets, class_weights, p, n_classes)
-    lay = _Layout(group, rank, world, tuple(sizes), expected[rank][0], n_classes)
+    device = next((t.device for t in (x, w_dc, targets) if isinstance(t, torch.Tensor)), torch.device("cpu"))
+    error = None
+    try:  # a failed local check is raised after the exchange, on every rank, so that no peer waits for this one
+        kernels = check_local(x, w_dc, bias, targets, class_weights, p, sample_rate, backend)
+        record = build_record(group, device, p, ok=True, validate=validating(targets, validate), x=x, w_dc=w_dc,
+                              bias=bias, targets=targets, class_weights=class_weights, lam=lam,
+                              sample_rate=sample_rate, declared=n_classes)
+    except Exception as exc:  # noqa: BLE001 - any error: the peers must still get this rank's record
+        error, record = exc, build_record(group, device, p, ok=False, validate=False)
+    agreed = settle(exchange(record, group), group, error)  # host sync: shapes of the gathered batch
+    k, n_classes = p.sub_centers, agreed.n_classes
+    lay = _Layout(group, rank, world, agreed.sizes, class_slice(n_classes, world, rank)[0], n_classes)
     tg = _gather_rows(targets, lay, fill=p.ignore_index)
-    validate = validating(tg, validate)
-    if validate:
-        check_targets(tg, n_classes, p)  # on the gathered targets, so every rank raises together
     dt = _compute_dtype(x, w_dc)
     valid = tg != p.ignore_index
     safe = torch.where(valid, tg, 0).clamp(0, n_classes - 1)
@@ -314,18 +320,16 @@ def sharded_margin_loss(x, w_dc, bias, targets, class_weights, lam, p: LossParam
     cw = cw_full[lay.c0: lay.c0 + w_dc.shape[1] // k]
     cw_total = cw_full.sum()
     if sample_rate < 1.0:
-        idx, tg, lay = _sample(tg, valid, lay, w_dc.shape[1] // k, sample_rate, generator)
+        owned = valid & (tg >= 0) & (tg < n_classes)
+        idx, tg, lay = _sample(tg, owned, lay, w_dc.shape[1] // k, sample_rate, generator)
         cols = (idx[:, None] * k + torch.arange(k, device=idx.device)).reshape(-1)  # a kept class's k columns
         w_dc, cw = w_dc[:, cols], cw[idx]  # indexing through autograd: unkept columns get zero gradient
         bias = bias[idx] if bias is not None else None
         cw_total = cw.sum()
         dist.all_reduce(cw_total, group=group)
-    kernels = resolve_backend(backend, x.device) == "triton"
     cw_cols = cw if (class_weights is not None or not kernels) else None  # the kernels take none as all ones
-    loss = ShardedMarginLossFunction.apply(x, w_dc, bias, tg, row_w, cw_cols, cw_total, lam, p, lay, kernels)
-    if validate:
-        check_finite(loss, x=x, weight=w_dc, bias=bias, class_weights=class_weights)
-    return loss
+    return ShardedMarginLossFunction.apply(x, w_dc, bias, tg, row_w, cw_cols, cw_total, lam, p, lay, kernels,
+                                           agreed.validate)
 
 
 def sum_comm_hook(state, bucket):

@@ -54,7 +54,7 @@ class _AngularMarginHead(_LossHead):
         return F.arcface_loss(embeddings, self.mapper.weight, targets, m=self.m2, s=self.s, m1=self.m1, m3=self.m3,
                               fallback=self.fallback, interclass_filtering_threshold=self.interclass_filtering_threshold,
                               straight_through=self.straight_through, sub_centers=self.sub_centers,
-                              label_smoothing=self.label_smoothing, process_group=self.process_group, **self._options())
+                              label_smoothing=self.label_smoothing, process_group=self._sharding(), **self._options())
 
     def get_logits(self, embeddings: torch.Tensor) -> torch.Tensor:
         """[B, C] scaled class cosines s*cos_c (no margin; with sub-centres the max over each class's K)."""

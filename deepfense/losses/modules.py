@@ -83,7 +83,7 @@ class _LossHead(nn.Module):
     def _loss(self, embeddings, weight, targets, bias=None, lam=None):
         """The loss through the one dispatch point (`deepfense.dispatch.run`), with this head's options."""
         return dispatch.run(self.loss_params(), embeddings, weight, bias, targets, self.class_weights, lam,
-                            backend=self.backend, process_group=self.process_group, validate=self.validate)
+                            backend=self.backend, process_group=self._sharding(), validate=self.validate)
 
     def check_option(self, name: str, value):
         """`value` checked as option `name` would be on assignment (what `MarginScheduler` writes in place)."""
@@ -107,6 +107,14 @@ class _LossHead(nn.Module):
         """Keyword arguments every functional loss takes."""
         return dict(class_weights=self.class_weights, ignore_index=self.ignore_index, reduction=self.reduction,
                     backend=self.backend, validate=self.validate)
+
+    def _sharding(self):
+        """`process_group` as the functional API takes it: with the class count this head was built for, which every
+        rank checks against the sum of the ranks' slices (`deepfense.distributed.DeclaredGroup`)."""
+        if getattr(self, "process_group", None) is None:
+            return None
+        from ..distributed import DeclaredGroup
+        return DeclaredGroup(self.process_group, self.n_classes)
 
     def _check_embeddings(self, embeddings: torch.Tensor) -> None:
         if not isinstance(embeddings, torch.Tensor) or embeddings.dim() != 2 or not embeddings.is_floating_point():
