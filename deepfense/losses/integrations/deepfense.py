@@ -154,7 +154,10 @@ def use_fused_losses(*, deepfense_semantics: bool = True) -> FusedLosses:
 def _live_deepfense_losses() -> list:
     """DeepFense's own loss modules alive in this process (gc's tracked objects; nn.Modules are tracked)."""
     own = tuple(_ORIGINALS)
-    return [obj for obj in gc.get_objects() if own and isinstance(obj, own)] if own else []
+    if not own:
+        return []
+    gc.collect()  # a detector already dropped is no reason to warn
+    return [obj for obj in gc.get_objects() if isinstance(obj, own)]
 
 
 def _warn_if_late() -> None:
