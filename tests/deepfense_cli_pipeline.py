@@ -58,9 +58,9 @@ def make_data(root: Path):
         rows = []
         for i in range(n):
             label = "bonafide" if i % 2 else "spoof"
-            x = 0.3 * rng.standard_normal(SAMPLES)
+            x = rng.uniform(0.05, 0.3) * rng.standard_normal(SAMPLES)  # noise of random loudness
             if label == "bonafide":
-                x += 0.3 * np.sin(2 * np.pi * rng.uniform(300, 3000) * np.arange(SAMPLES) / SR)
+                x += rng.uniform(0.1, 0.3) * np.sin(2 * np.pi * rng.uniform(300, 3000) * np.arange(SAMPLES) / SR)
             path = root / "wav" / f"{split}_{i:03d}.wav"
             sf.write(path, x.astype(np.float32), SR)
             rows.append({"ID": f"{split}_{i:03d}", "path": str(path), "label": label})
@@ -87,9 +87,9 @@ def config(root: Path, section, out: Path) -> Path:
                      "backend": {"type": "MLP", "args": {"input_dim": 16, "projection": [DIM],
                                                          "pooling_type": "mean"}},
                      "loss": section},
-           "training": {"trainer": "StandardTrainer", "epochs": 2, "device": "cpu", "eval_every_epochs": 1,
+           "training": {"trainer": "StandardTrainer", "epochs": 3, "device": "cpu", "eval_every_epochs": 1,
                         "monitor_metric": "loss", "monitor_mode": "min", "output_dir": str(out),
-                        "optimizer": {"type": "adam", "lr": 0.003}, "metrics": {"EER": {}}}}
+                        "optimizer": {"type": "adam", "lr": 0.01}, "metrics": {"EER": {}}}}
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.yaml").write_text(yaml.safe_dump(cfg))
     return out / "config.yaml"
