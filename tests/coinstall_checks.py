@@ -1,4 +1,4 @@
-"""Run inside the co-install venv (tests/test_coinstall.py): `python coinstall_checks.py ours|theirs|adapter|absent-ours`.
+"""Run inside the co-install venv (tests/test_coinstall.py): `python coinstall_checks.py WHAT...`, WHAT from:
 
 ours:   deepfense-losses imports from its install, trains one step, reports its metadata version.
 theirs: DeepFense 0.2.2 imports its model package, builds its four losses through its registry and trains one step.

@@ -175,7 +175,8 @@ def compare(root: Path, name: str, section) -> dict:
         out[f"step_s_{side}"] = step_time(cfg[side], fused=side == "ours")
     for side in runs:  # each side's best checkpoint through each side's `test`
         for tester in runs:
-            res = test(runs[tester], cfg[tester], trained[side]["dir"] / "best_model.pth", work / f"{tester}_tests_{side}")
+            best = trained[side]["dir"] / "best_model.pth"
+            res = test(runs[tester], cfg[tester], best, work / f"{tester}_tests_{side}")
             out[f"test_{tester}_on_{side}"] = res and {"loss": res["loss"], "EER": res["EER"]}
     out["val_ours"] = [(r["loss"], r["EER"]) for r in trained["ours"]["val"]]
     if "theirs" in runs:

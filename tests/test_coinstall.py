@@ -129,7 +129,8 @@ def test_install_uninstall_matrix(venv):
     assert "OCSoftmax(embedding_dim" in _run([scripts / "deepfense-losses", "list"])
     for cmd in ([scripts / "deepfense-losses", "deepfense"], [venv.python, "-m", "deepfense.losses", "deepfense"]):
         listed = _run([*cmd, "list", "-t", "losses"], cwd=venv.work)  # DeepFense's own `list` command
-        assert all(f"• {name}\n" in listed for name in ("ArcFace", "AAMSoftmax", "CombinedMargin", "ASoftmax")), listed
+        names = ("ArcFace", "AAMSoftmax", "CombinedMargin", "ASoftmax")
+        assert all(f"• {name}\n" in listed for name in names), listed
     venv.pip("uninstall", "-y", "deepfense-losses")
     gone = venv.check("theirs", "absent-ours")
     assert gone["ours_absent"] and (venv.site / "deepfense" / "__init__.py").is_file()

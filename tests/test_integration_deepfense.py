@@ -5,15 +5,19 @@ tests/test_coinstall.py."""
 
 import copy
 import importlib.util
+import logging
+import sys
+import types
 
 import pytest
 import torch
 
 from deepfense.benchmark.cli import main as cli_main
+from deepfense.losses.integrations import deepfense as integration
 from deepfense.losses import AMSoftmax, ArcFace, CombinedMargin, MissingKeyError, UnknownKeyError
 from deepfense.losses.integrations.deepfense import (ADAPTERS, FusedAMSoftmax, FusedArcFace, FusedASoftmax,
                                                      FusedCombinedMargin, FusedCrossEntropy, FusedOCSoftmax,
-                                                     use_fused_losses)
+                                                     convert_losses, use_fused_losses)
 
 D = 8
 
@@ -159,3 +163,86 @@ def test_deepfense_subcommand_without_deepfense_exits_2_with_one_line(capsys):
     out, err = capsys.readouterr()
     assert out == "" and len(err.strip().splitlines()) == 1
     assert err.startswith("deepfense-losses deepfense: ") and "pip install --no-deps deepfense==0.2.2" in err
+
+
+# --- the registration handle, on a stand-in of DeepFense 0.2.2's registry (the real one: tests/test_coinstall.py) ---
+
+class _Registry:
+    """DeepFense 0.2.2's `Registry` interface (deepfense/utils/registry.py): logs a warning when a name is replaced."""
+
+    def __init__(self):
+        self._registry = {}
+
+    def register(self, name):
+        def decorator(obj):
+            if name in self._registry:
+                logging.getLogger(__name__).warning(f"{name} already registered in Loss. Overwriting.")
+            self._registry[name] = obj
+            return obj
+        return decorator
+
+    def get(self, name):
+        return self._registry[name]
+
+    def list(self):
+        return list(self._registry)
+
+    def __contains__(self, name):
+        return name in self._registry
+
+
+class _TheirAMSoftmax(torch.nn.Module):
+    """The state DeepFense's AMSoftmaxLoss holds: its config, mapper.weight [D, C], m_loss.weight [C]."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.mapper = torch.nn.Module()
+        self.mapper.weight = torch.nn.Parameter(torch.randn(config["embedding_dim"], config["n_classes"]))
+        self.m_loss = torch.nn.CrossEntropyLoss(weight=torch.tensor([0.5, 0.5]))
+
+
+@pytest.fixture
+def registry(monkeypatch):
+    """A stand-in DeepFense: `deepfense.models` imports, `deepfense.utils.registry.LOSS_REGISTRY` holds its losses."""
+    reg = _Registry()
+    for name in ("AMSoftmax", "ASoftmax", "OCSoftmax", "CrossEntropy"):
+        reg._registry[name] = type(f"Their{name}", (_TheirAMSoftmax,), {})
+    utils = types.ModuleType("deepfense.utils.registry")
+    utils.LOSS_REGISTRY = reg
+    for name, mod in (("deepfense.models", types.ModuleType("deepfense.models")),
+                      ("deepfense.utils", types.ModuleType("deepfense.utils")), ("deepfense.utils.registry", utils)):
+        monkeypatch.setitem(sys.modules, name, mod)
+    monkeypatch.setattr(integration, "_ORIGINALS", {})
+    monkeypatch.setattr(integration, "_ACTIVE", None)
+    return reg
+
+
+def test_registration_is_idempotent_quiet_and_undone(registry, caplog):
+    own = dict(registry._registry)
+    with caplog.at_level(logging.WARNING):
+        handle = use_fused_losses()
+        assert use_fused_losses() is handle
+    assert caplog.records == []
+    assert {n: registry.get(n) for n in ADAPTERS} == ADAPTERS
+    assert use_fused_losses(deepfense_semantics=False) is handle  # semantics switched, DeepFense's classes still kept
+    assert not registry.get("AMSoftmax").deepfense_semantics
+    handle.restore()
+    handle.restore()
+    assert registry._registry == own and not handle.active
+    with use_fused_losses() as again:
+        assert again is not handle and registry.get("ArcFace") is FusedArcFace
+    assert registry._registry == own and caplog.records == []
+
+
+def test_too_late_warns_and_convert_keeps_parameters(registry):
+    their = registry.get("AMSoftmax")({"embedding_dim": D, "n_classes": 2})
+    detector = torch.nn.ModuleDict({"losses": torch.nn.ModuleList([their])})
+    weight = their.mapper.weight
+    with pytest.warns(UserWarning, match=r"1 DeepFense loss module\(s\) \(TheirAMSoftmax\).*convert_losses"):
+        use_fused_losses()
+    assert convert_losses(detector) == 1
+    head = detector["losses"][0]
+    assert type(head) is FusedAMSoftmax and head.mapper.weight is weight
+    torch.testing.assert_close(head.class_weights, torch.tensor([0.5, 0.5]))
+    assert convert_losses(detector) == 0

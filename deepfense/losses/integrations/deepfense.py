@@ -157,7 +157,8 @@ def _live_deepfense_losses() -> list:
     if not own:
         return []
     gc.collect()  # a detector already dropped is no reason to warn
-    return [obj for obj in gc.get_objects() if isinstance(obj, own)]
+    # type(), not isinstance(): isinstance reads __class__, which some lazy objects (torch.distributed.reduce_op) warn on
+    return [obj for obj in gc.get_objects() if issubclass(type(obj), own)]
 
 
 def _warn_if_late() -> None:
