@@ -47,6 +47,7 @@ def theirs():
 
 
 def adapter():
+    import deepfense.models  # noqa: F401 - registers DeepFense's losses
     from deepfense.losses.integrations.deepfense import FusedArcFace, convert_losses, use_fused_losses
     from deepfense.utils.registry import LOSS_REGISTRY
     logged = []
