@@ -8,8 +8,6 @@ DeepFense's own, unchanged. Float64 throughout, so the comparison is not lost in
 
 import copy
 import json
-import sys
-import types
 import warnings
 from pathlib import Path
 
@@ -17,17 +15,12 @@ import torch
 import yaml
 from torch import nn
 
-try:
-    import torchaudio  # noqa: F401
-except Exception:  # no torchaudio build exists for this torch; DeepFense's frontends import it at module level
-    sys.modules["torchaudio"] = types.ModuleType("torchaudio")  # and the stand-in frontend replaces them
+import deepfense.models  # registers DeepFense's components
+from deepfense.models.base_model import BaseBackend, BaseFrontend
+from deepfense.models.detector import ModularDetector
+from deepfense.utils.registry import LOSS_REGISTRY, register_backend, register_frontend
 
-import deepfense.models  # noqa: E402 - registers DeepFense's components
-from deepfense.models.base_model import BaseBackend, BaseFrontend  # noqa: E402
-from deepfense.models.detector import ModularDetector  # noqa: E402
-from deepfense.utils.registry import LOSS_REGISTRY, register_backend, register_frontend  # noqa: E402
-
-from deepfense.losses.integrations.deepfense import ADAPTERS, use_fused_losses  # noqa: E402
+from deepfense.losses.integrations.deepfense import ADAPTERS, use_fused_losses
 
 SAMPLES, FEATS = 64, 16
 

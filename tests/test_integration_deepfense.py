@@ -1,14 +1,23 @@
-"""The DeepFense adapters (deepfense.losses.integrations.deepfense) without DeepFense installed: config handling,
-DeepFense semantics, state_dict keys. DeepFense's real detector runs in tests/test_coinstall.py."""
+"""The DeepFense adapters (deepfense.losses.integrations.deepfense) without DeepFense installed: config handling and
+its errors, DeepFense semantics (labels, scores, schedule), the margin heads and their ramp, state_dict keys, the
+`deepfense` subcommand's answer when DeepFense is absent. DeepFense's real registry, detector and commands run in
+tests/test_coinstall.py."""
 
+import copy
 import importlib.util
+import logging
+import sys
+import types
 
 import pytest
 import torch
 
-from deepfense.losses import AMSoftmax
-from deepfense.losses.integrations.deepfense import (FusedAMSoftmax, FusedASoftmax, FusedCrossEntropy, FusedOCSoftmax,
-                                                     use_fused_losses)
+from deepfense.benchmark.cli import main as cli_main
+from deepfense.losses.integrations import deepfense as integration
+from deepfense.losses import AMSoftmax, ArcFace, CombinedMargin, MissingKeyError, UnknownKeyError
+from deepfense.losses.integrations.deepfense import (ADAPTERS, FusedAMSoftmax, FusedArcFace, FusedASoftmax,
+                                                     FusedCombinedMargin, FusedCrossEntropy, FusedOCSoftmax,
+                                                     convert_losses, use_fused_losses)
 
 D = 8
 
@@ -69,3 +78,171 @@ def test_ignored_keys_warn_and_are_ignored():
 def test_use_fused_losses_without_deepfense_says_what_to_install():
     with pytest.raises(ImportError, match="pip install --no-deps deepfense==0.2.2"):
         use_fused_losses()
+
+
+# --- DeepFense's label habit: float labels (its AMSoftmax/ASoftmax call .long(), OCSoftmax multiplies by them) ------
+
+@pytest.mark.parametrize("cls", [FusedAMSoftmax, FusedASoftmax, FusedOCSoftmax, FusedCrossEntropy, FusedArcFace,
+                                 FusedCombinedMargin])
+def test_integral_float_labels_are_class_indices(cls):
+    x, y = _data(1)
+    head = cls({"embedding_dim": D})
+    ref = copy.deepcopy(head)  # ASoftmax's step advances per forward: each copy sees the same step
+    torch.testing.assert_close(head(x, y.float()), ref(x, y), rtol=0, atol=0)
+    with pytest.raises(ValueError, match=r"whole class indices .* got 0\.5"):
+        head(x, torch.tensor([0.0, 1.0, 0.5, 1.0, 0.0, 1.0]))
+    with pytest.raises(ValueError, match="whole class indices"):
+        head(x, torch.tensor([0.0, 1.0, float("nan"), 1.0, 0.0, 1.0]))
+    with pytest.raises(ValueError, match="integer tensor"):  # deepfense.losses' own rule without DeepFense semantics
+        cls({"embedding_dim": D}, deepfense_semantics=False)(x, y.float())
+
+
+# --- errors a DeepFense user understands --------------------------------------------------------------------------
+
+def test_misspelt_required_key_names_the_key_and_the_typo():
+    with pytest.raises(MissingKeyError, match=r"missing required key 'embedding_dim' \(the config has "
+                                              r"'embeding_dim': did you mean 'embedding_dim'\?\)"):
+        FusedAMSoftmax({"embeding_dim": 192, "n_classes": 2})
+    with pytest.warns(UserWarning, match=r"'n_clases' is ignored: did you mean 'n_classes'\?"):
+        FusedArcFace({"embedding_dim": D, "n_clases": 5})
+
+
+def test_spec_form_says_deepfense_wants_flat_keys():
+    with pytest.raises(UnknownKeyError, match=r"entries are flat: write the keys beside 'type'.*\['embedding_dim', "
+                                              r"'n_classes'\]"):
+        FusedOCSoftmax({"args": {"embedding_dim": D, "n_classes": 2}})
+
+
+# --- ArcFace, AAMSoftmax, CombinedMargin from flat keys -----------------------------------------------------------
+
+def test_margin_heads_from_flat_keys_match_deepfense_losses_modules():
+    x, y = _data(2, n=9)
+    y = y + (torch.arange(9) % 3 == 2).long()  # three classes
+    for cls, ours, cfg in ((FusedArcFace, ArcFace, dict(m=0.3, s=16.0, sub_centers=3, fallback="pml")),
+                           (FusedCombinedMargin, CombinedMargin, dict(m1=1.0, m2=0.2, m3=0.1, s=20.0, sub_centers=2,
+                                                                      interclass_filtering_threshold=0.5))):
+        head = cls({"type": cls.NAME, "weight": 0.5, "embedding_dim": D, "n_classes": 3, **cfg})
+        plain = ours(D, 3, **cfg)
+        plain.load_state_dict(head.state_dict(), strict=True)
+        torch.testing.assert_close(head(x, y), plain(x, y), rtol=0, atol=0)
+        assert head.mapper.weight.shape == (D, 3 * cfg["sub_centers"]) and head.loss_weight == 0.5
+    assert ADAPTERS["AAMSoftmax"] is ADAPTERS["ArcFace"] is FusedArcFace
+
+
+def test_margin_ramp_steps_on_training_forwards_and_resumes():
+    cfg = {"embedding_dim": D, "n_classes": 2, "m": 0.0, "final_margin": 0.2, "increase_start_iter": 1,
+           "fix_start_iter": 5, "increase_type": "linear"}
+    head, (x, y) = FusedArcFace(cfg), _data(3)
+    seen = []
+    for _ in range(7):
+        head(x, y)
+        seen.append(head.m)
+    assert seen == pytest.approx([0.0, 0.0, 0.05, 0.1, 0.15, 0.2, 0.2])
+    head.eval()
+    head(x, y)  # validation does not advance it
+    resumed = FusedArcFace(cfg)
+    resumed.load_state_dict(head.state_dict(), strict=True)
+    assert int(resumed.margin_step) == 7
+    resumed(x, y)
+    assert resumed.m == pytest.approx(0.2)
+    combined = FusedCombinedMargin({"embedding_dim": D, "m3": 0.0, "final_margin": 0.3, "increase_start_iter": 0,
+                                    "fix_start_iter": 0, "scheduled_margin": "m3"})
+    combined(x, y)
+    assert combined.m3 == pytest.approx(0.3) and combined.m2 == 0.5
+    with pytest.raises(MissingKeyError, match="fix_start_iter"):
+        FusedArcFace({"embedding_dim": D, "final_margin": 0.2, "increase_start_iter": 0})
+    with pytest.warns(UserWarning, match="'final_margin' is ignored"):  # DeepFense's AMSoftmax has no ramp
+        FusedAMSoftmax({"embedding_dim": D, "final_margin": 0.2})
+
+
+# --- the command line without DeepFense -----------------------------------------------------------------------------
+
+@pytest.mark.skipif(importlib.util.find_spec("deepfense.utils") is not None, reason="DeepFense is installed here")
+def test_deepfense_subcommand_without_deepfense_exits_2_with_one_line(capsys):
+    assert cli_main(["deepfense", "train", "-c", "cfg.yaml"]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and len(err.strip().splitlines()) == 1
+    assert err.startswith("deepfense-losses deepfense: ") and "pip install --no-deps deepfense==0.2.2" in err
+
+
+# --- the registration handle, on a stand-in of DeepFense 0.2.2's registry (the real one: tests/test_coinstall.py) ---
+
+class _Registry:
+    """DeepFense 0.2.2's `Registry` interface (deepfense/utils/registry.py): logs a warning when a name is replaced."""
+
+    def __init__(self):
+        self._registry = {}
+
+    def register(self, name):
+        def decorator(obj):
+            if name in self._registry:
+                logging.getLogger(__name__).warning(f"{name} already registered in Loss. Overwriting.")
+            self._registry[name] = obj
+            return obj
+        return decorator
+
+    def get(self, name):
+        return self._registry[name]
+
+    def list(self):
+        return list(self._registry)
+
+    def __contains__(self, name):
+        return name in self._registry
+
+
+class _TheirAMSoftmax(torch.nn.Module):
+    """The state DeepFense's AMSoftmaxLoss holds: its config, mapper.weight [D, C], m_loss.weight [C]."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.mapper = torch.nn.Module()
+        self.mapper.weight = torch.nn.Parameter(torch.randn(config["embedding_dim"], config["n_classes"]))
+        self.m_loss = torch.nn.CrossEntropyLoss(weight=torch.tensor([0.5, 0.5]))
+
+
+@pytest.fixture
+def registry(monkeypatch):
+    """A stand-in DeepFense: `deepfense.models` imports, `deepfense.utils.registry.LOSS_REGISTRY` holds its losses."""
+    reg = _Registry()
+    for name in ("AMSoftmax", "ASoftmax", "OCSoftmax", "CrossEntropy"):
+        reg._registry[name] = type(f"Their{name}", (_TheirAMSoftmax,), {})
+    utils = types.ModuleType("deepfense.utils.registry")
+    utils.LOSS_REGISTRY = reg
+    for name, mod in (("deepfense.models", types.ModuleType("deepfense.models")),
+                      ("deepfense.utils", types.ModuleType("deepfense.utils")), ("deepfense.utils.registry", utils)):
+        monkeypatch.setitem(sys.modules, name, mod)
+    monkeypatch.setattr(integration, "_ORIGINALS", {})
+    monkeypatch.setattr(integration, "_ACTIVE", None)
+    return reg
+
+
+def test_registration_is_idempotent_quiet_and_undone(registry, caplog):
+    own = dict(registry._registry)
+    with caplog.at_level(logging.WARNING):
+        handle = use_fused_losses()
+        assert use_fused_losses() is handle
+    assert caplog.records == []
+    assert {n: registry.get(n) for n in ADAPTERS} == ADAPTERS
+    assert use_fused_losses(deepfense_semantics=False) is handle  # semantics switched, DeepFense's classes still kept
+    assert not registry.get("AMSoftmax").deepfense_semantics
+    handle.restore()
+    handle.restore()
+    assert registry._registry == own and not handle.active
+    with use_fused_losses() as again:
+        assert again is not handle and registry.get("ArcFace") is FusedArcFace
+    assert registry._registry == own and caplog.records == []
+
+
+def test_too_late_warns_and_convert_keeps_parameters(registry):
+    their = registry.get("AMSoftmax")({"embedding_dim": D, "n_classes": 2})
+    detector = torch.nn.ModuleDict({"losses": torch.nn.ModuleList([their])})
+    weight = their.mapper.weight
+    with pytest.warns(UserWarning, match=r"1 DeepFense loss module\(s\) \(TheirAMSoftmax\).*convert_losses"):
+        use_fused_losses()
+    assert convert_losses(detector) == 1
+    head = detector["losses"][0]
+    assert type(head) is FusedAMSoftmax and head.mapper.weight is weight
+    torch.testing.assert_close(head.class_weights, torch.tensor([0.5, 0.5]))
+    assert convert_losses(detector) == 0

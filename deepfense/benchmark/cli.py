@@ -95,6 +95,8 @@ def _parser():
     li = sub.add_parser("list", help="the losses with their config keys (--providers: also the benchmark providers)")
     li.add_argument("--providers", action="store_true",
                     help="also probe which benchmark providers run here (imports torch and the peers: a few seconds)")
+    sub.add_parser("deepfense", add_help=False, help="DeepFense's own command line (train, test, list, ...) on the "
+                   "fused losses: `deepfense-losses deepfense train -c cfg.yaml`")  # main() hands it the rest
     return p
 
 
@@ -246,6 +248,10 @@ def cmd_list(a) -> int:
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["deepfense"]:  # every argument after it is DeepFense's
+        from ..losses.integrations.deepfense import run_deepfense
+        return run_deepfense(argv[1:])
     a = _parser().parse_args(argv)
     if a.cmd == "bench":
         return cmd_bench(a)

@@ -1,5 +1,5 @@
-"""`python -m deepfense.losses bench | check | list`: the same CLI as `deepfense-losses` (deepfense/benchmark/cli.py),
-under a module path that only this distribution owns."""
+"""`python -m deepfense.losses bench | check | list | deepfense ...`: the same CLI as `deepfense-losses`
+(deepfense/benchmark/cli.py), under a module path that only this distribution owns."""
 
 import sys
 

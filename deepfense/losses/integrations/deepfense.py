@@ -1,185 +1,230 @@
-"""Run the DeepFense framework's own detector and trainer on the fused losses.
+"""Run the DeepFense framework's own detector, trainer and command line on the fused losses.
 
     from deepfense.losses.integrations.deepfense import use_fused_losses
-    use_fused_losses()      # after this, DeepFense builds AMSoftmax, ASoftmax, OCSoftmax and CrossEntropy from ours
-    # ... DeepFense's unchanged YAML config, ModularDetector and StandardTrainer ...
+    with use_fused_losses():   # DeepFense's registry now builds its four losses, ArcFace, AAMSoftmax, CombinedMargin
+        ...                    # from ours: its unchanged YAML config, ModularDetector and StandardTrainer
+    # leaving the block (or handle.restore()) puts DeepFense's own classes back
 
-DeepFense 0.2.2's detector builds each loss as `LOSS_REGISTRY.build(type, cfg)`, i.e. `cls(cfg)` with one dict: the
-config entry without `type`, still holding `weight`, which the detector itself multiplies in (the adapters never
-apply it). The adapters below take that dict and, by default (`deepfense_semantics=True`), reproduce DeepFense's
-behaviour where it differs from `deepfense.losses` (README, "Running DeepFense on the fused losses", has the table):
-the two-class CrossEntropy score is `logit[bonafide]`; ASoftmax's schedule advances on every forward, eval included;
-AMSoftmax's class weights default to [0.5, 0.5]; keys DeepFense ignores are ignored (with a warning); the state_dict
-uses DeepFense's key names, so checkpoints load both ways with `strict=True`.
+or, without code: `deepfense-losses deepfense train -c cfg.yaml` (`run_deepfense`). A detector built before the call
+keeps DeepFense's losses: `convert_losses(detector)` swaps them in place. The adapters themselves are in
+deepfense_adapters.py; docs/deepfense.md has the differences from deepfense.losses and the install guide.
 """
 
 from __future__ import annotations
 
+import contextlib
+import gc
+import logging
+import sys
 import warnings
-from typing import Dict, Mapping
+from functools import lru_cache
+from typing import Dict, Optional
 
-import torch
+from torch import nn
 
-from .. import checks
-from ..modules import AMSoftmax, ASoftmax, CrossEntropy, OCSoftmax
+from .deepfense_adapters import (ADAPTERS, DEEPFENSE_KEYS, FusedAMSoftmax, FusedArcFace, FusedASoftmax,  # noqa: F401
+                                 FusedCombinedMargin, FusedCrossEntropy, FusedOCSoftmax, deepfense_targets)
 
-# Config keys DeepFense 0.2.2's loss classes read (besides `type`; `weight` is read by its detector; `in_planes` is
-# written into the dict by its OCSoftmax itself).
-DEEPFENSE_KEYS = {
-    "CrossEntropy": {"embedding_dim", "n_classes", "class_weights", "reduction", "bonafide_label"},
-    "AMSoftmax": {"embedding_dim", "n_classes", "s", "m", "class_weights", "reduction", "bonafide_label"},
-    "ASoftmax": {"embedding_dim", "n_classes", "m", "gamma", "iter", "lambda_min", "lambda_max", "lamb",
-                 "bonafide_label"},
-    "OCSoftmax": {"embedding_dim", "w_posi", "w_nega", "alpha", "in_planes", "bonafide_label"},
-}
-# Keys of ours that DeepFense's class of the same name does not honour: ignored under DeepFense semantics.
-_NOT_IN_DEEPFENSE = ("class_weights", "reduction", "ignore_index", "label_smoothing")
-# Keys DeepFense reads that need no keyword here: ASoftmax's starting step (read by the adapter) and values it
-# overwrites or writes itself.
-_READ_ELSEWHERE = {("ASoftmax", "iter"), ("ASoftmax", "lamb"), ("OCSoftmax", "in_planes")}
-_IGNORED = ("DeepFense's {name} ignores it, so the adapter does too (use_fused_losses(deepfense_semantics=False) "
-            "applies it)")
+_INSTALL = ("`pip install --no-deps deepfense==0.2.2` plus the packages its model package imports (numpy, einops, "
+            "torchaudio); docs/deepfense.md has the steps")
+_ORIGINALS: Dict[type, str] = {}  # DeepFense's own loss classes as first seen in its registry -> their names
+_ACTIVE: Optional["FusedLosses"] = None  # the registration in force
 
 
-class _DeepFenseAdapter:
-    """Mixin: builds the loss from DeepFense's config dict and saves DeepFense's state_dict keys."""
+@lru_cache(maxsize=None)
+def adapter_classes(deepfense_semantics: bool = True) -> Dict[str, type]:
+    """{registry name: adapter class}; with deepfense_semantics=False, subclasses that behave as deepfense.losses."""
+    if deepfense_semantics:
+        return dict(ADAPTERS)
+    made = {cls: type(cls.__name__, (cls,), {"deepfense_semantics": False, "__module__": __name__})
+            for cls in set(ADAPTERS.values())}
+    return {name: made[cls] for name, cls in ADAPTERS.items()}
 
-    deepfense_semantics = True
-    _CLASS_WEIGHT_KEY = None  # where DeepFense keeps the class weights: "m_loss.weight" / "criterion.weight"
 
-    def _kwargs(self, name: str, config: Mapping, semantics: bool) -> dict:
-        """DeepFense's config dict -> our constructor keywords, warning about every key that is dropped."""
-        if not isinstance(config, Mapping):
-            raise TypeError(f"{name}: DeepFense passes the loss config as one dict, got {type(config).__name__}")
-        ours = set(checks.constructor_keys(self._BASE)) - {"process_group"}
-        kwargs, dropped = {}, []
-        for key, value in config.items():
-            if key == "type" or (name, key) in _READ_ELSEWHERE:
-                continue
-            if key not in ours:
-                dropped.append((key, f"neither DeepFense's {name} nor deepfense.losses takes it"))
-            elif semantics and key not in DEEPFENSE_KEYS[name] and key in _NOT_IN_DEEPFENSE:
-                dropped.append((key, _IGNORED.format(name=name)))
-            elif semantics and name == "OCSoftmax" and key == "bonafide_label":
-                if value != 1:  # DeepFense's OCSoftmax loss always treats target 1 as bonafide
-                    dropped.append((key, _IGNORED.format(name=name)))
-            else:
-                kwargs[key] = value
-        for key, why in dropped:
-            warnings.warn(f"{name}: config key {key!r} is ignored: {why}", UserWarning, stacklevel=4)
-        return kwargs
+def _registry():
+    """DeepFense's LOSS_REGISTRY, after `deepfense.models` has registered DeepFense's own losses."""
+    try:
+        import deepfense.models  # noqa: F401 - registers DeepFense's own losses
+        from deepfense.utils.registry import LOSS_REGISTRY
+    except (ImportError, OSError) as exc:  # OSError: a torchaudio whose native library does not load
+        if getattr(exc, "name", None) in ("deepfense.models", "deepfense.utils", "deepfense.utils.registry"):
+            raise ImportError(f"this needs the DeepFense framework: {_INSTALL}") from exc
+        raise ImportError(f"DeepFense is installed but `import deepfense.models` failed: {exc} ({_INSTALL})") from exc
+    ours = {c for sem in (True, False) for c in adapter_classes(sem).values()}
+    for name in LOSS_REGISTRY.list():
+        cls = LOSS_REGISTRY.get(name)
+        if cls not in ours:
+            _ORIGINALS.setdefault(cls, name)
+    return LOSS_REGISTRY
 
-    def _save_to_state_dict(self, destination, prefix, keep_vars):
-        super()._save_to_state_dict(destination, prefix, keep_vars)
-        if not self.deepfense_semantics:
+
+@contextlib.contextmanager
+def _quiet(registry):
+    """Drop DeepFense's "already registered ... Overwriting" log lines: replacing its losses is the point here."""
+    log = logging.getLogger(type(registry).__module__)
+    drop = logging.Filter()
+    drop.filter = lambda record: "already registered" not in record.getMessage()
+    log.addFilter(drop)
+    try:
+        yield
+    finally:
+        log.removeFilter(drop)
+
+
+def _put(registry, name: str, cls) -> None:
+    with _quiet(registry):
+        if cls is not None:
+            registry.register(name)(cls)
+        else:  # a name DeepFense did not have: its Registry has no unregister, so remove the entry itself
+            registry._registry.pop(name, None)
+
+
+class FusedLosses:
+    """The change `use_fused_losses()` made to DeepFense's LOSS_REGISTRY; also a context manager.
+
+    Attributes:
+        previous: {name: the class registered before, or None where DeepFense had none} (DeepFense's own classes,
+            whatever later calls did). deepfense_semantics: which adapters are registered. active: not yet restored.
+    """
+
+    def __init__(self, registry, previous: Dict[str, Optional[type]], deepfense_semantics: bool):
+        self.registry, self.previous, self.deepfense_semantics = registry, previous, deepfense_semantics
+        self.active = True
+
+    def restore(self) -> None:
+        """Put back the classes registered before (DeepFense's own); a second call does nothing."""
+        global _ACTIVE
+        if not self.active:
             return
-        destination.pop(prefix + "step", None)  # DeepFense keeps ASoftmax's schedule outside the state_dict
-        weights = destination.pop(prefix + "class_weights", None)
-        if weights is not None and self._CLASS_WEIGHT_KEY:
-            destination[prefix + self._CLASS_WEIGHT_KEY] = weights
+        for name, cls in self.previous.items():
+            _put(self.registry, name, cls)
+        self.active = False
+        if _ACTIVE is self:
+            _ACTIVE = None
+
+    def __enter__(self) -> "FusedLosses":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.restore()
+
+    def __repr__(self) -> str:
+        return (f"FusedLosses(active={self.active}, deepfense_semantics={self.deepfense_semantics}, "
+                f"names={sorted(self.previous)})")
 
 
-class FusedAMSoftmax(_DeepFenseAdapter, AMSoftmax):
-    """DeepFense's `AMSoftmax` config on the fused loss. Two classes without `class_weights` get DeepFense's
-    [0.5, 0.5] (the same 'mean' loss, halved 'sum'/'none'); `s`/`m` default to 30/0.3 where DeepFense needs them."""
+def use_fused_losses(*, deepfense_semantics: bool = True) -> FusedLosses:
+    """Register the adapters in DeepFense's LOSS_REGISTRY under its four loss names and ArcFace, AAMSoftmax and
+    CombinedMargin, so that a ModularDetector built afterwards uses the fused losses with its config unchanged.
 
-    _BASE = AMSoftmax
-
-    _CLASS_WEIGHT_KEY = "m_loss.weight"
-
-    def __init__(self, config: Mapping, *, deepfense_semantics: bool | None = None):
-        semantics = self.deepfense_semantics if deepfense_semantics is None else deepfense_semantics
-        kwargs = self._kwargs("AMSoftmax", config, semantics)
-        if semantics and "class_weights" not in kwargs and kwargs.get("n_classes", 2) == 2:
-            kwargs["class_weights"] = [0.5, 0.5]
-        super().__init__(**kwargs)
-        self.deepfense_semantics = semantics
-
-
-class FusedASoftmax(_DeepFenseAdapter, ASoftmax):
-    """DeepFense's `ASoftmax` config on the fused loss; `iter` sets the starting step. Under DeepFense semantics the
-    step advances on every forward, eval included, and is not saved (DeepFense keeps it in a Python attribute)."""
-
-    _BASE = ASoftmax
-
-    def __init__(self, config: Mapping, *, deepfense_semantics: bool | None = None):
-        semantics = self.deepfense_semantics if deepfense_semantics is None else deepfense_semantics
-        super().__init__(**self._kwargs("ASoftmax", config, semantics))
-        self.deepfense_semantics = semantics
-        self.step.fill_(int(config.get("iter", 0)))
-
-    def forward(self, embeddings: torch.Tensor, targets: torch.Tensor, logits=None) -> torch.Tensor:
-        """As `ASoftmax.forward`; also advances `step` in eval mode under DeepFense semantics."""
-        if self.deepfense_semantics and not self.training:
-            self.step.add_(1)
-        return super().forward(embeddings, targets, logits)
-
-
-class FusedOCSoftmax(_DeepFenseAdapter, OCSoftmax):
-    """DeepFense's `OCSoftmax` config (`w_posi`, `w_nega`, `alpha`; our `m_real`/`m_fake` names work too)."""
-
-    _BASE = OCSoftmax
-
-    def __init__(self, config: Mapping, *, deepfense_semantics: bool | None = None):
-        semantics = self.deepfense_semantics if deepfense_semantics is None else deepfense_semantics
-        super().__init__(**self._kwargs("OCSoftmax", config, semantics))
-        self.deepfense_semantics = semantics
-
-
-class FusedCrossEntropy(_DeepFenseAdapter, CrossEntropy):
-    """DeepFense's `CrossEntropy` config; under DeepFense semantics the two-class score is `logit[bonafide]`."""
-
-    _BASE = CrossEntropy
-
-    _CLASS_WEIGHT_KEY = "criterion.weight"
-
-    def __init__(self, config: Mapping, *, deepfense_semantics: bool | None = None):
-        semantics = self.deepfense_semantics if deepfense_semantics is None else deepfense_semantics
-        super().__init__(**self._kwargs("CrossEntropy", config, semantics))
-        self.deepfense_semantics = semantics
-
-    def get_score(self, embeddings: torch.Tensor) -> torch.Tensor:
-        """[B] logit[bonafide] (DeepFense) or logit[bonafide] - logit[spoof] with two classes; else [B, C] logits."""
-        if self.deepfense_semantics and self.n_classes == 2:
-            return self.get_logits(embeddings)[:, self.bonafide_label]
-        return super().get_score(embeddings)
-
-
-ADAPTERS = {"AMSoftmax": FusedAMSoftmax, "ASoftmax": FusedASoftmax, "OCSoftmax": FusedOCSoftmax,
-            "CrossEntropy": FusedCrossEntropy}
-
-
-def use_fused_losses(*, deepfense_semantics: bool = True) -> Dict[str, object]:
-    """Register the adapters under DeepFense's four loss names in DeepFense's `LOSS_REGISTRY`.
-
-    Imports `deepfense.models` first (which registers DeepFense's own losses), so ours replace them and a later build
-    of DeepFense's `ModularDetector` uses the fused losses with its config unchanged.
+    Calling it again while the registration is in force changes nothing (or only the semantics) and returns the same
+    handle. If DeepFense loss modules exist already (a detector built before the call), they keep DeepFense's losses:
+    a warning names them and points to `convert_losses`.
 
     Args:
-        deepfense_semantics: True (default): DeepFense's scores, schedule, defaults and state_dict keys; False: the
-            behaviour of `deepfense.losses` (every key applied, our scores, `step` and `class_weights` saved).
+        deepfense_semantics: True (default): DeepFense's scores, schedule, defaults, label casting and state_dict
+            keys; False: the behaviour of `deepfense.losses` (every key applied, our scores, `step` and
+            `class_weights` saved).
 
     Returns:
-        The classes that were registered before, by name (register them back to undo).
+        A `FusedLosses` handle: `restore()` or leaving a `with` block puts DeepFense's own classes back.
 
     Raises:
-        ImportError: DeepFense is not installed, or its model package fails to import (the message says which
-            package is missing).
+        ImportError: DeepFense is not installed, or its model package fails to import (the message says what).
+    """
+    global _ACTIVE
+    registry = _registry()
+    classes = adapter_classes(deepfense_semantics)
+    ours = {c for sem in (True, False) for c in adapter_classes(sem).values()}
+    current = {name: registry.get(name) if name in registry else None for name in classes}
+    if _ACTIVE is not None and _ACTIVE.active and _ACTIVE.registry is registry and set(current.values()) <= ours:
+        handle = _ACTIVE  # still in force: nothing to warn about, the same handle
+    else:
+        by_name = {name: cls for cls, name in _ORIGINALS.items()}
+        previous = {name: by_name.get(name) if cls in ours else cls for name, cls in current.items()}
+        handle = _ACTIVE = FusedLosses(registry, previous, deepfense_semantics)
+        _warn_if_late()
+    for name, cls in classes.items():
+        if current[name] is not cls:
+            _put(registry, name, cls)
+    handle.deepfense_semantics = deepfense_semantics
+    return handle
+
+
+def _live_deepfense_losses() -> list:
+    """DeepFense's own loss modules alive in this process (gc's tracked objects; nn.Modules are tracked)."""
+    own = tuple(_ORIGINALS)
+    if not own:
+        return []
+    gc.collect()  # a detector already dropped is no reason to warn
+    # type(), not isinstance(): isinstance reads __class__, which some lazy objects (torch.distributed.reduce_op) warn on
+    return [obj for obj in gc.get_objects() if issubclass(type(obj), own)]
+
+
+def _warn_if_late() -> None:
+    live = _live_deepfense_losses()
+    if live:
+        names = sorted({type(m).__name__ for m in live})
+        warnings.warn(f"use_fused_losses(): {len(live)} DeepFense loss module(s) ({', '.join(names)}) were built "
+                      f"before this call and keep DeepFense's losses; call it before building the detector, or "
+                      f"convert one built earlier with convert_losses(detector)", UserWarning, stacklevel=3)
+
+
+def convert_losses(model: nn.Module, *, deepfense_semantics: bool = True) -> int:
+    """Swap every DeepFense loss module inside `model` (a ModularDetector's `losses`, at any depth) for its adapter,
+    in place, keeping its state: the adapter holds the very Parameter objects (an optimizer built on the model
+    keeps working, its state included), the buffers are copied, ASoftmax's current `iter` becomes its `step`.
+
+    Returns:
+        How many modules were swapped.
+    """
+    _registry()  # learn DeepFense's own classes
+    classes = adapter_classes(deepfense_semantics)
+    swapped = 0
+    for parent in list(model.modules()):
+        for key, child in list(parent._modules.items()):
+            name = _ORIGINALS.get(type(child))
+            if name in classes:
+                setattr(parent, key, _converted(classes[name], child))
+                swapped += 1
+    return swapped
+
+
+def _converted(cls: type, old: nn.Module) -> nn.Module:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the config was read by DeepFense already; its warnings were its own
+        new = cls(dict(old.config))
+    params = dict(old.named_parameters())
+    first = next(iter(params.values()))
+    new.to(device=first.device, dtype=first.dtype)
+    new.load_state_dict(old.state_dict(), strict=True)
+    for path, param in params.items():  # the same Parameter objects, so optimizers keep pointing at them
+        owner, _, leaf = path.rpartition(".")
+        setattr(new.get_submodule(owner), leaf, param)
+    if hasattr(old, "iter") and hasattr(new, "step"):
+        new.step.fill_(int(old.iter))
+    return new.train(old.training)
+
+
+def run_deepfense(argv) -> int:
+    """DeepFense's own command line (`deepfense train|test|list ...`) with the fused losses registered first.
+
+    Returns:
+        DeepFense's exit status; 2 with a one-line message when DeepFense or what its CLI imports is missing.
     """
     try:
-        import deepfense.models  # noqa: F401 - registers DeepFense's own losses, which ours then replace
-        from deepfense.utils.registry import LOSS_REGISTRY
+        use_fused_losses()
     except ImportError as exc:
-        if exc.name in ("deepfense.models", "deepfense.utils", "deepfense.utils.registry"):
-            raise ImportError("use_fused_losses() needs the DeepFense framework: `pip install --no-deps "
-                              "deepfense==0.2.2` plus numpy and einops, next to a regular (not editable) install of "
-                              "deepfense-losses (see the README)") from exc
-        raise ImportError(f"DeepFense is installed but `import deepfense.models` failed: {exc} (DeepFense's model "
-                          f"package needs numpy and einops)") from exc
-    previous = {}
-    for name, cls in ADAPTERS.items():
-        if not deepfense_semantics:
-            cls = type(cls.__name__, (cls,), {"deepfense_semantics": False, "__module__": __name__})
-        previous[name] = LOSS_REGISTRY.get(name) if name in LOSS_REGISTRY else None
-        LOSS_REGISTRY.register(name)(cls)
-    return previous
+        print(f"deepfense-losses deepfense: {exc}", file=sys.stderr)
+        return 2
+    try:
+        from deepfense.cli.main import cli
+    except (ImportError, OSError) as exc:  # OSError: a torchaudio whose native library does not load
+        print(f"deepfense-losses deepfense: DeepFense's command line does not import ({type(exc).__name__}: {exc}); "
+              f"docs/deepfense.md lists what it needs", file=sys.stderr)
+        return 2
+    try:
+        cli.main(args=list(argv), prog_name="deepfense-losses deepfense", standalone_mode=True)
+    except SystemExit as exc:
+        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    return 0
