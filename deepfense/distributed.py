@@ -10,7 +10,7 @@ Layout:
 
 Algorithm: embeddings and targets are all-gathered (sizes first, then padded to the largest batch); each rank computes
 the softmax statistics of the whole gathered batch against its class slice (fused kernels, or the torch backend's
-helpers `_cosines`, `_target_logit`); the row max is combined by an all-reduce MAX and sum-exp, the target logit
+helpers `cosines`, `target_logit`); the row max is combined by an all-reduce MAX and sum-exp, the target logit
 (from the rank that owns the target) and the label-smoothing sum by one all-reduce SUM. Backward turns the local
 dL/dlogits into the rank's dW slice and a partial dX for every gathered row; a reduce-scatter sums the partial dX and
 hands each rank its own rows.
@@ -55,8 +55,8 @@ from .distributed_checks import (DeclaredGroup, build_record, check_local, class
                                  raise_not_finite, rank_slice, set_step, settle)
 from .inputs import loss_is_finite, validating
 from .params import LossParams, Margin
-from .torch_backend import (_compute_dtype, _cosines, _dlogits_to_dcos, _logit_scale, _project_grad, _sub_center_max,
-                            _target_logit, _target_logit_grad, _to_sub_centers)
+from .torch_backend import (compute_dtype, cosines, dlogits_of, dlogits_to_dcos, epilogue, logit_scale, project_grad,
+                            reduce_rows, sub_center_max, target_logit, target_logit_grad, to_sub_centers)
 
 __all__ = ["class_slice", "rank_slice", "set_step", "DeclaredGroup", "sharded_margin_loss",
            "ShardedMarginLossFunction", "sum_comm_hook"]
@@ -104,7 +104,7 @@ class ShardedMarginLossFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, w, bias, tg, row_w, cw, cw_total, lam, p: LossParams, lay: _Layout, kernels: bool,
                 validate: bool):
-        dt = _compute_dtype(x, w)
+        dt = compute_dtype(x, w)
         ctx.p, ctx.lay, ctx.dtypes, ctx.has_bias, ctx.kernels = p, lay, (x.dtype, w.dtype), bias is not None, kernels
         valid = tg != p.ignore_index
         if kernels:  # local (max, sum-exp, target logit, smoothing sum) from the fused forward, no [B, C_r] logits
@@ -130,46 +130,31 @@ class ShardedMarginLossFunction(torch.autograd.Function):
         dist.all_reduce(stats, group=lay.group)
         lse = gmax + torch.log(stats[:, 0])
         nll = lse - stats[:, 1]
-        coef_t = row_w
-        if p.margin == Margin.ANGULAR and p.gamma:
-            coef_t = row_w * (1.0 - torch.exp(-nll)).clamp_min(0.0) ** p.gamma  # global p_y: focal factor, constant
         unowned = valid & ((tg < 0) | (tg >= lay.n_classes))  # no rank holds it: NaN loss and gradients for the row
-        coef_t = torch.where(unowned, torch.nan, coef_t)
         eps = p.label_smoothing
-        coef_t = (1.0 - eps) * coef_t if eps else coef_t
-        rows, coef_p = coef_t * nll, coef_t
-        smooth = eps / lay.n_classes * valid.to(dt)
-        if eps:
-            rows = rows - smooth * (stats[:, 2] - lse * cw_total)  # sum_c cw_c log p_c = sum_c cw_c l_c - lse sum cw
-            coef_p = coef_p + smooth * cw_total
+        # sum_c cw_c log p_c = sum_c cw_c l_c - lse sum_c cw_c
+        rows, coef_t, coef_p, smooth = epilogue(nll, torch.where(unowned, torch.nan, row_w), valid,
+                                                (stats[:, 2] - lse * cw_total) if eps else None, cw_total, p,
+                                                lay.n_classes)
+        out, scale = reduce_rows(rows, row_w, p.reduction)  # mean over the class weights of all ranks' kept rows
         if p.reduction == "none":
-            out, scale = rows[lay.mine()], torch.ones((), dtype=dt, device=x.device)
-        elif p.reduction == "sum":
-            out, scale = rows.sum(), torch.ones((), dtype=dt, device=x.device)
-        else:  # mean over the class weights of all ranks' kept rows; 0, not NaN, when none are kept
-            den = row_w.sum()
-            scale = torch.where(den > 0, 1.0 / den, 0.0)
-            out = rows.sum() * scale
+            out = rows[lay.mine()]
         if validate and not loss_is_finite(rows.sum()):  # the gathered rows: every rank takes this branch together
             raise_not_finite(x, w, bias, lay.group)
         if kernels:  # backward recomputes the logit tiles from the global LSE and coefficients
             ctx.save_for_backward(xg, w, bias, tg, cw, lam_k, torch.stack([lse, coef_p, coef_t]), scale)
             return out
-        # dL/dlogit_c = coef_p * p_c - coef_t * [c == y] - smooth * cw_c, p_c from the global LSE
-        dlogits = torch.exp(logits - lse[:, None]).mul_(coef_p[:, None])
-        dlogits.scatter_add_(1, tcol, torch.where(owned, -coef_t, 0.0)[:, None])
-        if eps:
-            dlogits.sub_(smooth[:, None] * cw)
+        dlogits = dlogits_of(torch.exp(logits - lse[:, None]), coef_p, coef_t, tcol, smooth, cw, owned)  # global LSE
         xscale = None
         if p.margin != Margin.NONE:  # a row whose target lives elsewhere keeps a plain |x| cos logit in tcol
-            scale_c = _logit_scale(xnorm, lam_t, p)  # |x| (ASoftmax) or s
-            tgrad = (torch.where(owned[:, None], _target_logit_grad(cos_y, xnorm, lam_t, p), scale_c)
+            scale_c = logit_scale(xnorm, lam_t, p)  # |x| (ASoftmax) or s
+            tgrad = (torch.where(owned[:, None], target_logit_grad(cos_y, xnorm, lam_t, p), scale_c)
                      if p.margin in (Margin.ANGULAR, Margin.COMBINED) else None)
-            xscale = _dlogits_to_dcos(dlogits, logits, scale_c, rx, tcol, tgrad, p)
+            xscale = dlogits_to_dcos(dlogits, logits, scale_c, rx, tcol, tgrad, p)
             if dirty is not None:
                 dlogits.masked_fill_(dirty, 0.0)  # filtered cosines are constants
         if best is not None:  # sub-centres: each class's gradient to its winning column
-            dlogits = _to_sub_centers(dlogits, best, p.sub_centers)
+            dlogits = to_sub_centers(dlogits, best, p.sub_centers)
         ctx.save_for_backward(xg, wf, cos, dlogits, rx, rw, xscale, scale)
         return out
 
@@ -189,7 +174,7 @@ class ShardedMarginLossFunction(torch.autograd.Function):
                                                              *ctx.op_args, True, True), True, True, bias is not None)
         else:
             xg, wf, cos, dlogits, rx, rw, xscale, _ = ctx.saved_tensors
-            dx_all, dw, db = _project_grad(xg, wf, cos, dlogits, rx, rw, xscale, ctx.has_bias, row_scale=g[:, None])
+            dx_all, dw, db = project_grad(xg, wf, cos, dlogits, rx, rw, xscale, ctx.has_bias, row_scale=g[:, None])
         dx = torch.empty((lay.bmax, dx_all.shape[1]), dtype=dx_all.dtype, device=dx_all.device)
         dist.reduce_scatter(dx, list(dx_all.contiguous().chunk(lay.world)), group=lay.group)  # sum of partial dX
         dx = dx[: lay.sizes[lay.rank]]
@@ -200,7 +185,7 @@ class ShardedMarginLossFunction(torch.autograd.Function):
 def _local_logits(xg, wf, bias, tg, valid, lam, p: LossParams, lay: _Layout):
     """Logits [B_total, C_r] of the gathered rows against this rank's classes (torch ops), margin on owned targets,
     with what backward needs: the cosines of every column ([B_total, C_r * K] with K sub-centres), ..., the weight
-    `_project_grad` takes (normalised for the cosine losses), each class's winning sub-centre (None for K = 1) and
+    `project_grad` takes (normalised for the cosine losses), each class's winning sub-centre (None for K = 1) and
     the logits insightface's interclass filtering zeroes (non-target cosines above the threshold; None when off)."""
     n_local = wf.shape[1] // p.sub_centers
     owned = valid & (tg >= lay.c0) & (tg < lay.c0 + n_local)  # this rank holds the row's target column
@@ -209,18 +194,18 @@ def _local_logits(xg, wf, bias, tg, valid, lam, p: LossParams, lay: _Layout):
     if p.margin == Margin.NONE:
         logits = torch.addmm(bias.to(xg.dtype), xg, wf) if bias is not None else xg @ wf
     else:
-        cos_cols, xnorm, rx, rw, wf = _cosines(xg, wf)
+        cos_cols, xnorm, rx, rw, wf = cosines(xg, wf)
         cos = cos_cols
         if p.sub_centers > 1:
-            cos, best = _sub_center_max(cos_cols, p.sub_centers)
+            cos, best = sub_center_max(cos_cols, p.sub_centers)
         cos_y = cos.gather(1, tcol)
         lam_t = None if lam is None else torch.as_tensor(lam, dtype=xg.dtype, device=xg.device)
-        logits = cos * _logit_scale(xnorm, lam_t, p)
+        logits = cos * logit_scale(xnorm, lam_t, p)
         if p.margin == Margin.COMBINED and p.filter_threshold > 0:  # the target column only where this rank owns it
             dirty = cos > p.filter_threshold
             dirty.scatter_(1, tcol, dirty.gather(1, tcol) & ~owned[:, None])
             logits.masked_fill_(dirty, 0.0)
-        logits.scatter_(1, tcol, torch.where(owned[:, None], _target_logit(cos_y, xnorm, lam_t, p),
+        logits.scatter_(1, tcol, torch.where(owned[:, None], target_logit(cos_y, xnorm, lam_t, p),
                                              logits.gather(1, tcol)))
         cos = cos_cols
     return logits, cos, xnorm, rx, rw, cos_y, lam_t, tcol, owned, wf, best, dirty
@@ -312,7 +297,7 @@ def sharded_margin_loss(x, w_dc, bias, targets, class_weights, lam, p: LossParam
     k, n_classes = p.sub_centers, agreed.n_classes
     lay = _Layout(group, rank, world, agreed.sizes, class_slice(n_classes, world, rank)[0], n_classes)
     tg = _gather_rows(targets, lay, fill=p.ignore_index)
-    dt = _compute_dtype(x, w_dc)
+    dt = compute_dtype(x, w_dc)
     valid = tg != p.ignore_index
     safe = torch.where(valid, tg, 0).clamp(0, n_classes - 1)
     cw_full = torch.ones(n_classes, dtype=dt, device=x.device) if class_weights is None else class_weights.to(dt)

@@ -8,13 +8,16 @@ the oracle it is tested against.
 
 from __future__ import annotations
 
+import functools
+
 import torch
+import torch.nn.functional as F
 
 from .params import Fallback, LossParams, Margin
 from .reference import arc_margin, chebyshev, scalar_like
 
 
-def _compute_dtype(*tensors) -> torch.dtype:
+def compute_dtype(*tensors) -> torch.dtype:
     """float64 if any input is float64, else float32 (half inputs are upcast: fp32 arithmetic inside)."""
     return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
 
@@ -35,7 +38,7 @@ def _combined_scalars(lam, p: LossParams):
     return (p.s, p.m, p.m3) if lam is None else (lam[0], lam[1], lam[2])
 
 
-def _logit_scale(xnorm, lam, p: LossParams):
+def logit_scale(xnorm, lam, p: LossParams):
     """What multiplies every cosine: s, or |x| for ASoftmax."""
     if p.margin == Margin.ANGULAR:
         return xnorm
@@ -62,7 +65,7 @@ def _arc_margin_grad(cos, m1, m2, fallback):
     return d
 
 
-def _target_logit(cos_y, xnorm, lam, p: LossParams):
+def target_logit(cos_y, xnorm, lam, p: LossParams):
     """Target-column logit from its clamped cosine ([B, 1] each)."""
     if p.margin == Margin.ADDITIVE:
         return p.s * (cos_y - p.m)
@@ -75,7 +78,7 @@ def _target_logit(cos_y, xnorm, lam, p: LossParams):
     return xnorm * (lam * cos_y + psi) / (1.0 + lam)
 
 
-def _target_logit_grad(cos_y, xnorm, lam, p: LossParams):
+def target_logit_grad(cos_y, xnorm, lam, p: LossParams):
     """ASoftmax's d(target logit) / d(cos_y), holding |x| fixed; k carries no gradient. (AMSoftmax's is just s.)
     CombinedMargin's is s d arc_margin / d cos, or s with insightface's straight-through gradient."""
     if p.margin == Margin.COMBINED:
@@ -86,7 +89,7 @@ def _target_logit_grad(cos_y, xnorm, lam, p: LossParams):
     return xnorm * (lam + dpsi) / (1.0 + lam)
 
 
-def _cosines(xf, wf):
+def cosines(xf, wf):
     """Clamped cosines [B, C] of the rows of xf [B, D] and the columns of wf [D, C], with |x| [B, 1], 1/|x| [B, 1],
     1/|w| [1, C] and the normalised columns w_hat [D, C] (`_gemm_layout`); zero vectors normalise to zero, with zero
     gradient; only exact zeros: a NaN norm stays NaN, and an Inf row's 0 times its Inf products makes NaN cosines.
@@ -99,13 +102,13 @@ def _cosines(xf, wf):
     return (xf @ w_hat).mul_(rx).clamp_(-1.0, 1.0), xnorm, rx, rw, w_hat
 
 
-def _sub_center_max(cos_cols, k: int):
+def sub_center_max(cos_cols, k: int):
     """Class cosines [B, C]: the max over each class's K adjacent columns of cos_cols [B, C*K], and the winners."""
     best = cos_cols.view(cos_cols.shape[0], -1, k).max(2)
     return best.values, best.indices
 
 
-def _to_sub_centers(dcos, best, k: int):
+def to_sub_centers(dcos, best, k: int):
     """dL/dcos of the classes [B, C] sent to each class's winning column: [B, C*K]."""
     full = dcos.new_zeros(*dcos.shape, k).scatter_(2, best[..., None], dcos[..., None])
     return full.view(dcos.shape[0], -1)
@@ -127,7 +130,7 @@ class MarginLossFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, w, bias, targets, class_weights, lam, p: LossParams):
-        dt = _compute_dtype(x, w)
+        dt = compute_dtype(x, w)
         xf, wf = x.to(dt), w.to(dt)
         n_classes = wf.shape[1] // p.sub_centers
         valid = targets != p.ignore_index
@@ -141,16 +144,16 @@ class MarginLossFunction(torch.autograd.Function):
         if p.margin == Margin.NONE:
             logits = torch.addmm(bias.to(dt), xf, wf) if bias is not None else xf @ wf
         else:
-            cos, xnorm, rx, rw, wf = _cosines(xf, wf)  # backward needs only the normalised columns
+            cos, xnorm, rx, rw, wf = cosines(xf, wf)  # backward needs only the normalised columns
             cos_cols = cos
             if p.sub_centers > 1:
-                cos, best = _sub_center_max(cos_cols, p.sub_centers)
+                cos, best = sub_center_max(cos_cols, p.sub_centers)
 
         if p.margin == Margin.ONE_CLASS:
-            bona = (safe == p.bonafide_label).to(dt)  # z = alpha*(m_real - cos) if bonafide, else alpha*(cos - m_fake)
-            z = p.alpha * torch.where(bona > 0, p.m_real - cos, cos - p.m_fake)
-            rows = row_w * (z.clamp_min(0) + torch.log1p(torch.exp(-z.abs())))[:, 0]
-            dcos = row_w[:, None] * torch.sigmoid(z) * (p.alpha * (1.0 - 2.0 * bona))  # softplus' = sigmoid
+            coef = one_class_coefficients(safe[:, 0], p, dt)
+            z = torch.addcmul(coef[:, 1:], coef[:, :1], cos)
+            rows = row_w * one_class_rows(z)[:, 0]
+            dcos = row_w[:, None] * torch.sigmoid(z) * coef[:, :1]  # softplus' = sigmoid
             return _finish(ctx, p, rows, row_w, xf, wf, bias, cos, dcos, rx, rw, None, (x.dtype, w.dtype))
 
         lam_t = None if lam is None else torch.as_tensor(lam, dtype=dt, device=x.device)
@@ -161,39 +164,30 @@ class MarginLossFunction(torch.autograd.Function):
             logits_y = logits.gather(1, safe)
         else:
             cos_y = cos.gather(1, safe)
-            logits = cos * _logit_scale(xnorm, lam_t, p)
+            logits = cos * logit_scale(xnorm, lam_t, p)
             if dirty is not None:
                 logits.masked_fill_(dirty, 0.0)
-            logits_y = _target_logit(cos_y, xnorm, lam_t, p)
+            logits_y = target_logit(cos_y, xnorm, lam_t, p)
             logits.scatter_(1, safe, logits_y)
         logp = torch.log_softmax(logits, dim=1)
         nll = -logp.gather(1, safe)[:, 0]
         if p.margin == Margin.NONE:  # a -inf logit (Inf in x, w or bias) leaves the softmax finite but the gradient
             nll = nll + 0.0 * logits.sum(1)  # NaN: the row's loss is NaN instead, as on the kernels
-        coef_t = row_w
-        if p.margin == Margin.ANGULAR and p.gamma:
-            coef_t = row_w * (1.0 - torch.exp(-nll)).clamp_min(0.0) ** p.gamma  # focal factor, held constant
         eps = p.label_smoothing
-        coef_t = (1.0 - eps) * coef_t if eps else coef_t
-        rows, coef_p = coef_t * nll, coef_t
+        cw = None
         if eps:
             cw = torch.ones(n_classes, dtype=dt, device=x.device) if class_weights is None else class_weights.to(dt)
-            smooth = eps / n_classes * valid.to(dt)
-            rows = rows - smooth * (logp @ cw)
-            coef_p = coef_p + smooth * cw.sum()
-        # dL/dlogit_c = coef_p * p_c - coef_t * [c == y] - smooth * cw_c
-        dlogits = logp.exp_().mul_(coef_p[:, None])
-        dlogits.scatter_add_(1, safe, -coef_t[:, None])
-        if eps:
-            dlogits.sub_(smooth[:, None] * cw)
+        rows, coef_t, coef_p, smooth = epilogue(nll, row_w, valid, (logp @ cw) if eps else None,
+                                                cw.sum() if eps else None, p, n_classes)
+        dlogits = dlogits_of(logp.exp_(), coef_p, coef_t, safe, smooth, cw)
         if p.margin == Margin.NONE:
             return _finish(ctx, p, rows, row_w, xf, wf, bias, None, dlogits, None, None, None, (x.dtype, w.dtype))
-        tgrad = _target_logit_grad(cos_y, xnorm, lam_t, p) if p.margin in (Margin.ANGULAR, Margin.COMBINED) else None
-        xscale = _dlogits_to_dcos(dlogits, logits, _logit_scale(xnorm, lam_t, p), rx, safe, tgrad, p)
+        tgrad = target_logit_grad(cos_y, xnorm, lam_t, p) if p.margin in (Margin.ANGULAR, Margin.COMBINED) else None
+        xscale = dlogits_to_dcos(dlogits, logits, logit_scale(xnorm, lam_t, p), rx, safe, tgrad, p)
         if dirty is not None:
             dlogits.masked_fill_(dirty, 0.0)  # filtered cosines are constants
         if p.sub_centers > 1:
-            cos, dlogits = cos_cols, _to_sub_centers(dlogits, best, p.sub_centers)
+            cos, dlogits = cos_cols, to_sub_centers(dlogits, best, p.sub_centers)
         return _finish(ctx, p, rows, row_w, xf, wf, bias, cos, dlogits, rx, rw, xscale, (x.dtype, w.dtype))
 
     @staticmethod
@@ -201,11 +195,74 @@ class MarginLossFunction(torch.autograd.Function):
         p, (x_dtype, w_dtype) = ctx.p, ctx.dtypes
         xf, wf, cos, dcos, rx, rw, xscale, scale = ctx.saved_tensors
         g = (grad[:, None] if p.reduction == "none" else grad) * scale
-        dx, dw, db = _project_grad(xf, wf, cos, dcos, rx, rw, xscale, ctx.has_bias, row_scale=g)
+        dx, dw, db = project_grad(xf, wf, cos, dcos, rx, rw, xscale, ctx.has_bias, row_scale=g)
         return dx.to(x_dtype), dw.to(w_dtype), db, None, None, None, None
 
 
-def _dlogits_to_dcos(dlogits, logits, xnorm, rx, tcol, tgrad, p: LossParams):
+def _one_class_table(p: LossParams, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    bona, spoof = (-p.alpha, p.alpha * p.m_real), (p.alpha, -p.alpha * p.m_fake)
+    return torch.tensor([bona, spoof] if p.bonafide_label == 0 else [spoof, bona], dtype=dtype, device=device)
+
+
+_one_class_tables = functools.lru_cache(maxsize=64)(_one_class_table)  # eager: built once per options and dtype
+
+
+def one_class_coefficients(targets, p: LossParams, dtype: torch.dtype) -> torch.Tensor:
+    """OCSoftmax's z = slope cos + offset, per row: [B, 2] (slope, offset) from targets [B] in {0, 1}: alpha (m_real -
+    cos) for bonafide rows, alpha (cos - m_fake) for spoof rows. A target outside {0, 1} raises (index_select)."""
+    table = (_one_class_table if torch.compiler.is_compiling() else _one_class_tables)(p, dtype, targets.device)
+    return torch.index_select(table, 0, targets)
+
+
+def one_class_rows(z):
+    """OCSoftmax's row loss softplus(z). (softplus' own threshold, 20, returns z itself above it: 2e-9 relative off
+    log1p(exp(z)), too far for float64; 40 is exact in both precisions.)"""
+    return F.softplus(z, threshold=40.0)
+
+
+def epilogue(nll, row_w, valid, cw_logp, cw_total, p: LossParams, n_classes: int):
+    """The softmax cross-entropy's per-row loss and its gradient coefficients, from each row's NLL [B].
+
+    row_w [B]: the row's class weight (0 ignored, NaN for a target no class holds); valid [B]: kept rows; cw_logp [B]:
+    sum_c cw_c log p_c and cw_total: sum_c cw_c (label smoothing only, else None). ASoftmax's focal factor
+    (1 - p_y)^gamma is held constant. Returns (rows, coef_t, coef_p, smooth) with
+    dL/dlogit_c = coef_p p_c - coef_t [c == y] - smooth cw_c (`dlogits_of`); smooth is None without smoothing.
+    """
+    coef_t = row_w
+    if p.margin == Margin.ANGULAR and p.gamma:
+        coef_t = row_w * (1.0 - torch.exp(-nll)).clamp_min(0.0) ** p.gamma  # focal factor, no gradient through it
+    eps = p.label_smoothing
+    if not eps:
+        return coef_t * nll, coef_t, coef_t, None
+    coef_t = (1.0 - eps) * coef_t
+    smooth = eps / n_classes * valid.to(nll.dtype)
+    return coef_t * nll - smooth * cw_logp, coef_t, coef_t + smooth * cw_total, smooth
+
+
+def dlogits_of(probs, coef_p, coef_t, tcol, smooth, cw, owned=None):
+    """In place on the softmax `probs` [B, C]: dL/dlogits = coef_p p_c - coef_t [c == y] - smooth cw_c (`epilogue`).
+    tcol [B, 1]: the target column; owned [B] (sharded): whether this rank holds the row's target."""
+    dlogits = probs.mul_(coef_p[:, None])
+    dlogits.scatter_add_(1, tcol, (-coef_t if owned is None else torch.where(owned, -coef_t, 0.0))[:, None])
+    if smooth is not None:
+        dlogits.sub_(smooth[:, None] * cw)
+    return dlogits
+
+
+def reduce_rows(rows, row_w, reduction: str):
+    """(loss, scale): the rows reduced, and what maps the upstream gradient to each row. 'mean' divides by the kept
+    rows' class weights: 0, not NaN, when none are kept (the rows then sum to 0)."""
+    one = torch.ones((), dtype=rows.dtype, device=rows.device)
+    if reduction == "none":
+        return rows, one
+    if reduction == "sum":
+        return rows.sum(), one
+    den = row_w.sum()
+    scale = torch.where(den > 0, 1.0 / den, 0.0)
+    return rows.sum() * scale, scale
+
+
+def dlogits_to_dcos(dlogits, logits, xnorm, rx, tcol, tgrad, p: LossParams):
     """In place, turn dL/dlogits [B, C] into dL/dcos for the cosine losses; returns ASoftmax's |x| term or None.
 
     xnorm: what scales the non-target cosines (|x| [B, 1]; s for CombinedMargin). tcol [B, 1]: the target column.
@@ -226,10 +283,10 @@ def _dlogits_to_dcos(dlogits, logits, xnorm, rx, tcol, tgrad, p: LossParams):
     return xscale
 
 
-def _project_grad(xf, wf, cos, a, rx, rw, xscale, has_bias, row_scale=None):
+def project_grad(xf, wf, cos, a, rx, rw, xscale, has_bias, row_scale=None):
     """dX [B, D], dW [D, C] and db [C] (or None) from a = dL/dcos [B, C] (dL/dlogits for CrossEntropy, cos None).
 
-    wf: the [D, C] weight for CrossEntropy; for the cosine losses its normalised columns w_hat from `_cosines`.
+    wf: the [D, C] weight for CrossEntropy; for the cosine losses its normalised columns w_hat from `cosines`.
     xscale [B, 1]: ASoftmax's dL/d|x| / |x|, or None. row_scale: the upstream gradient per row ([B, 1]) or a scalar
     (None: already in `a` and `xscale`).
     """
@@ -262,14 +319,7 @@ def _project_grad(xf, wf, cos, a, rx, rw, xscale, has_bias, row_scale=None):
 
 def _finish(ctx, p, rows, row_w, xf, wf, bias, cos, dcos, rx, rw, xscale, dtypes):
     """Reduce the per-row losses and save what backward needs; `scale` maps the upstream gradient to rows."""
-    if p.reduction == "none":
-        out, scale = rows, torch.ones((), dtype=rows.dtype, device=rows.device)
-    elif p.reduction == "sum":
-        out, scale = rows.sum(), torch.ones((), dtype=rows.dtype, device=rows.device)
-    else:  # mean over the class weights of the kept rows; 0, not NaN, when none are kept (then rows sum to 0)
-        den = row_w.sum()
-        scale = torch.where(den > 0, 1.0 / den, 0.0)
-        out = rows.sum() * scale
+    out, scale = reduce_rows(rows, row_w, p.reduction)
     ctx.save_for_backward(xf, wf, cos, dcos, rx, rw, xscale, scale)
     ctx.p, ctx.dtypes, ctx.has_bias = p, dtypes, bias is not None
     return out

@@ -14,13 +14,13 @@ is 0, not NaN; a target out of range raises (torch's index checks on the CPU, na
 
 from __future__ import annotations
 
-import functools
 import math
 
 import torch
 import torch.nn.functional as F
 
 from .params import LossParams, Margin
+from .torch_backend import one_class_coefficients, one_class_rows
 
 # Largest batch for which this path beats the Function, fwd+bwd, C = 2, D = 160 and 1024 (bench/plain_path.py prints
 # the crossover; seen on 2-core AMD EPYC and Intel Xeon machines with 1 and 2 threads: CrossEntropy's plain ops win
@@ -74,14 +74,6 @@ def _kept_weight(targets, cw, p: LossParams):
     return kept.sum() if cw is None else (cw[targets.clamp(0, cw.shape[0] - 1)] * kept).sum()
 
 
-@functools.lru_cache(maxsize=64)
-def _one_class_table(p: LossParams, dtype: torch.dtype) -> torch.Tensor:
-    """[2, 2] (slope, offset) of z = slope * cos + offset, by target: alpha (m_real - cos) for bonafide, alpha (cos -
-    m_fake) for spoof."""
-    bona, spoof = (-p.alpha, p.alpha * p.m_real), (p.alpha, -p.alpha * p.m_fake)
-    return torch.tensor([bona, spoof] if p.bonafide_label == 0 else [spoof, bona], dtype=dtype)
-
-
 def one_class(x, w, targets, class_weights, p: LossParams):
     """OCSoftmax on `x` [B, D], the bonafide centre `w` [D, 1], `targets` [B] in {0, 1} or ignore_index, class weights
     [2] (by target) or None; reduced per `p.reduction`, in x's dtype."""
@@ -92,9 +84,8 @@ def one_class(x, w, targets, class_weights, p: LossParams):
     cos = ((x @ w) * inv).clamp(-1.0, 1.0)[:, 0]
     kept = targets != p.ignore_index
     safe = torch.where(kept, targets, 0)  # index_select raises for a target outside {0, 1}, negative ones too
-    coef = torch.index_select(_one_class_table(p, x.dtype), 0, safe)
-    # softplus' own threshold (20) returns z itself above it, 2e-9 relative off log1p(exp(z)): too far for float64
-    rows = F.softplus(torch.addcmul(coef[:, 1], coef[:, 0], cos), threshold=40.0)
+    coef = one_class_coefficients(safe, p, x.dtype)
+    rows = one_class_rows(torch.addcmul(coef[:, 1], coef[:, 0], cos))
     weight = kept.to(x.dtype) if class_weights is None else torch.index_select(class_weights.to(x.dtype), 0, safe) * kept
     rows = rows * weight
     if p.reduction == "none":
