@@ -155,16 +155,14 @@ def _shape(t) -> str:
 
 def validating(targets, validate=None) -> bool:
     """Whether the value checks run for a call on `targets`' device (see the module docstring's table)."""
-    if targets.numel() == 0 or torch.compiler.is_compiling():
-        return False
     if validate is None:
         env = _getenv("DEEPFENSE_VALIDATE")
-        if env:
-            return env_flag("DEEPFENSE_VALIDATE", env)
-        return readable(targets)
-    if not isinstance(validate, bool):
+        on = env_flag("DEEPFENSE_VALIDATE", env) if env else readable(targets)
+    elif validate is True or validate is False:
+        on = validate
+    else:
         raise ValueError(f"validate must be None, True or False, got {validate!r}")
-    return validate
+    return on and targets.numel() > 0 and not torch.compiler.is_compiling()
 
 
 _FLAGS = {"1": True, "true": True, "on": True, "yes": True, "0": False, "false": False, "off": False, "no": False}

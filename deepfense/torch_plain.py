@@ -53,7 +53,7 @@ def cross_entropy(x, w, bias, targets, class_weights, p: LossParams):
         logits = F.linear(x, w, bias)
     else:  # [C, D] @ [D, B], then a transposed view: see WIDE_GEMM
         logits = (torch.mm(w, x.t()) if bias is None else torch.addmm(bias[:, None], w, x.t())).t()
-    cw = None if class_weights is None else class_weights.to(x.dtype)
+    cw = class_weights if class_weights is None or class_weights.dtype == x.dtype else class_weights.to(x.dtype)
     # torch's mean over no kept weight is 0/0, ours is 0. Eager: a read of the CPU scalar (no device sync) finds it;
     # compiled: the sum over the kept weight, which the compiled graph fuses
     compiled_mean = p.reduction == "mean" and torch.compiler.is_compiling()

@@ -360,7 +360,8 @@ class CrossEntropy(_LossHead):
 
     def forward(self, embeddings: torch.Tensor, targets: torch.Tensor, logits=None) -> torch.Tensor:
         """Loss of embeddings [B, D] against targets [B]; `logits` is ignored (recomputed in the fused path)."""
-        return self._loss(embeddings, self.fc.weight, targets, bias=self.fc.bias)
+        fc = self.fc
+        return self._loss(embeddings, fc.weight, targets, bias=fc.bias)
 
     def _build_params(self):
         return F.loss_params(Margin.NONE, ignore_index=self.ignore_index, label_smoothing=self.label_smoothing,
