@@ -122,3 +122,40 @@ def test_sub_centres(launched, loss, K):
     kernels = _check(loss, 70, 40, 10, "mean", launched, sub_centers=K)
     assert kernels == [FWD, DX, DW], kernels
     assert _grids(launched, DW)[0][1] == K, launched
+
+
+def _sharded_worker(rank, world, store, seen_path):
+    """One rank of the class-parallel kernel cases (tests/test_distributed.py) under the H200 plan, recording the
+    kernels this rank launches."""
+    import test_distributed as TD
+    from deepfense.kernels import plan as P
+    assert P.gpu_tiles() and P.sm_count(None) == 132
+    seen = []
+    real = I.GridExecutor.__call__
+
+    def record(executor, *args, **kwargs):
+        seen.append(executor.fn.__name__)
+        return real(executor, *args, **kwargs)
+
+    I.GridExecutor.__call__ = record
+    try:
+        TD.dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+        try:
+            TD._kernel_cases(rank, world, "cpu")
+        finally:
+            TD.dist.destroy_process_group()
+    finally:
+        I.GridExecutor.__call__ = real
+    with open(f"{seen_path}.{rank}", "w") as f:
+        f.write("\n".join(seen))
+
+
+@pytest.mark.exhaustive
+def test_sharded(launched, tmp_path):
+    """The class-parallel path (each rank's classes, statistics merged across 2 gloo ranks) on the kernels under the
+    H200 plan: every rank's loss, dX rows and dW columns equal the single-process float64 reference (1e-6)."""
+    import torch.multiprocessing as mp
+    mp.spawn(_sharded_worker, args=(2, str(tmp_path / "store"), str(tmp_path / "seen")), nprocs=2, join=True)
+    for rank in range(2):
+        kernels = set((tmp_path / f"seen.{rank}").read_text().split())
+        assert kernels == {FWD, DX, DW}, kernels  # partial statistics (one split per rank), then the backward
