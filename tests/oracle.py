@@ -29,7 +29,7 @@ def _unit(t, dim):
 def _class_cos(x, w, k=1):
     """Cosines [B, C] of rows of x and columns of w [D, C*k]; a class's cosine is the max over its k columns."""
     cos = (_unit(x.to(_F64), 1) @ _unit(w.to(_F64), 0)).clamp(-1.0, 1.0)
-    return cos.view(cos.shape[0], -1, k).amax(2) if k > 1 else cos
+    return cos.view(cos.shape[0], -1, k).max(2).values if k > 1 else cos  # ties: the first column wins
 
 
 def _theta(c):

@@ -24,7 +24,7 @@ STEP = 3  # the ASoftmax module's training step at the forward under test (its b
 TOL = 1e-6  # relative to the tensor's largest gold value: the kernels take s, m, alpha and eps as fp32 scalars
 
 # (module type, its non-default options). Class weights are given as a list, as a config would.
-CW5, CW2 = [0.6, 1.4, 1.0, 0.8, 1.7], [1.6, 0.7]
+CW5, CW2 = [0.6, 1.4, 1.0, 0.8, 2.3], [1.6, 0.7]
 CASES = {
     "am": ("AMSoftmax", dict(m=0.45, s=17.0, label_smoothing=0.15, class_weights=CW5, ignore_index=2)),
     "am-subcentres-large-s": ("AMSoftmax", dict(m=0.1, s=64.0, sub_centers=3, reduction="none")),
@@ -105,24 +105,27 @@ def make_inputs(kind, opts, seed=0):
 
 
 def _upstream(loss):
-    return torch.linspace(0.5, 2.0, loss.numel(), dtype=loss.dtype) if loss.dim() else torch.tensor(0.7, dtype=loss.dtype)
+    """A non-unit upstream gradient: 0.7 for a reduced loss, 0.5..2 over the rows for reduction='none'."""
+    if loss.dim():
+        return torch.linspace(0.5, 2.0, loss.numel(), dtype=loss.dtype)
+    return torch.tensor(0.7, dtype=loss.dtype)
 
 
-def oracle_run(kind, opts, x, w, bias, t):
-    fopts = functional_options(kind, opts)
+def _run(fn, fopts, x, w, bias, t):
     leaves = [v.clone().requires_grad_() for v in (x, w, bias) if v is not None]
     extra = dict(bias=leaves[2]) if bias is not None else {}
-    loss = ORACLE[kind](leaves[0], leaves[1], t, **fopts, **extra)
+    loss = fn(leaves[0], leaves[1], t, **fopts, **extra)
     (loss * _upstream(loss)).sum().backward()
     return [loss.detach()] + [v.grad for v in leaves]
 
 
-def functional_run(kind, opts, backend, x, w, bias, t):
-    leaves = [v.clone().requires_grad_() for v in (x, w, bias) if v is not None]
-    extra = dict(bias=leaves[2]) if bias is not None else {}
-    loss = FUNCS[kind](leaves[0], leaves[1], t, backend=backend, **functional_options(kind, opts), **extra)
-    (loss * _upstream(loss)).sum().backward()
-    return [loss.detach()] + [v.grad for v in leaves]
+def oracle_run(kind, opts, *inputs):
+    """The oracle's loss and gradients (x, weight, bias) for module options `opts`."""
+    return _run(ORACLE[kind], functional_options(kind, opts), *inputs)
+
+
+def functional_run(kind, opts, backend, *inputs):
+    return _run(FUNCS[kind], dict(functional_options(kind, opts), backend=backend), *inputs)
 
 
 def module_run(module, kind, x, w, bias, t):
@@ -174,6 +177,11 @@ def test_each_option_changes_the_answer(name):
         except (IndexError, RuntimeError):  # e.g. ignore_index back at -100 leaves targets -1 out of range
             continue
         assert _relative_change(full, dropped) > 1e-3, f"{name}: {key}={opts[key]} does not change the answer"
+    t = inputs[3]
+    if opts.get("class_weights") and opts.get("reduction", "mean") == "mean":  # 'mean' divides by the weights' sum
+        kept = t != opts.get("ignore_index", -100)
+        total = torch.tensor(opts["class_weights"], dtype=torch.float64)[t[kept]].sum().item()
+        assert abs(total - kept.sum().item()) > 0.1, f"{name}: the kept rows' class weights sum to their count"
 
 
 @pytest.mark.parametrize("backend_device", backend_params())
@@ -202,7 +210,6 @@ def test_module_and_yaml_options_match_oracle(name, backend_device, layer):
         from deepfense.losses import get_loss_class
         module = get_loss_class(kind)(**args)
     inputs = make_inputs(kind, opts)
-    x, w, bias, t = inputs
     assert_matches(module_run(module, kind, *inputs), oracle_run(kind, opts, *inputs), f"{name} {layer} {backend}")
 
 

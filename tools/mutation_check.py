@@ -69,7 +69,8 @@ def main(argv=None) -> int:
     ap.add_argument("--no-baseline", action="store_true", help="skip the unmutated run of the named tests")
     ap.add_argument("--timeout", type=float, default=600.0, help="seconds per pytest run (default 600)")
     args = ap.parse_args(argv)
-    chosen = [m for m in MUTANTS if (not args.only or m.name in args.only) and (not args.group or m.group == args.group)]
+    chosen = [m for m in MUTANTS
+              if (not args.only or m.name in args.only) and (not args.group or m.group == args.group)]
     if args.only and len(chosen) != len(set(args.only)):
         return print(f"unknown mutant in {args.only}; see --list") or 2
     if args.list:
