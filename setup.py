@@ -19,7 +19,7 @@ setup(
         # triton 3.4/3.5 are what torch 2.8/2.9 pin (DeepFense caps torch at 2.9); tests pass there except the fp64
         # tl.dot paths triton 3.4 cannot compile, which are skipped with that reason.
         # pytest-xdist: the README's test command runs one worker per core (the suite takes half the time on 2)
-        "dev": ["triton>=3.4", "pytest>=7", "pytest-benchmark>=4", "pytest-xdist>=3"],
+        "dev": ["triton>=3.4", "pytest>=7", "pytest-benchmark>=4", "pytest-xdist>=3", "pytorch-metric-learning>=2.0"],
         # peers the benchmark compares against where they install (pytorch-metric-learning's CosFace/SphereFace), and
         # the plot of time against B and C
         "bench": ["pytorch-metric-learning>=2.0", "matplotlib>=3.5"],

@@ -7,7 +7,8 @@ so the shapes below cross tile boundaries in every dimension while staying small
 import pytest
 import torch
 
-from backend_cases import DEVICE, FAST_BACKENDS, LOSSES, assert_close_to_gold, make_case, options, run
+from backend_cases import (DEVICE, FAST_BACKENDS, LOSSES, assert_close_to_gold, error_excess, gold_runs, make_case,
+                           options, run)
 
 SHAPES = [
     pytest.param(0, 8, 3, id="B0-empty-batch"),
@@ -27,6 +28,31 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 def test_matches_reference(loss, B, D, C, dtype, backend):
     case = make_case(loss, B, D, C, dtype, seed=B * 100 + C)
     assert_close_to_gold(loss, case, backend, options(loss), dtype)
+
+
+# the error rule's guard: every case above (but the empty batch), and the shape at which 'mean' makes gradients ~1/B
+GUARD = [pytest.param(loss, *p.values, id=f"{loss}-{p.id}") for loss in LOSSES for p in SHAPES
+         if p.values[0] > 0 and (loss == "oc" or p.values[2] > 1)]  # softmax losses over one class: all zero
+GUARD += [pytest.param(loss, 256, 192, C, id=f"{loss}-B256-D192-C{C}") for loss in LOSSES for C in (2, 37)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("loss,B,D,C", GUARD)
+def test_error_rule_rejects_wrong_answers(loss, B, D, C, dtype):
+    """The rule above fails an answer that is zero, halved or sign-flipped, for the loss and every gradient that is
+    not zero in exact arithmetic, while the same-dtype reference itself passes."""
+    case = make_case(loss, B, D, C, dtype, seed=B * 100 + C)
+    gold, same = gold_runs(loss, case, options(loss))
+    checked = []
+    for name, s, g in zip(("loss", "dX", "dW", "dbias"), same, gold):
+        if g is None or not g.abs().max() > 1e-12:  # zero in exact arithmetic (dX with D = 1): nothing to get wrong
+            continue
+        floor = 1.0 if name == "loss" else 0.0
+        assert error_excess(s, s, g, dtype, floor=floor) <= 0, name
+        for wrong, value in (("zero", torch.zeros_like(g)), ("halved", g / 2), ("sign-flipped", -g)):
+            assert error_excess(value, s, g, dtype, floor=floor) > 0, f"a {wrong} {name} passes the rule"
+        checked.append(name)
+    assert "loss" in checked and len(checked) >= (2 if D > 1 else 1), checked
 
 
 OPTIONS = [
