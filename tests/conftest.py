@@ -152,6 +152,14 @@ _EXHAUSTIVE = (
     "tests/test_coinstall.py::",  # a fresh venv with torch, our wheel and DeepFense 0.2.2 (minutes; pip's registry)
     "tests/test_gpu_compile.py::test_every_planned_bf16_variant_compiles_for_hopper",  # every bf16 variant for sm_90:
     "tests/test_gpu_compile.py::test_no_planned_bf16_variant_spills",  # one compile of all of them, 1-2 min
+    # every loss x C kind x reduction x dtype in one inductor graph, on the torch backend (the default tier compiles
+    # the torch backend with ArcFace and the ASoftmax module, and this sweep on the Triton backend)
+    "tests/test_compile_and_bad_values.py::test_inductor_fullgraph_matches_eager[torch]",
+    # the large-head step budgets at every shape; the default tier keeps AMSoftmax at D = 192 (a 128 + 64 tail)
+    "tests/test_work_budgets.py::test_large_head_launches_and_dot_work[am-64-128-",
+    "tests/test_work_budgets.py::test_large_head_launches_and_dot_work[ce-",
+    "tests/test_work_budgets.py::test_large_head_launches_and_dot_work[arc-",
+    "tests/test_work_budgets.py::test_large_head_launches_and_dot_work[a-",
 )
 
 
