@@ -106,10 +106,10 @@ try:
     import deepfense.functional as _functional  # noqa: E402
 except ImportError as _exc:
     raise pytest.UsageError(f"cannot import deepfense.functional from {_TREE.parent} ({_exc}); is the DeepFense "
-                            f"framework installed in this Python? See README, 'Next to DeepFense'") from _exc
+                            f"framework installed in this Python? See docs/deepfense.md") from _exc
 if Path(_functional.__file__).resolve().parent != _TREE:
     raise pytest.UsageError(f"the tests import {_functional.__file__}, not this checkout ({_TREE}); run them from the "
-                            f"repository root in a Python without the DeepFense framework (README, 'Next to DeepFense')")
+                            f"repository root in a Python without the DeepFense framework (docs/deepfense.md)")
 
 # triton 3.4 (what torch 2.8 pins) rejects an fp64 tl.dot ("Unsupported lhs dtype fp64"); later versions compile it.
 # The fp64 kernel tests then skip with that reason instead of failing; everything else runs on 3.4 too.

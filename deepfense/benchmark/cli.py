@@ -6,9 +6,7 @@ answer without the ~1.5 s torch import.
 
 from __future__ import annotations
 
-import argparse
 import datetime
-import math
 import os
 import sys
 import time
@@ -42,6 +40,8 @@ LOSS_KEYS = {
                       reduction='mean', ignore_index=-100, bonafide_label=1, backend='auto', w_posi=None, w_nega=None,
                       r_real=None, r_fake=None, validate=None),
 }
+from .args import Parser, UsageError, comma_list, count_list, names, positive, shapes
+
 DEFAULT_OUT = "deepfense-bench-results"  # under the current folder; bench/results/ keeps the committed reference run
 SUITE_NAMES = ("deepfense",)  # cases.SUITES, named here so --help imports no torch
 # The subset (the default sweep) against plain PyTorch only: torch.compile and the peers (pytorch-metric-learning) take
@@ -49,89 +49,18 @@ SUITE_NAMES = ("deepfense",)  # cases.SUITES, named here so --help imports no to
 SUBSET_PROVIDERS = ("deepfense", "eager", "F.linear_cross_entropy")
 
 
-class UsageError(Exception):
-    """A bad argument found after parsing (e.g. --device cuda without CUDA): one line on stderr, exit status 2."""
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse whose errors are one line on stderr (`deepfense-losses bench: error: ...`), exit status 2."""
-
-    def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
-
-
-def _csv(text):
-    return [s.strip() for s in text.split(",") if s.strip()] if text else None
-
-
-def _count(text: str) -> int:
-    """'256' or '1e6' -> a whole number >= 1."""
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not (value.is_integer() and value >= 1):
-        raise argparse.ArgumentTypeError(f"{text.strip()!r} is not a whole number of 1 or more")
-    return int(value)
-
-
-def _counts(text: str) -> list[int]:
-    """'8,32,256' -> [8, 32, 256] (--B, --D, --C)."""
-    if not _csv(text):
-        raise argparse.ArgumentTypeError("needs at least one value")
-    return [_count(s) for s in _csv(text)]
-
-
-def _shapes(text: str) -> list[tuple]:
-    """'256x192x2,128x192x5994' -> [(256, 192, 2), (128, 192, 5994)] (--shapes)."""
-    shapes = []
-    for item in _csv(text) or ():
-        parts = item.lower().replace("*", "x").split("x")
-        try:
-            if len(parts) != 3:
-                raise argparse.ArgumentTypeError(item)
-            shapes.append(tuple(_count(p) for p in parts))
-        except argparse.ArgumentTypeError:
-            raise argparse.ArgumentTypeError(f"shape {item!r} is not BxDxC with whole numbers of 1 or more "
-                                             f"(e.g. 256x192x2)") from None
-    if not shapes:
-        raise argparse.ArgumentTypeError("needs at least one BxDxC shape")
-    return shapes
-
-
-def _names(known):
-    """A comma list whose every item is one of `known` (--losses, --dtypes)."""
-    def parse(text):
-        names = _csv(text)
-        bad = [n for n in names or () if n not in known]
-        if bad or not names:
-            raise argparse.ArgumentTypeError(f"{', '.join(bad) or repr(text)} is not one of {', '.join(known)}")
-        return names
-    return parse
-
-
-def _positive(kind):
-    def parse(text):
-        try:
-            value = kind(text)
-        except ValueError:
-            value = 0
-        if not value > 0:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a number above 0")
-        return value
-    return parse
-
-
 def _parser():
-    p = _Parser(prog="deepfense-losses", description=__doc__.split("\n\n")[0])
+    p = Parser(prog="deepfense-losses", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
     b = sub.add_parser("bench", help="benchmark every loss against eager, torch.compile and the installed peers")
-    b.add_argument("--losses", type=_names(LOSS_NAMES), help=f"comma list from {list(LOSS_NAMES)} (default: all)")
-    b.add_argument("--shapes", type=_shapes, help="comma list of BxDxC, e.g. 256x192x2,128x192x5994 (replaces the sweep)")
-    b.add_argument("--B", type=_counts, help="comma list of batch sizes (with --D and --C, replaces the sweep)")
-    b.add_argument("--D", type=_counts, help="comma list of embedding dims")
-    b.add_argument("--C", type=_counts, help="comma list of class counts")
-    b.add_argument("--dtypes", type=_names(DTYPE_NAMES), help=f"comma list from {list(DTYPE_NAMES)} (default: fp32 on CPU, bf16,fp32 on CUDA)")
+    b.add_argument("--losses", type=names(LOSS_NAMES), help=f"comma list from {list(LOSS_NAMES)} (default: all)")
+    b.add_argument("--shapes", type=shapes,
+                   help="comma list of BxDxC, e.g. 256x192x2,128x192x5994 (replaces the sweep)")
+    b.add_argument("--B", type=count_list, help="comma list of batch sizes (with --D and --C, replaces the sweep)")
+    b.add_argument("--D", type=count_list, help="comma list of embedding dims")
+    b.add_argument("--C", type=count_list, help="comma list of class counts")
+    b.add_argument("--dtypes", type=names(DTYPE_NAMES),
+                   help=f"comma list from {list(DTYPE_NAMES)} (default: fp32 on CPU, bf16 on CUDA)")
     b.add_argument("--providers", help="comma list of provider names (default: all; see `list`)")
     b.add_argument("--suite", choices=SUITE_NAMES,
                    help="a named sweep: 'deepfense' = every loss at B 8/32/256, D 160/1024, C 2 against DeepFense "
@@ -146,17 +75,19 @@ def _parser():
     b.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda if available")
     b.add_argument("--out", default=DEFAULT_OUT,
                    help=f"results folder (default ./{DEFAULT_OUT}, created in the current folder)")
-    b.add_argument("--threads", type=_positive(int), help="torch CPU threads for the run (default: torch's; 1 keeps a shared "
-                                                "machine's load from stalling the intra-op thread pool)")
-    b.add_argument("--reps", type=_positive(int), default=None, help="max timed iterations per measurement")
-    b.add_argument("--time-limit", type=_positive(float), help="start no new case after this many seconds")
+    b.add_argument("--threads", type=positive(int),
+                   help="torch CPU threads for the run (default: torch's; 1 keeps a shared machine's load from "
+                        "stalling the intra-op thread pool)")
+    b.add_argument("--reps", type=positive(int), default=None, help="max timed iterations per measurement")
+    b.add_argument("--time-limit", type=positive(float), help="start no new case after this many seconds")
     b.add_argument("--no-errors", action="store_true", help="skip the float64 reference errors")
     b.add_argument("--validate", action="store_true",
                    help="force deepfense's synchronous value checks on (DEEPFENSE_VALIDATE=1; off by default, "
                         "library default with --suite)")
     b.add_argument("--plan", action="store_true",
                    help="print each case's launch plan with counted work and a predicted H200 roofline time; no run")
-    b.add_argument("--sm-count", type=_positive(int), help="multiprocessors to plan for (default: the GPU's, else 132: H200)")
+    b.add_argument("--sm-count", type=positive(int),
+                   help="multiprocessors to plan for (default: the GPU's, else 132: H200)")
     b.add_argument("--no-roofline", action="store_true", help="on CUDA, skip the per-launch roofline lines")
     c = sub.add_parser("check", help="the fused path against the float64 reference: PASS/FAIL per loss")
     c.add_argument("--device", choices=["cpu", "cuda"])
@@ -222,7 +153,7 @@ def _bench(a) -> int:
     # burst of load lands on both sides of a ratio
     rounds = 20 if a.suite else runner.ROUNDS
     try:
-        providers = select(_csv(a.providers) or (["deepfense", "deepfense-0.2.2"] if a.suite else
+        providers = select(comma_list(a.providers) or (["deepfense", "deepfense-0.2.2"] if a.suite else
                                                  list(SUBSET_PROVIDERS) if subset else None))
     except ValueError as exc:
         raise UsageError(f"--providers: {exc}") from None

@@ -9,8 +9,8 @@ from collections import defaultdict
 
 from .cases import REFERENCE_SHAPES
 
-# DeepFense 0.2.2's own modules, fwd+bwd ms, measured once on the project's 2-core CPU (quoted, not rerun here).
-DEEPFENSE_022_CPU_MS = {REFERENCE_SHAPES[0]: 1.2, REFERENCE_SHAPES[1]: 8.8, REFERENCE_SHAPES[2]: 47.0, REFERENCE_SHAPES[3]: 2.3}
+# DeepFense 0.2.2's own modules, fwd+bwd ms, measured once on a 2-core CPU (quoted, not rerun here)
+DEEPFENSE_022_CPU_MS = dict(zip(REFERENCE_SHAPES, (1.2, 8.8, 47.0, 2.3)))
 
 COLUMNS = ["loss", "B", "D", "C", "dtype", "provider", "fwd ms", "fwd+bwd ms", "peak extra MB", "achieved",
            "% of ceiling", "x eager", "x compile", "loss err", "grad err"]
