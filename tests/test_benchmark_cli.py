@@ -227,7 +227,7 @@ def test_upstream_loader_leaves_our_package_in_place(tmp_path, monkeypatch):
     assert sys.modules["deepfense.benchmark.upstream"] is upstream
 
 
-@pytest.mark.skipif(not os.environ.get("DEEPFENSE_UPSTREAM"), reason="DeepFense 0.2.2 not unpacked (see README)")
+@pytest.mark.skipif(not os.environ.get("DEEPFENSE_UPSTREAM"), reason="DeepFense 0.2.2 not unpacked (see docs/deepfense.md)")
 @pytest.mark.parametrize("loss", ["AMSoftmax", "ASoftmax", "OCSoftmax", "CrossEntropy"])
 def test_upstream_provider_computes_our_loss(loss):
     """DeepFense 0.2.2's module, as the provider sets it up, computes the same loss and gradients as ours."""
