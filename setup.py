@@ -3,7 +3,8 @@ from setuptools import find_namespace_packages, setup
 setup(
     name="deepfense-losses",
     version="0.1.0",
-    description="Fused Triton margin-softmax loss heads (AMSoftmax, ASoftmax, OCSoftmax, CrossEntropy) for PyTorch",
+    description="Margin-softmax loss heads for PyTorch (AMSoftmax, ASoftmax, OCSoftmax, CrossEntropy, ArcFace, "
+                "CombinedMargin) with fused Triton kernels; a drop-in for DeepFense",
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     # `deepfense` is an implicit namespace package (no __init__.py of ours), so it merges with the DeepFense
@@ -18,8 +19,12 @@ setup(
     extras_require={
         # triton 3.4/3.5 are what torch 2.8/2.9 pin (DeepFense caps torch at 2.9); tests pass there except the fp64
         # tl.dot paths triton 3.4 cannot compile, which are skipped with that reason.
-        # pytest-xdist: the README's test command runs one worker per core (the suite takes half the time on 2)
-        "dev": ["triton>=3.4", "pytest>=7", "pytest-benchmark>=4", "pytest-xdist>=3", "pytorch-metric-learning>=2.0"],
+        # pytest-xdist: the README's test command runs one worker per core, and with --dist loadgroup keeps each
+        # module-level xdist_group on one worker, so a shared fixture is built once (tests/test_xdist_groups.py checks
+        # it on the installed versions); the caps keep pip off major versions where that is unchecked;
+        # pytorch-metric-learning: the toolkit-parity tests run its own classes
+        "dev": ["triton>=3.4", "pytest>=7,<10", "pytest-benchmark>=4", "pytest-xdist>=3,<4",
+                "pytorch-metric-learning>=2.0"],
         # peers the benchmark compares against where they install (pytorch-metric-learning's CosFace/SphereFace), and
         # the plot of time against B and C
         "bench": ["pytorch-metric-learning>=2.0", "matplotlib>=3.5"],

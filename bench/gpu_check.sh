@@ -48,9 +48,9 @@ else
     COMPILE=(timeout 75 "$PY" bench/compile_check.py --dtypes bf16)  # this machine's triton; fp32: README table
     PLAN=(timeout 15 "$PY" -m deepfense bench --plan --losses AMSoftmax,CrossEntropy --dtypes bf16,fp32
           --shapes 65536x1024x2,256x192x5994,1024x512x1000000)
-    # the default CUDA sweep: deepfake heads up to B = 65536 (D up to 1024), speaker 128-512 x 192-256 x 5994-17982,
+    # the full CUDA sweep: deepfake heads up to B = 65536 (D up to 1024), speaker 128-512 x 192-256 x 5994-17982,
     # face 1024 x 512 x C up to 10^6, bf16, torch.compile on the anchors, the peers that installed
-    BF16=(timeout 100 "$PY" -m deepfense bench --device cuda --dtypes bf16 --time-limit 60 --out "$OUT/results")
+    BF16=(timeout 100 "$PY" -m deepfense bench --device cuda --full --dtypes bf16 --time-limit 60 --out "$OUT/results")
     # fp32 (tf32x3 dots by default) on the representative heads, fused against eager: times and roofline lines
     FP32=(timeout 40 "$PY" -m deepfense bench --device cuda --dtypes fp32 --losses AMSoftmax,CrossEntropy
           --shapes 65536x1024x2,256x192x5994,128x192x17982,1024x512x1000000 --providers deepfense,eager

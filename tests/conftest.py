@@ -9,22 +9,35 @@ if TEST_DEVICE != "cuda":
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
+# Triton versions whose interpreter was read and measured with the speed-up below (its private `_patch_lang`, the
+# launch's and each helper call's patching, unchanged there). On any other version the tests run Triton's interpreter
+# as it is: correct, about twice as slow on the kernel tests.
+_INTERPRETER_SPEEDUP_VERIFIED = ("3.9.",)
+
+
 def _patch_the_interpreter_once_per_launch():
     """The Triton interpreter patches triton.language's builtins (inspect.getmembers over tl, tl.tensor, tl.math) at
     every launch and again at every call of a @triton.jit helper inside it, whose scope it then drops: while the
     launch's patch is in force, a helper that sees no language module the launch has not patched yet changes
     nothing by patching again, yet those calls took about half of a kernel test's time. Such calls skip it; the
     others (a helper of triton.language.standard sees triton.language.core) patch as before, and the launch restores
-    its patch as before."""
+    its patch as before.
+
+    It wraps a private function, so it applies only on the Triton versions named in _INTERPRETER_SPEEDUP_VERIFIED and
+    only when that function still has the shape it wraps; DEEPFENSE_TEST_INTERPRETER_SPEEDUP=0 switches it off."""
     import inspect
 
     try:
+        import triton
         import triton.language as tl
         from triton.runtime import interpreter
     except ImportError:
         return
     real = getattr(interpreter, "_patch_lang", None)
-    if real is None:
+    if (os.environ.get("DEEPFENSE_TEST_INTERPRETER_SPEEDUP", "1") == "0"
+            or not triton.__version__.startswith(_INTERPRETER_SPEEDUP_VERIFIED)
+            or not callable(real) or list(inspect.signature(real).parameters) != ["fn"]
+            or not hasattr(getattr(interpreter, "_LangPatchScope", None), "restore")):
         return
     patched = set()  # the language modules patched since the current launch began; empty between launches
 
@@ -93,10 +106,10 @@ try:
     import deepfense.functional as _functional  # noqa: E402
 except ImportError as _exc:
     raise pytest.UsageError(f"cannot import deepfense.functional from {_TREE.parent} ({_exc}); is the DeepFense "
-                            f"framework installed in this Python? See README, 'Next to DeepFense'") from _exc
+                            f"framework installed in this Python? See docs/deepfense.md") from _exc
 if Path(_functional.__file__).resolve().parent != _TREE:
     raise pytest.UsageError(f"the tests import {_functional.__file__}, not this checkout ({_TREE}); run them from the "
-                            f"repository root in a Python without the DeepFense framework (README, 'Next to DeepFense')")
+                            f"repository root in a Python without the DeepFense framework (docs/deepfense.md)")
 
 # triton 3.4 (what torch 2.8 pins) rejects an fp64 tl.dot ("Unsupported lhs dtype fp64"); later versions compile it.
 # The fp64 kernel tests then skip with that reason instead of failing; everything else runs on 3.4 too.
@@ -131,8 +144,49 @@ def _fp64_dot_error():
 # --dist loadgroup, the README's test command, one worker builds the fixture once).
 _LONGEST_FIRST = ("test_gpu_compile.py", "test_coinstall.py", "test_compile_and_bad_values.py")
 
+# The exhaustive tier: sweeps whose every case costs minutes or builds something large. The README's test command
+# leaves it out (each feature it checks is still checked there on representative cases); `-m exhaustive` runs only
+# this tier, `--exhaustive` both; CI runs the README's command, then `-m exhaustive`. A test joins the tier with
+# @pytest.mark.exhaustive; these, in files other work also changes, are named here by node id prefix.
+_EXHAUSTIVE = (
+    "tests/test_coinstall.py::",  # a fresh venv with torch, our wheel and DeepFense 0.2.2 (minutes; pip's registry)
+    "tests/test_gpu_compile.py::test_every_planned_bf16_variant_compiles_for_hopper",  # every bf16 variant for sm_90:
+    "tests/test_gpu_compile.py::test_no_planned_bf16_variant_spills",  # one compile of all of them, 1-2 min
+    # every loss x C kind x reduction x dtype in one inductor graph, on the torch backend (the default tier compiles
+    # the torch backend with ArcFace and the ASoftmax module, and this sweep on the Triton backend)
+    "tests/test_compile_and_bad_values.py::test_inductor_fullgraph_matches_eager[torch]",
+    # the large-head step budgets at every shape; the default tier keeps AMSoftmax at D = 192 (a 128 + 64 tail)
+    "tests/test_work_budgets.py::test_large_head_launches_and_dot_work[am-64-128-",
+    "tests/test_work_budgets.py::test_large_head_launches_and_dot_work[ce-",
+    "tests/test_work_budgets.py::test_large_head_launches_and_dot_work[arc-",
+    "tests/test_work_budgets.py::test_large_head_launches_and_dot_work[a-",
+)
 
+
+def pytest_addoption(parser):
+    parser.addoption("--exhaustive", action="store_true",
+                     help="also run the exhaustive tier (marker exhaustive; `-m exhaustive` runs it alone)")
+
+
+def _runs_exhaustive(config) -> bool:
+    return config.getoption("--exhaustive") or "exhaustive" in (config.option.markexpr or "")
+
+
+def pytest_report_header(config):
+    if not _runs_exhaustive(config):
+        return "exhaustive tier left out: `-m exhaustive` runs it, `--exhaustive` runs both tiers"
+
+
+@pytest.hookimpl(tryfirst=True)  # before -m reads the markers added here
 def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.nodeid.startswith(_EXHAUSTIVE):
+            item.add_marker(pytest.mark.exhaustive)
+    if not _runs_exhaustive(config):
+        left_out = [i for i in items if i.get_closest_marker("exhaustive")]
+        if left_out:
+            config.hook.pytest_deselected(items=left_out)
+            items[:] = [i for i in items if not i.get_closest_marker("exhaustive")]
     chosen = [i for i in items if i.name.startswith(_FP64_DOT_TESTS) and "triton" in i.name]
     reason = _fp64_dot_error() if chosen else None
     for item in chosen if reason else ():

@@ -8,7 +8,7 @@ import os
 import pytest
 
 from deepfense.benchmark import cli, report
-from deepfense.benchmark.cases import LOSSES, Case, default_cases, parse_shapes, traffic
+from deepfense.benchmark.cases import LOSSES, Case, default_cases, traffic
 from deepfense.benchmark.providers import REGISTRY
 
 
@@ -26,12 +26,19 @@ def test_scaling_slope_recovers_power_law():
                                                                                       abs_tol=1e-12)
 
 
-def test_default_sweeps_hold_issue2_shapes_and_no_face_heads_on_cpu():
+def test_full_sweeps_hold_the_reference_shapes_and_no_face_heads_on_cpu():
     cpu = {c.key[:4] for c in default_cases("cpu")}
     assert {("AMSoftmax", 256, 192, 2), ("AMSoftmax", 128, 192, 5994), ("OCSoftmax", 4096, 192, 1)} <= cpu
     assert max(c.C for c in default_cases("cpu")) < 10**5
     assert max(c.C for c in default_cases("cuda")) == 10**6
-    assert parse_shapes("4x8x2,16x3x5") == [(4, 8, 2), (16, 3, 5)]
+
+
+def test_default_subset_covers_every_loss_at_two_batch_sizes():
+    # the plot's time-vs-B panel needs two sizes per loss, its time-vs-C panel two class counts at one B
+    subset = default_cases("cpu", quick=True)
+    assert {c.loss for c in subset} == set(LOSSES) and len(subset) <= 12
+    assert all(len({c.B for c in subset if c.loss == loss}) >= 2 for loss in LOSSES)
+    assert len({c.C for c in subset if c.loss == "AMSoftmax" and c.B == 256}) >= 2
 
 
 def test_bench_writes_table_json_and_markdown(tmp_path, capsys):
@@ -59,10 +66,82 @@ def test_list_and_check(capsys):
     assert rc == 0 and len(lines) == len(LOSSES) and all(line.startswith("PASS") for line in lines)
 
 
-@pytest.mark.parametrize("bad", [["--losses", "NoSuchLoss"], ["--dtypes", "fp8"]])
-def test_bench_rejects_bad_options(bad, tmp_path):
-    with pytest.raises(SystemExit):
-        cli.main(["bench", "--quick", "--out", str(tmp_path), *bad])
+def _cli(argv, capsys):
+    """(exit status, stderr) of one in-process CLI call; argparse's own errors exit through SystemExit."""
+    try:
+        status = cli.main(argv)
+    except SystemExit as exc:
+        status = exc.code
+    return status, capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, names", [
+    (["bench", "--shapes", "12x"], "'12x' is not BxDxC"),
+    (["bench", "--shapes", "256x192x0", "--plan"], "'256x192x0' is not BxDxC"),  # C = 0 divided by zero in --plan
+    (["bench", "--B", "0", "--plan"], "--B: '0'"),
+    (["bench", "--C", "1.5"], "--C: '1.5'"),
+    (["bench", "--losses", "NoSuchLoss"], "--losses: NoSuchLoss is not one of"),
+    (["bench", "--dtypes", "fp8"], "--dtypes: fp8 is not one of"),
+    (["bench", "--threads", "0"], "--threads: '0'"),
+    (["bench", "--time-limit", "-1"], "--time-limit: '-1'"),
+    (["bench", "--shapes", "4x4x2", "--providers", "nope"], "--providers: unknown provider(s) ['nope']"),
+    (["bench", "--full", "--quick"], "unrecognized arguments: --quick"),
+    (["nosuch"], "invalid choice: 'nosuch'"),
+    ([], "required: cmd"),
+])
+def test_bad_argument_is_one_line_and_status_2(argv, names, capsys):
+    status, err = _cli(argv, capsys)
+    assert status == 2 and err.startswith("deepfense-losses") and err.count("\n") == 1, err
+    assert names in err and "Traceback" not in err, err
+
+
+def test_unwritable_out_is_one_line_and_status_2(tmp_path, capsys):
+    (tmp_path / "taken").write_text("a file where the results folder would go")
+    status, err = _cli(["bench", "--shapes", "4x4x2", "--out", str(tmp_path / "taken")], capsys)
+    assert status == 2 and err.count("\n") == 1 and "--out" in err and "cannot create it" in err, err
+
+
+@pytest.mark.parametrize("command", ["bench", "check"])
+def test_device_cuda_without_cuda_says_so(command, capsys, monkeypatch):
+    import torch
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # also on a machine that has a GPU
+    status, err = _cli([command, "--device", "cuda"], capsys)
+    assert status == 2 and err.count("\n") == 1 and "--device cuda" in err and "no CUDA device" in err, err
+
+
+def _subprocess_cli(*args, **kw):
+    import subprocess
+    import sys
+    return subprocess.run([sys.executable, "-m", "deepfense.losses", *args], stderr=subprocess.PIPE, text=True,
+                          timeout=120, **kw)
+
+
+def test_bad_argument_in_a_process_prints_no_traceback():
+    import subprocess
+    proc = _subprocess_cli("bench", "--B", "0", "--plan", stdout=subprocess.DEVNULL)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr, proc.stderr
+
+
+def test_closed_pipe_ends_quietly():
+    # `deepfense-losses list | head -1`, made deterministic: the reader has gone before the first write
+    read, write = os.pipe()
+    os.close(read)
+    try:
+        proc = _subprocess_cli("list", stdout=write)
+    finally:
+        os.close(write)
+    assert proc.returncode == 1 and proc.stderr == "", proc.stderr
+
+
+def test_plot_panels_are_the_ones_with_data():
+    # OCSoftmax has one class: no time-vs-C panel for it (an empty panel before), one for AMSoftmax (C = 2 and 5994)
+    rows = [{"status": "ok", "loss": loss, "provider": "eager", "dtype": "fp32", "B": b, "D": 192, "C": c,
+             "fwdbwd_ms": 1.0} for loss, b, c in (("AMSoftmax", 256, 2), ("AMSoftmax", 4096, 2),
+                                                   ("AMSoftmax", 256, 5994), ("OCSoftmax", 256, 1),
+                                                   ("OCSoftmax", 4096, 1))]
+    panels = report._plot_panels(rows)
+    assert [(loss, dim) for loss, dim, _ in panels] == [("AMSoftmax", "B"), ("OCSoftmax", "B"), ("AMSoftmax", "C")]
+    assert all(len(pts) >= 2 for _, _, series in panels for pts in series.values())
 
 
 def test_bench_restores_validation_setting(tmp_path, monkeypatch):

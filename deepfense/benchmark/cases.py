@@ -98,12 +98,13 @@ def _expand(losses, shapes, dtypes, family, anchors=()):
 
 ALL = tuple(LOSSES)
 MULTI = ("AMSoftmax", "ASoftmax", "CrossEntropy")  # losses that make sense with many classes
-# Issue 2's torch-backend comparison shapes (fwd+bwd vs eager autograd and torch.compile of it).
-ISSUE2 = (("AMSoftmax", 256, 192, 2), ("AMSoftmax", 4096, 192, 2), ("AMSoftmax", 128, 192, 5994),
-          ("OCSoftmax", 4096, 192, 1))
+# The shapes of the CPU table in docs/benchmark.md: the torch backend's fwd+bwd against eager autograd and
+# torch.compile, beside DeepFense 0.2.2's own modules (report.DEEPFENSE_022_CPU_MS).
+REFERENCE_SHAPES = (("AMSoftmax", 256, 192, 2), ("AMSoftmax", 4096, 192, 2), ("AMSoftmax", 128, 192, 5994),
+                    ("OCSoftmax", 4096, 192, 1))
 
 
-# ArcFace (issue 10): the ECAPA-TDNN speaker heads (VoxCeleb2, and with speed perturbation) and a face head.
+# ArcFace: the ECAPA-TDNN speaker heads (VoxCeleb2, and with speed perturbation) and a face head.
 ARCFACE_SPEAKER = ((256, 192, 5994), (128, 192, 17982))
 ARCFACE_FACE = {"cuda": (1024, 512, 93431), "cpu": (128, 512, 93431)}
 
@@ -115,42 +116,38 @@ def arcface_cases(device: str, dtypes) -> list[Case]:
             + _expand(["ArcFace"], [face], dtypes, "face", {("ArcFace", *face)}))
 
 
+# The representative subset `bench` runs by default (about a minute on 2 busy CPU cores): every loss at a deepfake
+# head of two batch sizes (time against B), and AMSoftmax at a speaker head (time against C at B = 256).
+SUBSET_FAKE = ((256, 192, 2), (4096, 192, 2))
+SUBSET_SPEAKER = (256, 192, 5994)
+
+
 def default_cases(device: str, quick: bool = False, dtypes=None) -> list[Case]:
-    """The embedded sweep: deepfake (C=2, OC C=1), speaker (C=5994/17982) and, on GPU, face heads (C up to 1e6)."""
+    """The sweep `bench` runs: the representative subset when `quick` (the CLI's default), else the full sweep:
+    deepfake (C=2, OC C=1), speaker (C=5994/17982) and, on GPU, face heads (C up to 1e6)."""
     if quick:
         dt = dtypes or (["bf16"] if device == "cuda" else ["fp32"])
-        return (_expand(ALL, [(256, 192, 2)], dt, "deepfake", anchors={a for a in ISSUE2})
-                + _expand(["AMSoftmax"], [(128, 192, 5994)], dt, "speaker", anchors={a for a in ISSUE2}))
+        return (_expand(ALL, SUBSET_FAKE, dt, "deepfake", anchors=set(REFERENCE_SHAPES))
+                + _expand(["AMSoftmax"], [SUBSET_SPEAKER], dt, "speaker"))
     if device == "cuda":
-        # bf16 everywhere (the targets of the kernels issue are bf16); fp32 on issue 2's shapes; torch.compile on
+        # bf16 everywhere (the kernels' main target); fp32 on the reference shapes; torch.compile on
         # bf16 anchors only (each compile costs 10-30 s of the GPU check's 8 minutes).
         dt = dtypes or ["bf16"]
         fake = [(b, 192, 2) for b in (32, 256, 4096, 65536)] + [(65536, 160, 2), (65536, 1024, 2)]
-        fake_anchor = set(ISSUE2) | {(n, 65536, 1024, _classes(n, 2)) for n in ALL}
+        fake_anchor = set(REFERENCE_SHAPES) | {(n, 65536, 1024, _classes(n, 2)) for n in ALL}
         speaker = [(128, 192, 5994), (256, 192, 5994), (512, 192, 5994), (128, 192, 17982), (256, 192, 17982),
                    (256, 256, 5994),
                    (256, 256, 17982)]
         face = [(1024, 512, c) for c in (93431, 360232, 1_000_000)]
-        fp32 = [] if dtypes else [Case(n, b, d, c, "fp32", "issue2") for n, b, d, c in ISSUE2]
+        fp32 = [] if dtypes else [Case(n, b, d, c, "fp32", "reference") for n, b, d, c in REFERENCE_SHAPES]
         return (_expand(ALL, fake, dt, "deepfake", fake_anchor)
-                + _expand(MULTI, speaker, dt, "speaker", set(ISSUE2) | {(n, 256, 192, 5994) for n in MULTI})
+                + _expand(MULTI, speaker, dt, "speaker", set(REFERENCE_SHAPES) | {(n, 256, 192, 5994) for n in MULTI})
                 + _expand(MULTI, face, dt, "face") + fp32 + arcface_cases(device, dt))
     dt = dtypes or ["fp32"]
     fake = [(b, 192, 2) for b in (32, 256, 1024, 4096)] + [(1024, 160, 2), (1024, 1024, 2)]
     speaker = [(128, 192, 5994), (256, 192, 5994), (256, 192, 17982)]
-    return (_expand(ALL, fake, dt, "deepfake", set(ISSUE2))
-            + _expand(MULTI, speaker, dt, "speaker", set(ISSUE2)) + arcface_cases(device, dt))
-
-
-def parse_shapes(text: str) -> list[tuple]:
-    """'256x192x2,128x192x5994' -> [(256, 192, 2), ...]."""
-    shapes = []
-    for item in text.split(","):
-        parts = item.lower().replace("*", "x").split("x")
-        if len(parts) != 3:
-            raise ValueError(f"shape {item!r} is not BxDxC")
-        shapes.append(tuple(int(float(p)) for p in parts))
-    return shapes
+    return (_expand(ALL, fake, dt, "deepfake", set(REFERENCE_SHAPES))
+            + _expand(MULTI, speaker, dt, "speaker", set(REFERENCE_SHAPES)) + arcface_cases(device, dt))
 
 
 def custom_cases(losses, shapes, dtypes) -> list[Case]:

@@ -1,6 +1,6 @@
 """`python -m deepfense check`: the fused path against the float64 reference, one PASS/FAIL line per loss.
 
-What runs where (decided here, documented in the README):
+What runs where (decided here, documented in docs/install.md):
     * The 'auto' backend on this device: Triton kernels on CUDA, the 'torch' backend on CPU.
     * On CPU, additionally the 'triton' backend under the Triton interpreter, in a child process (TRITON_INTERPRET
       must be set before Triton is imported), on small shapes. Skipped, not failed, when Triton or the kernels are

@@ -6,7 +6,6 @@ answer without the ~1.5 s torch import.
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import os
 import sys
@@ -41,52 +40,54 @@ LOSS_KEYS = {
                       reduction='mean', ignore_index=-100, bonafide_label=1, backend='auto', w_posi=None, w_nega=None,
                       r_real=None, r_fake=None, validate=None),
 }
+from .args import Parser, UsageError, comma_list, count_list, names, positive, shapes
+
 DEFAULT_OUT = "deepfense-bench-results"  # under the current folder; bench/results/ keeps the committed reference run
 SUITE_NAMES = ("deepfense",)  # cases.SUITES, named here so --help imports no torch
-
-
-def _csv(text):
-    return [s.strip() for s in text.split(",") if s.strip()] if text else None
-
-
-def _ints(text):
-    return [int(float(s)) for s in _csv(text)] if text else None
+# The subset (the default sweep) against plain PyTorch only: torch.compile and the peers (pytorch-metric-learning) take
+# minutes to compile or import on a busy 2-core machine, so they come with --full.
+SUBSET_PROVIDERS = ("deepfense", "eager", "F.linear_cross_entropy")
 
 
 def _parser():
-    p = argparse.ArgumentParser(prog="deepfense-losses", description=__doc__.split("\n\n")[0])
+    p = Parser(prog="deepfense-losses", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
     b = sub.add_parser("bench", help="benchmark every loss against eager, torch.compile and the installed peers")
-    b.add_argument("--losses", help=f"comma list from {list(LOSS_NAMES)} (default: all)")
-    b.add_argument("--shapes", help="comma list of BxDxC, e.g. 256x192x2,128x192x5994 (replaces the sweep)")
-    b.add_argument("--B", help="comma list of batch sizes (with --D and --C, replaces the sweep)")
-    b.add_argument("--D", help="comma list of embedding dims")
-    b.add_argument("--C", help="comma list of class counts")
-    b.add_argument("--dtypes", help=f"comma list from {list(DTYPE_NAMES)} (default: fp32 on CPU, bf16,fp32 on CUDA)")
+    b.add_argument("--losses", type=names(LOSS_NAMES), help=f"comma list from {list(LOSS_NAMES)} (default: all)")
+    b.add_argument("--shapes", type=shapes,
+                   help="comma list of BxDxC, e.g. 256x192x2,128x192x5994 (replaces the sweep)")
+    b.add_argument("--B", type=count_list, help="comma list of batch sizes (with --D and --C, replaces the sweep)")
+    b.add_argument("--D", type=count_list, help="comma list of embedding dims")
+    b.add_argument("--C", type=count_list, help="comma list of class counts")
+    b.add_argument("--dtypes", type=names(DTYPE_NAMES),
+                   help=f"comma list from {list(DTYPE_NAMES)} (default: fp32 on CPU, bf16 on CUDA)")
     b.add_argument("--providers", help="comma list of provider names (default: all; see `list`)")
     b.add_argument("--suite", choices=SUITE_NAMES,
                    help="a named sweep: 'deepfense' = each loss head against DeepFense 0.2.2's own module with "
                         "the same options: with and without class weights, value checks at the default and off, "
-                        "B 8/32/256/1024, D 160/1024, at torch's default threads and at 1 (--threads N: only N; "
-                        "--quick: B 8/256, D 160)")
-    b.add_argument("--quick", action="store_true", help="a handful of small shapes, no torch.compile, few reps")
+                        "B 8/32/256/1024, D 160/1024, at torch's default threads and at 1 (--threads N: only N)")
+    b.add_argument("--full", action="store_true",
+                   help="the whole sweep, with torch.compile on its anchor shapes and every installed peer (CPU: "
+                        "minutes); default: a representative subset against eager PyTorch, about a minute")
     b.add_argument("--compile", choices=["anchors", "all", "none"], default=None,
-                   help="which shapes get torch.compile(reference): anchors (default), all, "
-                         "none (default with --quick)")
+                   help="which shapes get torch.compile(reference): anchors (default with --full, --shapes, --B), "
+                        "all, none (default for the subset)")
     b.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda if available")
     b.add_argument("--out", default=DEFAULT_OUT,
                    help=f"results folder (default ./{DEFAULT_OUT}, created in the current folder)")
-    b.add_argument("--threads", type=int, help="torch CPU threads for the run (default: torch's; 1 keeps a shared "
-                                                "machine's load from stalling the intra-op thread pool)")
-    b.add_argument("--reps", type=int, default=None, help="max timed iterations per measurement")
-    b.add_argument("--time-limit", type=float, help="start no new case after this many seconds")
+    b.add_argument("--threads", type=positive(int),
+                   help="torch CPU threads for the run (default: torch's; 1 keeps a shared machine's load from "
+                        "stalling the intra-op thread pool)")
+    b.add_argument("--reps", type=positive(int), default=None, help="max timed iterations per measurement")
+    b.add_argument("--time-limit", type=positive(float), help="start no new case after this many seconds")
     b.add_argument("--no-errors", action="store_true", help="skip the float64 reference errors")
     b.add_argument("--validate", action="store_true",
                    help="force deepfense's synchronous value checks on (DEEPFENSE_VALIDATE=1; off by default, "
                         "library default with --suite)")
     b.add_argument("--plan", action="store_true",
                    help="print each case's launch plan with counted work and a predicted H200 roofline time; no run")
-    b.add_argument("--sm-count", type=int, help="multiprocessors to plan for (default: the GPU's, else 132: H200)")
+    b.add_argument("--sm-count", type=positive(int),
+                   help="multiprocessors to plan for (default: the GPU's, else 132: H200)")
     b.add_argument("--no-roofline", action="store_true", help="on CUDA, skip the per-launch roofline lines")
     c = sub.add_parser("check", help="the fused path against the float64 reference: PASS/FAIL per loss")
     c.add_argument("--device", choices=["cpu", "cuda"])
@@ -102,6 +103,9 @@ def _parser():
 
 def _device(name):
     import torch
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device cuda: this machine has no CUDA device that torch {torch.__version__} can use; "
+                         f"leave --device out to run on the CPU")
     return name or ("cuda" if torch.cuda.is_available() else "cpu")
 
 
@@ -126,46 +130,48 @@ def _bench(a) -> int:
     import torch
 
     from . import measure, report, runner
-    from .cases import DTYPES, LOSSES, custom_cases, default_cases, parse_shapes
+    from .cases import custom_cases, default_cases
     from .providers import select
     device = _device(a.device)
     if a.threads:
         torch.set_num_threads(a.threads)
-    losses = _csv(a.losses) or list(LOSSES)
-    bad = [n for n in losses if n not in LOSSES]
-    if bad:
-        raise SystemExit(f"unknown loss(es) {bad}; known: {list(LOSSES)}")
-    dtypes = _csv(a.dtypes)
-    if dtypes and any(d not in DTYPES for d in dtypes):
-        raise SystemExit(f"--dtypes must be from {list(DTYPES)}")
-    shapes = parse_shapes(a.shapes) if a.shapes else None
+    losses = a.losses or list(LOSS_NAMES)
+    shapes = a.shapes
     if a.B or a.D or a.C:
-        shapes = (shapes or []) + [(b, d, c) for b in _ints(a.B) or [256] for d in _ints(a.D) or [192]
-                                   for c in _ints(a.C) or [2]]
+        shapes = (shapes or []) + [(b, d, c) for b in a.B or [256] for d in a.D or [192] for c in a.C or [2]]
+    subset = not (a.full or a.suite or shapes)
     if a.suite:
         from . import deepfense_suite
-        return deepfense_suite.main(a.out, [a.threads] if a.threads else [None, 1], quick=a.quick, log=runner.log)
+        return deepfense_suite.main(a.out, [a.threads] if a.threads else [None, 1], log=runner.log)
     if shapes:
-        cases = custom_cases(losses, shapes, dtypes or (["bf16"] if device == "cuda" else ["fp32"]))
+        cases = custom_cases(losses, shapes, a.dtypes or (["bf16"] if device == "cuda" else ["fp32"]))
     else:
-        cases = [c for c in default_cases(device, a.quick, dtypes) if c.loss in losses]
+        cases = [c for c in default_cases(device, subset, a.dtypes) if c.loss in losses]
     if a.plan:
         return _print_plans(cases, a.sm_count or _sms(device))
-    compile_mode = a.compile or ("none" if a.quick else "anchors")
-    reps = a.reps or (10 if a.quick else 30 if device == "cpu" else 50)
-    budget = 0.15 if a.quick else (0.4 if device == "cpu" else 0.1)
+    compile_mode = a.compile or ("none" if subset else "anchors")
+    reps = a.reps or (10 if subset else 30 if device == "cpu" else 50)
+    budget = 0.15 if subset else (0.4 if device == "cpu" else 0.1)
     rounds = runner.ROUNDS
-    providers = select(_csv(a.providers))
+    try:
+        providers = select(comma_list(a.providers) or (list(SUBSET_PROVIDERS) if subset else None))
+    except ValueError as exc:
+        raise UsageError(f"--providers: {exc}") from None
+    if not a.plan:
+        try:
+            os.makedirs(a.out, exist_ok=True)
+        except OSError as exc:
+            raise UsageError(f"--out {a.out}: cannot create it ({exc.strerror})") from None
     runner.log(f"deepfense bench on {runner.device_name(device)}: {len(cases)} cases x {len(providers)} providers")
     ceil = measure.ceilings(device, sorted({c.dtype for c in cases}))
     runner.log(f"ceilings: copy {ceil['copy_GBps']:.3g} GB/s, matmul TFLOP/s {ceil['matmul_TFLOPs']}")
     meta = {"device": device, "device_name": runner.device_name(device), "date": datetime.date.today().isoformat(),
             "versions": runner.versions(), "threads": torch.get_num_threads(), "ceilings": ceil,
             "load_start": os.getloadavg()[0], "cpus": os.cpu_count(),
-            "settings": f"{'quick' if a.quick else 'default' if not shapes else 'custom'} sweep, compile="
+            "settings": f"{'subset' if subset else 'full' if not shapes else 'custom'} sweep, compile="
                         f"{compile_mode}, reps<={reps} in {rounds} rounds, time budget {budget}s/measurement, "
                         f"DEEPFENSE_VALIDATE={os.environ.get('DEEPFENSE_VALIDATE', 'unset (library default)')}"}
-    stem = runner.file_stem(meta["device_name"], a.quick)
+    stem = runner.file_stem(meta["device_name"], "full" if a.full and not shapes else "")
 
     def finish(rows, final=False):
         meta["load_end"] = os.getloadavg()[0]
@@ -174,7 +180,7 @@ def _bench(a) -> int:
         paths = report.write(a.out, stem, meta, rows, fits, plot=final)
         return fits, paths
 
-    rows = runner.run(cases, providers, device, warmup=2 if a.quick else 3, reps=reps, budget_s=budget,
+    rows = runner.run(cases, providers, device, warmup=2 if subset else 3, reps=reps, budget_s=budget,
                       compile_mode=compile_mode, errors=not a.no_errors, time_limit=a.time_limit, on_case=finish,
                       rounds=rounds)
     fits, paths = finish(rows, final=True)
@@ -206,7 +212,7 @@ ROOFLINE_BUDGET_S = 25.0  # profiling every case of a sweep would double the GPU
 
 def _print_roofline(cases, sm_count: int):
     """Per-launch achieved rates of the fused path (profiled kernel times) against the roofline of its counts; the
-    issue-8 heads first, no new case after ROOFLINE_BUDGET_S seconds."""
+    deepfake, speaker and face heads first, no new case after ROOFLINE_BUDGET_S seconds."""
     from . import runner
     from .roofline import measure_kernels, roofline_lines, step_of
     key = {(65536, 1024, 2), (256, 192, 5994), (1024, 512, 1_000_000)}
@@ -248,6 +254,25 @@ def cmd_list(a) -> int:
 
 
 def main(argv=None) -> int:
+    """Run one command; returns the exit status. A bad argument is one line on stderr and status 2 (argparse's own
+    errors and UsageError alike); a reader that closes the pipe (`| head`) ends the run quietly."""
+    try:
+        status = _main(argv)
+        sys.stdout.flush()  # piped output is buffered: a reader that went away shows up here
+        return status
+    except UsageError as exc:
+        print(f"deepfense-losses: error: {exc}", file=sys.stderr)
+        return 2
+    except BrokenPipeError:
+        # Python's documented recipe: point stdout at devnull so the flush at exit does not raise again
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+    except KeyboardInterrupt:
+        print("deepfense-losses: interrupted", file=sys.stderr)
+        return 130
+
+
+def _main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["deepfense"]:  # every argument after it is DeepFense's
         from ..losses.integrations.deepfense import run_deepfense

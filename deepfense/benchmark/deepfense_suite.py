@@ -27,12 +27,11 @@ DIMS = (160, 1024)
 CLASS_WEIGHTS = [0.3, 0.7]  # a deepfake head's bonafide / spoof weighting (DeepFense's AMSoftmax default is 0.5, 0.5)
 
 
-def cells(quick: bool = False):
-    """(loss, class_weights, checks, B, D) of every cell; `quick`: B 8 and 256, D 160 only."""
-    batches, dims = ((8, 256), (160,)) if quick else (BATCHES, DIMS)
+def cells():
+    """(loss, class_weights, checks, B, D) of every cell."""
     return [(loss, cw, checks, b, d) for loss in LOSSES for cw in ((False, True) if loss in WITH_CLASS_WEIGHTS
                                                                      else (False,))
-            for checks in ("default", "off") for d in dims for b in batches]
+            for checks in ("default", "off") for d in DIMS for b in BATCHES]
 
 
 def _pair(loss: str, cw: bool, checks: str, D: int):
@@ -94,14 +93,14 @@ def measure_cell(loss: str, cw: bool, checks: str, B: int, D: int, rounds: int, 
                 steps=len(times["ours"]))
 
 
-def run(threads: int | None, quick: bool = False, rounds: int = 20, budget_s: float = 0.6, log=print) -> dict:
+def run(threads: int | None, rounds: int = 20, budget_s: float = 0.6, log=print) -> dict:
     """Every cell at `threads` torch threads (None: torch's default), as a report dict."""
     saved = torch.get_num_threads()
     if threads:
         torch.set_num_threads(threads)
     rows = []
     try:
-        todo = cells(quick)
+        todo = cells()
         for i, cell in enumerate(todo):
             rows.append(measure_cell(*cell, rounds=rounds, budget_s=budget_s))
             r = rows[-1]
@@ -140,7 +139,7 @@ def markdown(report: dict) -> str:
     return "\n".join(lines)
 
 
-def main(out_dir: str, threads_list, quick: bool = False, log=print) -> int:
+def main(out_dir: str, threads_list, log=print) -> int:
     """Run the suite at each thread setting, print the tables and write JSON + markdown under `out_dir`."""
     from . import runner
     from .upstream import loss_classes
@@ -151,14 +150,14 @@ def main(out_dir: str, threads_list, quick: bool = False, log=print) -> int:
     report = {"device_name": runner.device_name("cpu"), "versions": runner.versions(), "cpus": os.cpu_count(),
               "load_start": os.getloadavg()[0], "tables": []}
     for threads in threads_list:
-        report["tables"].append(run(threads, quick, log=log))
+        report["tables"].append(run(threads, log=log))
     report["load_end"] = os.getloadavg()[0]
     text = (f"# DeepFense suite on {report['device_name']} ({report['cpus']} CPUs)\n\n"
             f"Versions: {report['versions']}; load average {report['load_start']:.2f} at start, "
             f"{report['load_end']:.2f} at end.\n\n" + markdown(report))
     print(text)
     os.makedirs(out_dir, exist_ok=True)
-    stem = os.path.join(out_dir, runner.file_stem(report["device_name"], quick) + "_deepfense-suite")
+    stem = os.path.join(out_dir, runner.file_stem(report["device_name"], "deepfense-suite"))
     with open(stem + ".json", "w") as f:
         json.dump(report, f, indent=1)
     with open(stem + ".md", "w") as f:

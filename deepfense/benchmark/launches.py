@@ -70,7 +70,7 @@ def _plan_args(step: Step, sm_count: int) -> dict:
                 x_dtype=dt, w_dtype=dt, n_sm=sm_count, need_dx=True, need_dw=True, uniform_grad=True, gpu=True)
 
 
-# Representative training steps (issue 8): deepfake, speaker and face heads, and a large head at D = 1024 (where fp32
+# Representative training steps: deepfake, speaker and face heads, and a large head at D = 1024 (where fp32
 # splits the feature chunk in halves), each loss (ArcFace: CombinedMargin's kernels), bf16 and fp32.
 def representative_steps(dtypes=("bf16", "fp32")) -> List[Step]:
     shapes = {"deepfake": (65536, 1024, 2), "speaker": (256, 192, 5994), "face": (1024, 512, 1_000_000),

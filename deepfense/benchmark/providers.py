@@ -142,7 +142,7 @@ def _upstream(case):
 
 def _upstream_absent(case, device):
     from . import upstream
-    return None if upstream.loss_classes() else "not found (set DEEPFENSE_UPSTREAM, see README)"
+    return None if upstream.loss_classes() else "not found (set DEEPFENSE_UPSTREAM, see docs/deepfense.md)"
 
 
 PROVIDERS = [

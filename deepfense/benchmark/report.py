@@ -7,10 +7,10 @@ import math
 import os
 from collections import defaultdict
 
-from .cases import ISSUE2
+from .cases import REFERENCE_SHAPES
 
-# DeepFense 0.2.2's own modules, fwd+bwd ms on the project's 2-core CPU, as quoted in issue 2 (not measured here).
-DEEPFENSE_022_CPU_MS = {ISSUE2[0]: 1.2, ISSUE2[1]: 8.8, ISSUE2[2]: 47.0, ISSUE2[3]: 2.3}
+# DeepFense 0.2.2's own modules, fwd+bwd ms, measured once on a 2-core CPU (quoted, not rerun here)
+DEEPFENSE_022_CPU_MS = dict(zip(REFERENCE_SHAPES, (1.2, 8.8, 47.0, 2.3)))
 
 COLUMNS = ["loss", "B", "D", "C", "dtype", "provider", "fwd ms", "fwd+bwd ms", "peak extra MB", "achieved",
            "% of ceiling", "x eager", "x compile", "loss err", "grad err"]
@@ -130,12 +130,12 @@ def scaling_table(fits: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def issue2_table(rows: list[dict], device: str) -> str:
-    """Issue 2's comparison shapes: the deepfense providers against eager and compile, plus (CPU) the quoted
-    DeepFense 0.2.2 times."""
+def reference_table(rows: list[dict], device: str) -> str:
+    """The reference shapes: the deepfense providers against eager and compile, plus (CPU) the quoted DeepFense 0.2.2
+    times."""
     quoted = device == "cpu"
     lines = ["| loss | B | D | C | provider | fwd+bwd ms | x eager | x compile |"
-             + (" DeepFense 0.2.2 ms (issue 2, not this run) |" if quoted else ""),
+             + (" DeepFense 0.2.2 ms (quoted, not this run) |" if quoted else ""),
              "|" + "---|" * (9 if quoted else 8)]
     for r in rows:
         key = (r.get("loss"), r.get("B"), r.get("D"), r.get("C"))
@@ -183,9 +183,9 @@ def markdown(meta: dict, rows: list[dict], fits: list[dict]) -> str:
              "deepfense/benchmark/cases.py). Errors: max-norm relative error against the float64 reference "
              "(pml-sphereface against lam=0, gamma=0: the function it computes).",
              f"Absent providers: {absent_note(rows)}.", "", "## Scaling", "", scaling_table(fits)]
-    i2 = issue2_table(rows, meta["device"])
-    if i2:
-        parts += ["", "## Issue 2 comparison shapes (fwd+bwd)", "", i2]
+    ref = reference_table(rows, meta["device"])
+    if ref:
+        parts += ["", "## Reference shapes (fwd+bwd)", "", ref]
     vs = versus_table(rows)
     if vs:
         parts += ["", "## Against DeepFense 0.2.2's modules (fwd+bwd, same run)", "", vs]
@@ -204,33 +204,62 @@ def write(out_dir: str, stem: str, meta: dict, rows: list[dict], fits: list[dict
     return paths + ([png] if png else [])
 
 
+def _plot_panels(rows: list[dict]) -> list[tuple]:
+    """(loss, dim, {(provider, dtype, fixed shape text): [(x, ms), ...]}) for every panel that has a series of at
+    least two sizes: time against B (D, C fixed) and against C (B, D fixed), one panel per loss and dimension."""
+    panels = []
+    for dim, fixed in (("B", ("D", "C")), ("C", ("B", "D"))):
+        for loss in sorted({r["loss"] for r in rows if r["status"] == "ok"}):
+            series = defaultdict(list)
+            for r in rows:
+                if r["status"] == "ok" and r["loss"] == loss:
+                    shape = ", ".join(f"{k}={r[k]}" for k in fixed)
+                    series[(r["provider"], r["dtype"], shape)].append((r[dim], r["fwdbwd_ms"]))
+            kept = {k: sorted(v) for k, v in series.items() if len({x for x, _ in v}) >= 2}
+            if kept:
+                panels.append((loss, dim, kept))
+    return panels
+
+
 def plot_times(rows: list[dict], path: str, title: str) -> str | None:
-    """fwd+bwd time against B (top) and against C (bottom), one panel per loss, one line per provider/shape."""
+    """fwd+bwd time against B and against C, one panel per loss where the run has two sizes or more; providers by
+    colour and fixed shapes by line style, explained in one legend below the panels (none covers the data)."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        from matplotlib.lines import Line2D
+        from matplotlib.ticker import NullFormatter
     except Exception:  # matplotlib is optional
         return None
-    losses = sorted({r["loss"] for r in rows})
-    fig, axes = plt.subplots(2, len(losses), figsize=(4.5 * len(losses), 7), squeeze=False)
-    for col, loss in enumerate(losses):
-        for row, (dim, fixed) in enumerate((("B", ("D", "C")), ("C", ("B", "D")))):
-            ax = axes[row][col]
-            series = defaultdict(list)
-            for r in rows:
-                if r["status"] == "ok" and r["loss"] == loss:
-                    series[(r["provider"], r["dtype"]) + tuple(r[k] for k in fixed)].append((r[dim], r["fwdbwd_ms"]))
-            for key, pts in series.items():
-                if len({p[0] for p in pts}) >= 2:
-                    pts.sort()
-                    label = f"{key[0]} {key[1]} " + " ".join(f"{k}={v}" for k, v in zip(fixed, key[2:]))
-                    ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
-            ax.set(xscale="log", yscale="log", xlabel=dim, ylabel="fwd+bwd ms", title=f"{loss}: time vs {dim}")
-            if ax.lines:
-                ax.legend(fontsize=6)
+    panels = _plot_panels(rows)
+    if not panels:
+        return None
+    providers = sorted({k[0] for _, _, series in panels for k in series})
+    shapes = sorted({(dim, k[1], k[2]) for _, dim, series in panels for k in series})
+    colour = {p: f"C{i % 10}" for i, p in enumerate(providers)}
+    style = {s: ("-", "--", ":", "-.")[i % 4] for i, s in enumerate(shapes)}
+    handles = ([Line2D([], [], color=colour[p], marker="o", label=p) for p in providers]
+               + [Line2D([], [], color="0.35", linestyle=style[s], label=f"{s[1]}, {s[2]}") for s in shapes])
+    cols = min(3, len(panels))
+    grid = -(-len(panels) // cols)
+    legend_in = 0.22 * -(-len(handles) // 4) + 0.15  # inches below the panels for the legend's rows
+    height = 3.6 * grid + 0.4 + legend_in
+    fig, axes = plt.subplots(grid, cols, figsize=(4.6 * cols, height), squeeze=False)
+    for ax, (loss, dim, series) in zip(axes.flat, panels):
+        for (prov, dtype, shape), pts in series.items():
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", color=colour[prov],
+                    linestyle=style[(dim, dtype, shape)])
+        ax.set(xscale="log", yscale="log", xlabel=dim, ylabel="fwd+bwd ms", title=f"{loss}: time vs {dim}")
+        sizes = sorted({p[0] for pts in series.values() for p in pts})  # ticks at the measured sizes only
+        ax.set_xticks(sizes, [f"{x:,}" for x in sizes])
+        ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.grid(True, which="major", alpha=0.3)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.set_visible(False)
+    fig.legend(handles=handles, loc="lower center", ncol=4, fontsize=9, frameon=False)
     fig.suptitle(title)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, legend_in / height, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path

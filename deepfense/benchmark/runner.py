@@ -46,9 +46,10 @@ def versions() -> dict:
     return out
 
 
-def file_stem(name: str, quick: bool) -> str:
+def file_stem(name: str, sweep: str = "") -> str:
+    """'<device slug>_<date>[-<sweep>]', e.g. cpu-amd-epyc-2-cores_2026-12-07-full."""
     slug = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")[:48].strip("-")
-    return f"{slug}_{datetime.date.today().isoformat()}" + ("-quick" if quick else "")
+    return f"{slug}_{datetime.date.today().isoformat()}" + (f"-{sweep}" if sweep else "")
 
 
 def log(msg: str):

@@ -1,4 +1,5 @@
-"""Loss heads (AMSoftmax, ASoftmax, OCSoftmax, CrossEntropy), their multi-loss sum, and the config registry."""
+"""Loss heads (AMSoftmax, ASoftmax, OCSoftmax, CrossEntropy, ArcFace, CombinedMargin), the margin scheduler, their
+multi-loss sum, the config registry and toolkit checkpoint loading."""
 
 from .checks import (LossConfigError, MissingKeyError, UnknownKeyError, UnknownLossError, WrongTypeError)
 from .config import REQUIRED, build_loss, get_loss_class, list_losses, loss_signature, register_loss
