@@ -22,10 +22,12 @@ import torch.nn.functional as F
 from .params import LossParams, Margin
 from .torch_backend import one_class_coefficients, one_class_rows
 
-# Largest batch for which this path beats the Function, fwd+bwd, C = 2, D = 160 and 1024 (bench/plain_path.py prints
-# the crossover; seen on 2-core AMD EPYC and Intel Xeon machines with 1 and 2 threads: CrossEntropy's plain ops win
-# at every batch measured, OCSoftmax's up to B = 2048-4096).
-MAX_ROWS = {Margin.NONE: 1 << 16, Margin.ONE_CLASS: 2048}
+# Largest batch for which this path beats the Function, fwd+bwd, class weights on, C = 2, D = 160 and 1024
+# (`bench/plain_path.py` prints the ratio; measured on a 2-core AMD EPYC with 1 and 2 torch threads, see
+# docs/decisions.md): CrossEntropy's two fused ops win up to a few thousand rows, OCSoftmax's twenty up to a few
+# hundred. Near the limits the two paths are within noise of each other, so a machine whose BLAS differs shifts the
+# crossover without costing much on either side of it.
+MAX_ROWS = {Margin.NONE: 4096, Margin.ONE_CLASS: 256}
 MAX_CLASSES = 16  # heads this narrow: the [B, C] logits are no bigger than the [B] statistics
 # From B*D = 2^17 on, CrossEntropy's logits are computed as W X^T (an [C, B] product with the long D inside), whose
 # backward products are W^T G^T and G^T X: on 2 CPU cores (MKL) the [B, D] x [D, C] product behind `linear` and the
