@@ -115,7 +115,7 @@ def _margin_ce_fwd_kernel(
                      BLOCK_C=BLOCK_C, BLOCK_K=BLOCK_K)
 
 
-@_OPTIONAL_INPUTS
+@triton.heuristics({"HAS_CW": has("CW_ptr")})
 @jit_rows
 def _margin_ce_combine_kernel(
         T_ptr, CW_ptr, PART_ptr, STATS_ptr, RED_ptr,
