@@ -171,7 +171,8 @@ def _fused_grads(X_ptr, W_ptr, BIAS_ptr, CW_ptr, DX_ptr, DWP_ptr, pid, rows, row
                                          BLOCK_C=BLOCK_C, BLOCK_K=BLOCK_K)
     ssum = tl.sum(dcos * cos, 1)
     csum = tl.sum(dcos, 0) if MARGIN == MARGIN_NONE else tl.sum(dcos * cos, 0)  # d bias, or the dW cos term
-    DWP_ptr += pid * (D + 1) * C  # partials with C columns: their sum over programs is the contiguous [D + 1, C]
+    if FUSE_DW:  # partials with C columns: their sum over programs is the contiguous [D + 1, C]
+        DWP_ptr += pid * (D + 1) * C
     for k0 in range(0, D, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
         kmask = ks < D

@@ -1,8 +1,8 @@
-"""The small-head path (C <= 16 classes; the deepfake heads C = 1 and 2): launch plan, launchers, custom ops, loss.
+"""The small-head path (C <= plan.SMALL_C classes; the deepfake heads C = 1 and 2): launchers, custom ops, loss.
 
-Two launches per training step, kernels in `small_head_kernels` (its docstring gives the maths): the forward reads x
-once and saves O(B C) per-row backward coefficients; the backward reads x once, writes dX once and about 2 x SM-count
-fp32 dW partials [D (+1), C], summed here in program order (deterministic, no atomics).
+Two launches per training step, planned by `plan.plan_small`, kernels in `small_head_kernels` (its docstring gives the
+maths): the forward reads x once and saves O(B C) per-row backward coefficients; the backward reads x once, writes dX
+once and about 2 x SM-count fp32 dW partials [D (+1), C], summed here in program order (deterministic, no atomics).
 """
 
 from __future__ import annotations
