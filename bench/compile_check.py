@@ -307,7 +307,7 @@ def _planned(dtypes, sub_centers=(), small_heads=False, steps=True):
                     yield Variant(Step(loss, B, D, C, dtype), launch, sub=k)
         if small_heads:
             for C, loss in itertools.product(SMALL_CS, MARGINS):
-                if (loss == "OCSoftmax") == (C == 1):
+                if loss != "OCSoftmax" or C == 1:  # one centre
                     step = Step(loss, 65536, 1024, C, dtype)
                     for launch in step_launches(step):
                         yield Variant(step, launch, class_weights=True)

@@ -32,7 +32,7 @@ _OPTIONAL_INPUTS = triton.heuristics({"HAS_BIAS": has("BIAS_ptr"), "HAS_CW": has
 @jit_rows
 def _margin_ce_fwd_kernel(
         X_ptr, W_ptr, BIAS_ptr, T_ptr, CW_ptr, LAM_ptr, STATS_ptr, PART_ptr, DX_ptr, DWP_ptr, RED_ptr,
-        B, D, C, c_offset, n_total, tiles_per_split, reduce,
+        B, D, C, n_targets, c_offset, n_total, tiles_per_split, reduce,
         stride_x_row, stride_x_col, stride_w_d, stride_w_c, stride_dwp_d, stride_dwp_c,
         s, m, gamma, eps, ignore_index,
         MARGIN: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_CW: tl.constexpr, SPLIT: tl.constexpr,
@@ -47,8 +47,10 @@ def _margin_ce_fwd_kernel(
     [5, B] then the reduction's (`_reduce_rows`), None with SPLIT; PART [5, n_splits, B] with SPLIT, else None;
     DX [B, D] (contiguous) with FUSE_DX, else None; DWP [programs, D + 1, C] with FUSE_DW, else None; RED the
     reduced loss [] ('sum' / 'mean'; not written for reduce 0), None with SPLIT.
-    Sizes: B, D, C; c_offset, n_total: this weight's first class and all ranks' class count; tiles_per_split;
-    reduce (`common.REDUCE`). Strides: x's, w's (over D and over the columns) and DWP's. Scalars: the loss options.
+    Sizes: B, D, C; n_targets: C, unspecialised (`common.ROW_ARGS`: with C in its place the backward kernels'
+    registers moved by -3..+5 on sm_90); c_offset, n_total: this weight's first class and all ranks' class count;
+    tiles_per_split; reduce (`common.REDUCE`). Strides: x's, w's (over D and over the columns) and DWP's.
+    Scalars: the loss options.
     With FUSE_DX / FUSE_DW (the whole class dimension is one tile) it also writes the unit-gradient dX and this
     program's dW partial DWP[pid] (row D: d bias), so backward reads no x.
     With SPLIT (grid axis 1 splits the classes, `tiles_per_split` tiles each, for parallelism when rows are few) it
@@ -57,7 +59,7 @@ def _margin_ce_fwd_kernel(
     pid = tl.program_id(0).to(tl.int64)  # 64-bit offsets: rows * stride can pass 2^31
     rows = pid * BLOCK_B + tl.arange(0, BLOCK_B)
     row_mask = rows < B
-    t_safe, valid, row_w = _row_targets(T_ptr, CW_ptr, rows, row_mask, ignore_index, c_offset, C, n_total,
+    t_safe, valid, row_w = _row_targets(T_ptr, CW_ptr, rows, row_mask, ignore_index, c_offset, n_targets, n_total,
                                         HAS_CW=HAS_CW)
     lam = _load_lam(LAM_ptr, MARGIN=MARGIN, ACC_DTYPE=ACC_DTYPE)
     m_i = tl.full((BLOCK_B,), float("-inf"), ACC_DTYPE)
@@ -119,7 +121,7 @@ def _margin_ce_fwd_kernel(
 @jit_rows
 def _margin_ce_combine_kernel(
         T_ptr, CW_ptr, PART_ptr, STATS_ptr, RED_ptr,
-        B, C, c_offset, n_total, n_splits, n_part, reduce,
+        B, C, n_targets, c_offset, n_total, n_splits, n_part, reduce,
         gamma, eps, ignore_index,
         MARGIN: tl.constexpr, HAS_CW: tl.constexpr, ACC_DTYPE: tl.constexpr,
         BLOCK_B: tl.constexpr):
@@ -129,7 +131,8 @@ def _margin_ce_combine_kernel(
     pid = tl.program_id(0).to(tl.int64)
     rows = pid * BLOCK_B + tl.arange(0, BLOCK_B)
     row_mask = rows < B
-    _, valid, row_w = _row_targets(T_ptr, CW_ptr, rows, row_mask, ignore_index, c_offset, C, n_total, HAS_CW=HAS_CW)
+    _, valid, row_w = _row_targets(T_ptr, CW_ptr, rows, row_mask, ignore_index, c_offset, n_targets, n_total,
+                                   HAS_CW=HAS_CW)
     m_i = tl.full((BLOCK_B,), float("-inf"), ACC_DTYPE)
     l_i = tl.zeros((BLOCK_B,), ACC_DTYPE)
     tgt = tl.zeros((BLOCK_B,), ACC_DTYPE)
@@ -202,7 +205,7 @@ def _fused_grads(X_ptr, W_ptr, BIAS_ptr, CW_ptr, DX_ptr, DWP_ptr, pid, rows, row
 @jit_rows
 def _margin_ce_bwd_dx_kernel(
         X_ptr, W_ptr, BIAS_ptr, T_ptr, CW_ptr, LAM_ptr, STATS_ptr, G_ptr, DX_ptr,
-        B, D, C, c_offset, n_smooth, tiles_per_split,
+        B, D, C, n_targets, c_offset, n_smooth, tiles_per_split,
         stride_x_row, stride_x_col, stride_w_d, stride_w_c, stride_g, stride_dx_split, stride_dx_row,
         s, m, eps, ignore_index,
         MARGIN: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_CW: tl.constexpr, HAS_TAIL: tl.constexpr,
@@ -225,7 +228,8 @@ def _margin_ce_bwd_dx_kernel(
     row_mask = rows < B
     d0 = tl.program_id(0).to(tl.int64) * (BLOCK_DO + BLOCK_DT if HAS_TAIL else BLOCK_DO)
     ds = d0 + tl.arange(0, BLOCK_DO)
-    t_safe, valid, _ = _row_targets(T_ptr, CW_ptr, rows, row_mask, ignore_index, c_offset, C, C, HAS_CW=HAS_CW)
+    t_safe, valid, _ = _row_targets(T_ptr, CW_ptr, rows, row_mask, ignore_index, c_offset, n_targets, n_targets,
+                                    HAS_CW=HAS_CW)
     lam = _load_lam(LAM_ptr, MARGIN=MARGIN, ACC_DTYPE=ACC_DTYPE)
     lse = tl.load(STATS_ptr + STAT_LSE * B + rows, mask=row_mask, other=0.0)
     coef_p = tl.load(STATS_ptr + STAT_COEF_P * B + rows, mask=row_mask, other=0.0)
@@ -319,7 +323,7 @@ def _dx_store(X_ptr, DX_ptr, acc, rows, row_mask, ds, rx, ssum, xsum, D, stride_
 @jit_rows
 def _margin_ce_bwd_dw_kernel(
         X_ptr, W_ptr, BIAS_ptr, T_ptr, CW_ptr, LAM_ptr, STATS_ptr, G_ptr, DW_ptr, DB_ptr,
-        B, D, C, c_offset, n_smooth, tiles_per_split,
+        B, D, C, n_targets, c_offset, n_smooth, tiles_per_split,
         stride_x_row, stride_x_col, stride_w_d, stride_w_c, stride_g, stride_dw_split, stride_dw_d, stride_dw_c,
         s, m, eps, ignore_index,
         MARGIN: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_CW: tl.constexpr, HAS_TAIL: tl.constexpr,
@@ -352,7 +356,8 @@ def _margin_ce_bwd_dw_kernel(
     for r0 in range(r_begin, tl.minimum(B, r_begin + tiles_per_split * BLOCK_B), BLOCK_B):
         rows = r0 + tl.arange(0, BLOCK_B).to(tl.int64)
         row_mask = rows < B
-        t_safe, valid, _ = _row_targets(T_ptr, CW_ptr, rows, row_mask, ignore_index, c_offset, C, C, HAS_CW=HAS_CW)
+        t_safe, valid, _ = _row_targets(T_ptr, CW_ptr, rows, row_mask, ignore_index, c_offset, n_targets, n_targets,
+                                        HAS_CW=HAS_CW)
         lse = tl.load(STATS_ptr + STAT_LSE * B + rows, mask=row_mask, other=0.0)
         coef_p = tl.load(STATS_ptr + STAT_COEF_P * B + rows, mask=row_mask, other=0.0)
         coef_t = tl.load(STATS_ptr + STAT_COEF_T * B + rows, mask=row_mask, other=0.0)

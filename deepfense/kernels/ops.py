@@ -63,8 +63,9 @@ def margin_ce_fwd(x: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor]
                   ints: List[int], fuse_dx: bool, fuse_dw: bool) -> List[torch.Tensor]:
     """Forward launcher.
 
-    Args: x [B, D], w [D, C] or (`op_params` classes_first) [C, D], any strides; bias [C], targets [B] int,
-    class_weights [C] ([2] OCSoftmax), lam [1].
+    Args: x [B, D], w [D, C * K] or (classes_first) [C, D], any strides; bias [C], targets [B] int, class_weights
+    [C], lam (`kernel_lam`), each optional tensor None when absent; floats, ints: the options
+    (`common.OpScalars.to_lists`; every loss but OCSoftmax, which runs on the small-head kernels).
     Returns [loss, workspace] or with fuse_dx / fuse_dw [loss, workspace, unit gradients]: the loss ('mean' / 'sum':
     [], 'none': [B]; fp32, fp64 for fp64 inputs), the workspace (STATS [5, B] first, `reduce_rows.ws_size`), the
     unit-gradient dX [B, D] then dW in the weight's layout ([D, C] or [C, D]) and d bias [C], flat fp32, times the
@@ -89,7 +90,8 @@ def margin_ce_fwd(x: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor]
     part = torch.empty(N_STATS, n_splits, B, dtype=acc, device=x.device) if n_splits > 1 else None
     K._margin_ce_fwd_kernel[fwd.grid](
         **inputs, STATS_ptr=ws, PART_ptr=part, DX_ptr=grads if n_dx else None, DWP_ptr=dwp, RED_ptr=loss,
-        B=B, D=D, C=C, c_offset=sc.c_offset, n_total=sc.n_classes, tiles_per_split=fwd.meta["tiles_per_split"],
+        B=B, D=D, C=C, n_targets=C, c_offset=sc.c_offset, n_total=sc.n_classes,
+        tiles_per_split=fwd.meta["tiles_per_split"],
         reduce=sc.reduce, stride_x_row=x.stride(0), stride_x_col=x.stride(1), stride_w_d=sw_d, stride_w_c=sw_c,
         stride_dwp_d=1 if sc.classes_first else C, stride_dwp_c=D if sc.classes_first else 1,
         s=sc.s, m=sc.m, gamma=sc.gamma, eps=sc.eps, ignore_index=sc.ignore_index,
@@ -98,7 +100,8 @@ def margin_ce_fwd(x: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor]
         comb = P.launch(launches, "_margin_ce_combine_kernel")
         K._margin_ce_combine_kernel[comb.grid](
             T_ptr=targets, CW_ptr=class_weights, PART_ptr=part, STATS_ptr=ws, RED_ptr=loss,
-            B=B, C=C, c_offset=sc.c_offset, n_total=sc.n_classes, n_splits=n_splits, n_part=n_splits * B,
+            B=B, C=C, n_targets=C, c_offset=sc.c_offset, n_total=sc.n_classes, n_splits=n_splits,
+            n_part=n_splits * B,
             reduce=sc.reduce, gamma=sc.gamma, eps=sc.eps, ignore_index=sc.ignore_index,
             MARGIN=sc.margin, ACC_DTYPE=meta["ACC_DTYPE"], **P.constexprs(comb))
     if partials and n_dx:
@@ -149,7 +152,8 @@ def margin_ce_bwd(x: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor]
     db = torch.empty(C, dtype=acc, device=x.device) if one_dw and bias is not None else None
     if B == 0:  # nothing to launch: the gradients of an empty batch are zero
         return [t.zero_() for t in (dx, dw, db) if t is not None]
-    common = dict(inputs, STATS_ptr=stats, G_ptr=grad, B=B, D=D, C=C, c_offset=sc.c_offset, n_smooth=sc.n_classes,
+    common = dict(inputs, STATS_ptr=stats, G_ptr=grad, B=B, D=D, C=C, n_targets=C, c_offset=sc.c_offset,
+                  n_smooth=sc.n_classes,
                   stride_x_row=x.stride(0), stride_x_col=x.stride(1), stride_w_d=sw_d, stride_w_c=sw_c,
                   stride_g=grad.stride(0) if grad.dim() else 0, s=sc.s, m=sc.m, eps=sc.eps,
                   ignore_index=sc.ignore_index, **meta)
@@ -314,7 +318,7 @@ def partial_row_stats(x, w, bias, targets, class_weights, lam, floats: List[floa
     if B > 0:  # one split over all this weight's classes: the ranks' partials are merged by the caller
         K._margin_ce_fwd_kernel[(fwd.grid[0], 1)](
             **inputs, STATS_ptr=None, PART_ptr=part, DX_ptr=None, DWP_ptr=None, RED_ptr=None,
-            B=B, D=D, C=C, c_offset=sc.c_offset, n_total=sc.n_classes,
+            B=B, D=D, C=C, n_targets=C, c_offset=sc.c_offset, n_total=sc.n_classes,
             tiles_per_split=triton.cdiv(C, fwd.meta["BLOCK_C"]), reduce=0,
             stride_x_row=x.stride(0), stride_x_col=x.stride(1), stride_w_d=sw_d, stride_w_c=sw_c,
             stride_dwp_d=0, stride_dwp_c=0, s=sc.s, m=sc.m, gamma=sc.gamma, eps=sc.eps, ignore_index=sc.ignore_index,

@@ -163,6 +163,8 @@ def _small_head_bwd_kernel(
     col_mask = cols < C
     ks = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
     kmask = ks < D
+    if NEED_DW:  # PART is None without it
+        part = PART_ptr + pid.to(tl.int64) * (D + 1 if HAS_BIAS else D) * C
     g_all = tl.zeros((), ACC_DTYPE)
     if REDUCED:  # one upstream gradient for every row, times the reduction's scale: loaded once
         g_all = tl.load(G_ptr).to(ACC_DTYPE) * tl.load(WS_ptr + WS_SCALE)
@@ -208,7 +210,6 @@ def _small_head_bwd_kernel(
             if HAS_BIAS:
                 db += tl.sum(a, 1)
     if NEED_DW:
-        part = PART_ptr + pid.to(tl.int64) * (D + 1 if HAS_BIAS else D) * C
         if HAS_XCOEF:
             p_acc -= w * q[:, None]
         tl.store(part + ks[None, :] * stride_p_d + cols[:, None] * stride_p_c, p_acc.to(PART_ptr.dtype.element_ty),
