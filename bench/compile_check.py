@@ -12,8 +12,11 @@ Occupancy on the target (sm_90: 65,536 registers, 228 KB shared memory, 64 warps
 registers per warp in units of 256, and shared memory = static + Triton's dynamic (compiled metadata) + the 1 KB the
 driver reserves per CTA. Any spill, any disagreement between the readers, or any compile failure fails the run.
 
-Run: `python bench/compile_check.py [--arch 90] [--only TEXT] [--dtypes bf16,fp32]`; exit status 2 when a variant
-does not compile, 1 when one spills (or the readers disagree), else 0. `--self-test` compiles two probe kernels.
+Run: `python bench/compile_check.py [--arch 90] [--only TEXT] [--dtypes bf16,fp32] [--sub-centers K ...]
+[--small-heads] [--no-steps]`: --sub-centers adds the speaker and face heads' AMSoftmax and ArcFace launches with K
+sub-centres per class; --small-heads every loss's small-head launches at C = 1, 2, 3, 8, 16 with class weights, which
+also fail above 128 registers. Exit status 2 when a variant does not compile, 1 when one spills (or the readers
+disagree, or a small-head kernel passes its registers), else 0. `--self-test` compiles two probe kernels.
 Needs TRITON_INTERPRET unset (it re-execs itself without it).
 """
 
@@ -22,6 +25,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
+import itertools
 import math
 import os
 import re
@@ -36,15 +40,18 @@ if __name__ == "__main__" and os.environ.get("TRITON_INTERPRET") == "1":
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     sys.exit(subprocess.call([sys.executable, *sys.argv], env=env))
 
+import torch  # noqa: E402
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 from triton.backends.compiler import BaseBackend, GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from deepfense.benchmark.launches import (Step, representative_steps, small_head_launches,  # noqa: E402
-                                          step_launches)
-from deepfense.kernels import margin_ce  # noqa: E402
+from deepfense.benchmark.launches import H200_SMS, MARGINS, Step, representative_steps, step_launches  # noqa: E402
+from deepfense.kernels import margin_ce, small_head_kernels  # noqa: E402
+from deepfense.kernels import plan as P  # noqa: E402
+from deepfense.kernels.plan import FP32_PRECISION  # noqa: E402
+from deepfense.params import Margin  # noqa: E402
 
 try:
     from triton._C.libtriton import native_specialize_impl  # noqa: E402
@@ -53,6 +60,7 @@ except ImportError:  # older triton: no specialisation hints (the compile is sti
 
 TOOLS = os.path.join(os.path.dirname(triton.backends.nvidia.__file__), "bin")
 TL_DTYPES = {"bf16": tl.bfloat16, "fp16": tl.float16, "fp32": tl.float32, "fp64": tl.float64}
+TORCH_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 FLOATS = {"s", "m", "gamma", "m_real", "m_fake", "alpha", "eps"}
 ACC_POINTERS = {"STATS_ptr", "PART_ptr", "DWP_ptr", "RED_ptr", "G_ptr", "BIAS_ptr", "CW_ptr", "LAM_ptr", "DB_ptr",
                 "LOSS_ptr", "ROWW_ptr", "SAVED_ptr", "WS_ptr"}
@@ -186,18 +194,38 @@ def _rerun_ptxas(ptx: str, arch: int) -> str:
 
 # ---- the planned variants ------------------------------------------------------------------------------------------
 
-def _arg_values(step: Step) -> dict:
-    """Sample runtime values of the kernels' integer arguments for `step` on contiguous tensors (x [B, D]; W [D, C],
+# --sub-centers: the speaker and face heads (B, D, classes; the weight has classes * K columns), AMSoftmax and ArcFace
+SUB_SHAPES = {"speaker": (256, 192, 5994), "face": (1024, 512, 1_000_000)}
+SUB_LOSSES = ("AMSoftmax", "ArcFace")
+# --small-heads: every loss at these class counts (OCSoftmax: 1), B = 65536, D = 1024, with class weights
+SMALL_CS = (1, 2, 3, 8, 16)
+SMALL_MAX_REGS = 128  # the small-head kernels' register ceiling: 25% occupancy at 4 warps (`plan.plan_small`)
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One planned launch to compile: its step, the launch (kernel, constexpr meta, warps, stages), the sub-centre
+    count and whether class weights are given."""
+
+    step: Step
+    launch: object
+    sub: int = 1
+    class_weights: bool = False
+
+
+def _arg_values(step: Step, sub: int = 1) -> dict:
+    """Sample runtime values of the kernels' integer arguments for `step` on contiguous tensors (x [B, D]; W [D, C*K],
     CrossEntropy's fc.weight [C, D] seen transposed), so Triton's divisibility / ==1 specialisation matches a launch."""
     B, D, C = step.B, step.D, (1 if step.loss == "OCSoftmax" else step.C)
-    w_d, w_c = (1, D) if step.loss == "CrossEntropy" else (C, 1)
+    w_d, w_c = (1, D) if step.loss == "CrossEntropy" else (C * sub, 1)
     return dict(B=B, D=D, C=C, stride_x_row=D, stride_x_col=1, stride_w_d=w_d, stride_w_c=w_c, stride_g=0,
                 stride_dw_d=w_d, stride_dw_c=w_c, stride_dwp_d=w_d, stride_dwp_c=w_c, stride_dx_split=B * D,
                 stride_dx_row=D, stride_p_d=w_d, stride_p_c=w_c)
 
 
 def _signature(kernel, constexprs: dict, dtype: str, values: dict):
-    """Triton signature and specialisation attributes of `kernel` for inputs of `dtype`."""
+    """Triton signature and specialisation attributes of jit function `kernel` for inputs of `dtype`; a pointer
+    given as a None constexpr is an absent tensor, as a launch passes it."""
     sig, attrs = {}, {}
     skip = {p.name for p in getattr(kernel, "params", ()) if getattr(p, "do_not_specialize", False)}
     for i, name in enumerate(kernel.arg_names):
@@ -223,48 +251,88 @@ def _signature(kernel, constexprs: dict, dtype: str, values: dict):
     return sig, attrs, constexprs
 
 
-def _constexprs(meta: dict, kernel, step: Step) -> dict:
-    """The launch's constexprs; those a plan leaves to the launcher (the loss, flags, dtypes) from the step."""
-    from deepfense.benchmark.launches import MARGINS
-    from deepfense.kernels.ops import FP32_PRECISION
-    step_meta = dict(MARGIN=int(MARGINS[step.loss]), HAS_BIAS=step.has_bias, HAS_CW=False,
-                     DOT_DTYPE=step.dtype, ACC_DTYPE="fp32",
-                     PRECISION=FP32_PRECISION if step.dtype == "fp32" else "ieee", NEED_DX=True, NEED_DW=True,
-                     HAS_XCOEF=step.loss != "CrossEntropy", REDUCED=True,  # small head, 'mean'
-                     SUB=1)  # the representative steps have no sub-centres
-    out = {}
-    for p in kernel.params:
-        if not p.is_constexpr:
-            continue
-        if p.name not in meta and p.name not in step_meta:
-            raise KeyError(f"{kernel.__name__}: constexpr {p.name} is neither in the plan's meta nor a step default")
-        v = meta.get(p.name, step_meta.get(p.name))
-        out[p.name] = TL_DTYPES.get(v, v) if p.name.endswith("_DTYPE") else v
+def _absent(v: Variant) -> set:
+    """The pointers a launch of `v` passes as None: optional inputs the step does not have, and the outputs its plan's
+    flags leave unwritten (as the launchers in deepfense/kernels/ops.py and small_head.py pass them)."""
+    meta, margin = v.launch.meta, MARGINS[v.step.loss]
+    out = set() if v.class_weights else {"CW_ptr"}
+    if not v.step.has_bias:
+        out.add("BIAS_ptr")
+    if margin not in (Margin.ANGULAR, Margin.COMBINED):
+        out.add("LAM_ptr")
+    if v.launch.kernel == "_margin_ce_fwd_kernel":
+        out |= {name for name, flag in (("PART_ptr", "SPLIT"), ("DX_ptr", "FUSE_DX"), ("DWP_ptr", "FUSE_DW"))
+                if not meta[flag]}
+    if v.launch.kernel == "_small_head_fwd_kernel":
+        out.add("ROWW_ptr")  # reduction 'mean': the workspace instead of row weights
     return out
 
 
-def variants(dtypes=("bf16", "fp32")):
-    """Unique (label, kernel, constexprs, dtype, num_warps, num_stages, values, steps) over the representative steps'
-    planned launches."""
+def _constexprs(v: Variant, kernel) -> dict:
+    """The launch's constexprs: the plan's meta, None for the absent pointers, the flags `triton.heuristics` derives
+    from them, and those a launcher sets from the step (the loss, dtypes, precision, sub-centres)."""
+    step, jit = v.step, getattr(kernel, "fn", kernel)
+    absent = _absent(v) & set(jit.arg_names)
+    pointers = {name: (None if name in absent else "given") for name in jit.arg_names if name.endswith("_ptr")}
+    derived = {flag: rule(pointers) for flag, rule in getattr(kernel, "values", {}).items()}
+    step_meta = dict(MARGIN=int(MARGINS[step.loss]), DOT_DTYPE=step.dtype, ACC_DTYPE="fp32",
+                     PRECISION=FP32_PRECISION if step.dtype == "fp32" else "ieee", SUB=v.sub,
+                     HAS_XCOEF=step.loss != "CrossEntropy", HAS_BIAS=step.has_bias)
+    out = {name: None for name in absent}
+    for p in jit.params:
+        if not p.is_constexpr:
+            continue
+        if p.name in derived:
+            out[p.name] = derived[p.name]
+        elif p.name in v.launch.meta or p.name in step_meta:
+            value = v.launch.meta.get(p.name, step_meta.get(p.name))
+            out[p.name] = TL_DTYPES.get(value, value) if p.name.endswith("_DTYPE") else value
+        else:
+            raise KeyError(f"{jit.__name__}: constexpr {p.name} is neither in the plan's meta nor a step default")
+    return out
+
+
+def _planned(dtypes, sub_centers=(), small_heads=False, steps=True):
+    """Every Variant to compile: the representative steps' launches, the sub-centre heads' (K in sub_centers) and
+    the small-head grid's."""
+    if steps:
+        for step in representative_steps(dtypes):
+            for launch in step_launches(step):
+                yield Variant(step, launch)
+    for dtype in dtypes:
+        for (B, D, C), loss, k in itertools.product(SUB_SHAPES.values(), SUB_LOSSES, sub_centers):
+            torch_dtype = TORCH_DTYPES[dtype]
+            for launch in P.plan(MARGINS[loss], B, D, C, torch_dtype, torch_dtype, n_sm=H200_SMS, gpu=True, sub=k):
+                if launch.kernel != "_margin_ce_combine_kernel":  # the combine kernel has no sub-centre code
+                    yield Variant(Step(loss, B, D, C, dtype), launch, sub=k)
+        if small_heads:
+            for C, loss in itertools.product(SMALL_CS, MARGINS):
+                if loss != "OCSoftmax" or C == 1:  # one centre
+                    step = Step(loss, 65536, 1024, C, dtype)
+                    for launch in step_launches(step):
+                        yield Variant(step, launch, class_weights=True)
+
+
+def variants(dtypes=("bf16", "fp32"), sub_centers=(), small_heads=False, steps=True):
+    """Unique (label, kernel, constexprs, dtype, num_warps, num_stages, values, steps, max_regs) over the planned
+    launches (`_planned`)."""
     seen = {}
-    for step in representative_steps(dtypes):
-        planned = step_launches(step)
-        kernels = {launch.kernel for launch in planned}  # once the plan routes small heads, they are in it already
-        for launch in planned + [x for x in small_head_launches(step) if x.kernel not in kernels]:
-            kernel = getattr(margin_ce, launch.kernel, None)
-            if kernel is None:
-                from deepfense.kernels import small_head  # s8's small-head kernels
-                kernel = getattr(small_head, launch.kernel)
-            const = _constexprs(launch.meta, kernel, step)
-            values = _arg_values(step)
-            key = (launch.kernel, tuple(sorted((k, str(v)) for k, v in const.items())), step.dtype, launch.num_warps,
-                   launch.num_stages, tuple(sorted((k, _spec(v)) for k, v in values.items())))
-            if key not in seen:
-                short = launch.kernel.replace("_margin_ce_", "").replace("_kernel", "").strip("_")
-                short = short.replace("small_head_", "small-")
-                label = f"{short}-{step.loss}-{step.dtype}-{launch.num_warps}w"
-                seen[key] = [label, kernel, const, step.dtype, launch.num_warps, launch.num_stages, values, []]
-            seen[key][7].append(f"{step.loss} {step.B}x{step.D}x{step.C}")
+    for v in _planned(dtypes, sub_centers, small_heads, steps):
+        launch, step = v.launch, v.step
+        kernel = getattr(margin_ce, launch.kernel, None) or getattr(small_head_kernels, launch.kernel)
+        const = _constexprs(v, kernel)
+        values = _arg_values(step, v.sub)
+        key = (launch.kernel, tuple(sorted((k, str(x)) for k, x in const.items())), step.dtype, launch.num_warps,
+               launch.num_stages, tuple(sorted((k, _spec(x)) for k, x in values.items())))
+        if key not in seen:
+            short = launch.kernel.replace("_margin_ce_", "").replace("_kernel", "").strip("_")
+            small = short.startswith("small_head_")
+            short = short.replace("small_head_", "small-")
+            extra = f"-K{v.sub}" if v.sub > 1 else f"-C{step.C}" if small and step.C != 2 else ""
+            label = f"{short}-{step.loss}-{step.dtype}{extra}-{launch.num_warps}w"
+            seen[key] = [label, getattr(kernel, "fn", kernel), const, step.dtype, launch.num_warps,
+                         launch.num_stages, values, [], SMALL_MAX_REGS if small else None]
+        seen[key][7].append(f"{step.loss} {step.B}x{step.D}x{step.C}" + (f" K={v.sub}" if v.sub > 1 else ""))
     labels = {}
     for v in seen.values():  # the same kernel/loss/dtype with other tiles: number them
         n = labels.setdefault(v[0], 0)
@@ -319,17 +387,26 @@ def main(argv=None) -> int:
     ap.add_argument("--arch", type=int, default=90, help="compute capability x10 (90: H100/H200)")
     ap.add_argument("--only", default="", help="substring filter on the variant labels")
     ap.add_argument("--dtypes", default="bf16,fp32", help="comma list of input dtypes (bf16, fp16, fp32)")
+    ap.add_argument("--sub-centers", type=int, nargs="*", default=[], metavar="K",
+                    help="also the speaker and face heads' AMSoftmax / ArcFace launches with K > 1 sub-centres")
+    ap.add_argument("--small-heads", action="store_true",
+                    help=f"also every loss's small-head launches at C in {SMALL_CS} with class weights "
+                         f"(more than {SMALL_MAX_REGS} registers fails)")
+    ap.add_argument("--no-steps", action="store_true", help="skip the representative steps (with the options above)")
     ap.add_argument("--self-test", action="store_true", help="only compile the two probe kernels (known answers)")
     args = ap.parse_args(argv)
     if args.self_test:
         return self_test(args.arch)
+    if any(k < 2 for k in args.sub_centers):
+        ap.error(f"--sub-centers takes counts K > 1, got {args.sub_centers}")
     target = GPUTarget("cuda", args.arch, 32)
     failures = broken = 0
     print(f"triton {triton.__version__}, target sm_{args.arch}; registers/spills read from ptxas -v, cuobjdump "
           f"and the SASS of each compiled variant")
-    print(f"{'':5s} {'variant':34s} {'regs':>4s} {'spill st/ld B':>13s} {'stack':>6s} {'STL/LDL':>9s} "
+    print(f"{'':5s} {'variant':38s} {'regs':>4s} {'spill st/ld B':>13s} {'stack':>6s} {'STL/LDL':>9s} "
           f"{'smem KB':>7s} {'CTAs':>4s} {'occup':>6s} {'limit':9s} {'s':>5s}  used by")
-    for label, kernel, const, dtype, warps, stages, values, steps in variants(tuple(args.dtypes.split(","))):
+    for label, kernel, const, dtype, warps, stages, values, steps, max_regs in variants(
+            tuple(args.dtypes.split(",")), tuple(args.sub_centers), args.small_heads, not args.no_steps):
         if args.only not in label:
             continue
         t0 = time.perf_counter()
@@ -340,18 +417,21 @@ def main(argv=None) -> int:
         except Exception as exc:  # report every variant, then fail
             broken += 1
             msg = str(exc).strip().splitlines()
-            print(f"FAIL  {label:34s} {type(exc).__name__}: {' | '.join(msg[-3:])[:400]}", flush=True)
+            print(f"FAIL  {label:38s} {type(exc).__name__}: {' | '.join(msg[-3:])[:400]}", flush=True)
             continue
         ctas, occ, limiter = occupancy(u.regs, warps, u.shared)
-        bad = u.spills or not u.agree
+        too_many = max_regs is not None and u.regs > max_regs
+        bad = u.spills or not u.agree or too_many
         failures += bad
-        status = "DIFF" if not u.agree else "SPILL" if u.spills else "ok*" if u.stack else "ok"
-        print(f"{status:5s} {label:34s} {u.regs:4d} {u.spill_stores:6d}/{u.spill_loads:<6d} {u.stack:6d} "
+        status = ("DIFF" if not u.agree else "SPILL" if u.spills else "REGS" if too_many else "ok*" if u.stack
+                  else "ok")
+        print(f"{status:5s} {label:38s} {u.regs:4d} {u.spill_stores:6d}/{u.spill_loads:<6d} {u.stack:6d} "
               f"{u.stl:4d}/{u.ldl:<4d} {u.shared / 1024:7.1f} {ctas:4d} {occ:6.1%} {limiter:9s} "
               f"{time.perf_counter() - t0:5.1f}  {'; '.join(steps[:3])}{' ...' if len(steps) > 3 else ''}",
               flush=True)
-    print("ok*: a stack frame without spills (local memory that is not a register spill); DIFF: the readers disagree")
-    print(f"{broken} failed to compile, {failures} spilled or the readers disagreed")
+    print("ok*: a stack frame without spills (local memory that is not a register spill); DIFF: the readers disagree; "
+          f"REGS: a small-head kernel above {SMALL_MAX_REGS} registers")
+    print(f"{broken} failed to compile, {failures} spilled, went over their registers or the readers disagreed")
     return 2 if broken else 1 if failures else 0
 
 

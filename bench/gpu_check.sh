@@ -71,8 +71,8 @@ for mod in ("triton", "pytorch_metric_learning", "liger_kernel", "cut_cross_entr
         print(mod, getattr(m, "__version__", "installed"))
     except Exception as exc:
         print(mod, "absent:", type(exc).__name__)
-from deepfense.kernels import ops
-print("fp32 dot precision", ops.FP32_PRECISION)
+from deepfense.kernels import plan
+print("fp32 dot precision", plan.FP32_PRECISION)
 EOF
     git log -1 --format="commit %H %s" 2>/dev/null
 } > "$OUT/env.txt" 2>&1

@@ -35,7 +35,7 @@ import torch  # noqa: E402
 from triton.runtime import interpreter  # noqa: E402
 
 import backend_cases as bc  # noqa: E402  (the tests' inputs and runner: the same rule, not a copy)
-from deepfense.kernels import ops  # noqa: E402
+from deepfense.kernels import plan  # noqa: E402
 
 PRECISIONS = ("ieee", "tf32x3", "tf32")
 
@@ -83,21 +83,10 @@ def install_emulation():
 
 
 def use_gpu_tiles():
-    """Run the GPU's tile plan in the interpreter: the dots then have the GPU's shapes (and it is much faster).
-    DEEPFENSE_TILES=gpu does this where the launch plan reads it; older launchers take their tiles from _blocks."""
+    """Run the GPU's tile plan in the interpreter (DEEPFENSE_TILES=gpu, read by the launch plan): the dots then have
+    the GPU's shapes (and it is much faster)."""
     os.environ.setdefault("DEEPFENSE_TILES", "gpu")
     os.environ.setdefault("DEEPFENSE_SM_COUNT", "132")
-    if hasattr(ops, "_blocks") and not hasattr(ops, "plan"):
-        interp_blocks = ops._blocks
-
-        def gpu_blocks(D, C, margin):
-            ops.INTERPRET = False
-            try:
-                return interp_blocks(D, C, margin)
-            finally:
-                ops.INTERPRET = True
-
-        ops._blocks = gpu_blocks
 
 
 def ratios(loss: str, case: dict, opts: dict) -> dict:
@@ -132,13 +121,13 @@ def main(argv=None) -> int:
     cases = [("tiny", "am", 8, 40, 20, 64.0)] if args.quick else CASES
     print("| head | loss | B×D×C | s | precision | loss ratio | dX ratio | dW ratio | pass (≤ 1) |")
     print("|---|---|---|---|---|---|---|---|---|")
-    saved, worst = ops.FP32_PRECISION, {p: 0.0 for p in PRECISIONS}
+    saved, worst = plan.FP32_PRECISION, {p: 0.0 for p in PRECISIONS}
     try:
         for family, loss, B, D, C, s in cases:
             case = bc.make_case(loss, B, D, C, torch.float32, seed=args.seed)
             opts = bc.options(loss, **({"s": s} if s else {}))
             for precision in PRECISIONS:
-                ops.FP32_PRECISION = precision
+                plan.FP32_PRECISION = precision
                 t0 = time.perf_counter()
                 r = ratios(loss, case, opts)
                 case_worst = max(r.values())
@@ -147,7 +136,7 @@ def main(argv=None) -> int:
                       f"{r['dX']:.3g} | {r['dW']:.3g} | {'yes' if case_worst <= 1 else 'NO'} |", flush=True)
                 print(f"  ({time.perf_counter() - t0:.1f} s)", file=sys.stderr, flush=True)
     finally:
-        ops.FP32_PRECISION = saved
+        plan.FP32_PRECISION = saved
     print("\nworst ratio over all cases: " + ", ".join(f"{p} {w:.3g}" for p, w in worst.items()))
     return 0
 

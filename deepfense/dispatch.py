@@ -50,7 +50,8 @@ def choose(p: LossParams, x: torch.Tensor, w: torch.Tensor, bias, backend: str, 
         return Path.REFERENCE
     if name == "triton":
         from .kernels import uses_small_head  # imports triton: only when the kernels are asked for
-        return Path.SMALL_HEAD if uses_small_head(n_classes, p.sub_centers) else Path.LARGE_HEAD
+        small = uses_small_head(n_classes, p.sub_centers, one_class=p.margin == Margin.ONE_CLASS)
+        return Path.SMALL_HEAD if small else Path.LARGE_HEAD
     if torch_plain.serves(p, x, w.dtype, bias, n_classes) and p.sub_centers == 1:
         return Path.PLAIN
     return Path.FUNCTION

@@ -19,7 +19,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .params import LossParams, Margin
+from .params import SMALL_HEAD_CLASSES, LossParams, Margin
 from .torch_backend import one_class_coefficients, one_class_rows
 
 # Largest batch for which this path beats the Function, fwd+bwd, class weights on, C = 2, D = 160 and 1024
@@ -28,7 +28,6 @@ from .torch_backend import one_class_coefficients, one_class_rows
 # hundred. Near the limits the two paths are within noise of each other, so a machine whose BLAS differs shifts the
 # crossover without costing much on either side of it.
 MAX_ROWS = {Margin.NONE: 4096, Margin.ONE_CLASS: 256}
-MAX_CLASSES = 16  # heads this narrow: the [B, C] logits are no bigger than the [B] statistics
 # From B*D = 2^17 on, CrossEntropy's logits are computed as W X^T (an [C, B] product with the long D inside), whose
 # backward products are W^T G^T and G^T X: on 2 CPU cores (MKL) the [B, D] x [D, C] product behind `linear` and the
 # X^T G of its weight gradient take a slow path for C this narrow (~75 and ~90 us at B = 256, D = 1024, C = 2, against
@@ -38,10 +37,10 @@ _REDUCTION = {"none": 0, "mean": 1, "sum": 2}  # torch's reduction enum (torch.n
 
 
 def serves(p: LossParams, x, w_dtype: torch.dtype, bias, n_classes: int) -> bool:
-    """Whether this path serves a call: CrossEntropy or OCSoftmax on CPU tensors, a head of at most `MAX_CLASSES`
+    """Whether this path serves a call: CrossEntropy or OCSoftmax on CPU tensors, a head of at most `SMALL_HEAD_CLASSES`
     classes and `MAX_ROWS` rows, and one floating dtype (fp32 or fp64) for the embeddings, weight and bias."""
     rows = MAX_ROWS.get(p.margin)
-    if rows is None or not x.is_cpu or not x.shape[0] <= rows or n_classes > MAX_CLASSES:
+    if rows is None or not x.is_cpu or not x.shape[0] <= rows or n_classes > SMALL_HEAD_CLASSES:
         return False
     if x.dtype not in (torch.float32, torch.float64) or w_dtype != x.dtype:
         return False

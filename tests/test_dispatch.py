@@ -12,7 +12,7 @@ from backend_cases import DEVICE, FUNCS, assert_close_to_gold, make_case, option
 from deepfense import dispatch, inputs, torch_plain
 from deepfense import options as option_rules
 from deepfense.dispatch import Path
-from deepfense.params import LossParams, Margin
+from deepfense.params import SMALL_HEAD_CLASSES, LossParams, Margin
 
 pytestmark = pytest.mark.skipif(DEVICE != "cpu", reason="the plain path and the CPU check policy are CPU concerns")
 
@@ -109,7 +109,7 @@ def test_paths_by_shape_and_backend():
         return dispatch.choose(p, x, w, None, backend)
     assert path("ce", 8, 2) is Path.PLAIN and path("oc", 8, 1) is Path.PLAIN
     assert path("ce", 8, 2, torch.float16) is Path.FUNCTION  # half inputs: fp32 arithmetic inside
-    assert path("ce", 8, torch_plain.MAX_CLASSES + 1) is Path.FUNCTION
+    assert path("ce", 8, SMALL_HEAD_CLASSES + 1) is Path.FUNCTION
     assert path("oc", torch_plain.MAX_ROWS[Margin.ONE_CLASS] + 1, 1) is Path.FUNCTION
     assert path("am", 8, 2) is Path.FUNCTION
     assert path("ce", 8, 2, backend="reference") is Path.REFERENCE

@@ -81,10 +81,10 @@ def test_auto_backend_and_env_override(monkeypatch):
 
 
 def test_triton_on_cpu_without_interpreter_is_a_clear_error(monkeypatch):
-    from deepfense.kernels import ops
+    from deepfense.kernels import common
     if DEVICE == "cuda":
         pytest.skip("the CUDA run has no CPU-interpreter switch to turn off")
-    monkeypatch.setattr(ops, "INTERPRET", False)
+    monkeypatch.setattr(common, "INTERPRET", False)
     case = make_case("am", 4, 3, 2)
     with pytest.raises(RuntimeError, match="needs CUDA tensors"):
         F.am_softmax_loss(case["x"], case["w"], case["t"], backend="triton")

@@ -19,7 +19,6 @@ from deepfense.losses import AMSoftmax, ASoftmax, CrossEntropy, OCSoftmax
 from deepfense.params import LossParams, Margin
 
 kernels = pytest.importorskip("deepfense.kernels", reason="the Triton kernels need the triton package")
-from deepfense.kernels import ops  # noqa: E402
 
 SYNCS = {"item", "_local_scalar_dense", "nonzero", "is_nonzero", "tolist", "equal"}
 # not counted: autograd's bookkeeping of saved tensors (no memory, no kernel) and dtype arithmetic
@@ -53,7 +52,7 @@ class OpCounter(TorchDispatchMode):
 def counter(monkeypatch):
     """An OpCounter that ignores the interpreter's own tensor copies during a launch; the CUDA check policy."""
     mode = OpCounter()
-    if ops.INTERPRET:
+    if kernels.INTERPRET:
         from triton.runtime.interpreter import InterpretedFunction
         real = InterpretedFunction.run
 

@@ -3,7 +3,7 @@
 Every case runs through the functional API on backend='triton', which serves these heads with the small-head
 kernels (the `small` fixture sees that it did), so the same inputs, options and error rule as tests/test_backends.py
 apply (|fast - gold| <= 2 |torch same dtype - gold|
-+ atol). Interpreter tiles are 4-8 wide (kernels.small_head.plan_small, gpu=False), so these small shapes run several
++ atol). Interpreter tiles are 4-8 wide (kernels.plan.plan_small, gpu=False), so these small shapes run several
 row blocks, K chunks and backward programs; the `gpu_plan` cases use the H200 plan (DEEPFENSE_TILES=gpu,
 DEEPFENSE_SM_COUNT=132).
 """
@@ -16,7 +16,8 @@ from backend_cases import FUNCS, LOSSES, assert_close_to_gold, make_case, option
 from work_counter import WorkCounter
 from deepfense.benchmark.launches import Step, step_launches
 from deepfense.benchmark.work import launch_work, partial_sum_bytes
-from deepfense.kernels.small_head import MAX_CLASSES, plan_small, small_head_loss
+from deepfense.kernels.plan import SMALL_C, plan_small
+from deepfense.kernels.small_head import small_head_loss
 from deepfense.params import LossParams, Margin
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
@@ -191,7 +192,7 @@ def test_torch_compile_inductor(loss, reduction):
 
 
 def test_rejects_what_it_cannot_run():
-    case = make_case("am", 4, 3, MAX_CLASSES + 1, torch.float32)
+    case = make_case("am", 4, 3, SMALL_C + 1, torch.float32)
     with pytest.raises(ValueError, match="1..16 classes"):
         small_head_loss(case["x"], case["w"], None, case["t"], None, None, _params("am"))
     with pytest.raises(ValueError, match="float16, bfloat16"):

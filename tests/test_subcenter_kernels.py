@@ -20,8 +20,8 @@ FALLBACKS = ["wespeaker", "speechbrain", "pml", "easy", "none"]
 
 def _kernels_or_skip():
     if DEVICE != "cuda":
-        from deepfense.kernels import ops
-        if not ops.INTERPRET:
+        from deepfense.kernels import INTERPRET
+        if not INTERPRET:
             pytest.skip("the fused kernels need CUDA or TRITON_INTERPRET=1")
 
 

@@ -47,21 +47,6 @@ def step_launches(step: Step, sm_count: int = H200_SMS) -> List[_plan.Launch]:
     return list(_plan.plan(**_plan_args(step, sm_count)))
 
 
-def small_head_launches(step: Step, sm_count: int = H200_SMS) -> List[_plan.Launch]:
-    """The small-head path's launches (deepfense/kernels/small_head.py, C <= 16) for `step`; [] where it does not
-    apply or is not built. Listed separately while the launchers do not route small heads to it yet."""
-    try:
-        from ..kernels import small_head
-    except ImportError:
-        return []
-    C = 1 if step.loss == "OCSoftmax" else step.C
-    if C > small_head.MAX_CLASSES:
-        return []
-    import torch
-    dt = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[step.dtype]
-    return list(small_head.plan_small(MARGINS[step.loss], step.B, step.D, C, dt, dt, n_sm=sm_count))
-
-
 def _plan_args(step: Step, sm_count: int) -> dict:
     """`deepfense.kernels.plan.plan`'s arguments for `step` on a GPU (its GPU tiles, even under the interpreter)."""
     import torch

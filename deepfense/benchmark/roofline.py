@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import Dict, List, Optional
 
 from .launches import Step, step_launches
-from .work import ITEM, SMALL_KERNELS, Work, launch_work, partial_sum_bytes  # noqa: F401  (Work, ITEM: this module's API before)
+from .work import ITEM, SMALL_KERNELS, Work, launch_work, partial_sum_bytes
 
 H200 = {"name": "H200 SXM", "hbm_Bps": 4.8e12, "bf16": 989.4e12, "fp16": 989.4e12, "tf32": 494.7e12,
         "fp32": 66.9e12}
@@ -99,13 +99,13 @@ def format_plan(step: Step, sm_count: int = 132, device=H200) -> str:
 
 
 def _precision(launch, step: Step) -> str:
-    """The dots' input_precision: the launch's, else the launchers' fp32 choice (ops.FP32_PRECISION) for fp32."""
+    """The dots' input_precision: the launch's, else the launchers' fp32 choice (plan.FP32_PRECISION) for fp32."""
     if "PRECISION" in launch.meta:
         return launch.meta["PRECISION"]
     if step.dtype != "fp32":
         return "ieee"  # unused: 16-bit dots run on the tensor cores
-    from ..kernels import ops
-    return ops.FP32_PRECISION
+    from ..kernels import plan
+    return plan.FP32_PRECISION
 
 
 def _minimal_bytes(step: Step) -> int:

@@ -6,7 +6,8 @@ large-head kernels (`large_head_loss`); `plan.uses_small_head` says which one a 
 `deepfense.dispatch` is the one place that asks it.
 """
 
-from .ops import INTERPRET, check_device, large_head_loss
+from .common import INTERPRET, check_device
+from .ops import large_head_loss
 from .plan import uses_small_head
 from .small_head import small_head_loss
 

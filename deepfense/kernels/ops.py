@@ -1,4 +1,5 @@
-"""Launchers (shapes, strides, grid, dtypes) and the torch.library custom ops around the fused kernels.
+"""Launchers (shapes, strides, grid, dtypes) and the torch.library custom ops around the large-head kernels
+(`margin_ce`), and the large-head loss.
 
 The ops are opaque to torch.compile (fullgraph works, no host sync): `deepfense::margin_ce_fwd` returns the per-row
 statistics and, when the class dimension fits one tile, the unit-gradient dX and dW; `deepfense::margin_ce_bwd`
@@ -7,90 +8,47 @@ scales those by the upstream gradient or runs the two backward kernels.
 
 from __future__ import annotations
 
-import os
 from typing import List, Optional
 
 import torch
 import triton
-import triton.language as tl
 
 from ..params import LossParams, Margin
 from . import margin_ce as K
 from . import plan as P
+from .common import TL, OpScalars, check_device, dot_dtypes, kernel_lam  # noqa: F401 (kernel_lam: the sharded path)
 from .reduce_rows import ws_size
 from .tiles import N_STATS
 
-# triton.jit reads TRITON_INTERPRET when the kernels are decorated; this launcher follows the same switch.
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
-# fp32 inputs: the dots' input_precision (see plan.FP32_PRECISION; DEEPFENSE_FP32_PRECISION=ieee|tf32x3|tf32); the
-# launchers plan their tiles for this value, so assigning it (bench/precision_study.py) switches both.
-FP32_PRECISION = P.FP32_PRECISION
-
-_TL = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32, torch.float64: tl.float64}
-
-
-def _dtypes(x: torch.Tensor, w: torch.Tensor):
-    """(dot operand dtype, accumulator torch dtype) for these inputs: the promoted dtype, accumulated in fp32/fp64."""
-    dot = torch.promote_types(x.dtype, w.dtype)
-    acc = torch.float64 if dot == torch.float64 else torch.float32
-    if INTERPRET and dot == torch.bfloat16:
-        dot = torch.float32  # the interpreter's bf16 tl.dot multiplies raw bit patterns (triton #11584)
-    return _TL[dot], acc
-
-
-def _plan(x, C, margin, sub=1, **kw):
-    """The launch plan of these inputs (`plan.plan`) for a weight of C classes (C * sub columns: `sub` sub-centres
-    per class), never the small-head path: these launchers run the large-head kernels."""
-    w_dtype = kw.pop("w_dtype")
-    return P.plan(margin, x.shape[0], x.shape[1], C, x.dtype, w_dtype, n_sm=P.sm_count(x.device), small=False,
-                  fp32_precision=FP32_PRECISION, sub=sub, **kw)
-
-
-# the `reduction` option as the kernels' `reduce` argument (`reduce_rows.py`)
-REDUCE = {"none": 0, "sum": 1, "mean": 2}
+def _plan(x, C, sc: OpScalars, w_dtype, **kw):
+    """The launch plan of these inputs (`plan.plan`) for a weight of C classes (C * sc.sub columns), never the
+    small-head path: these launchers run the large-head kernels."""
+    return P.plan(sc.margin, x.shape[0], x.shape[1], C, x.dtype, w_dtype, n_sm=P.sm_count(x.device), small=False,
+                  fp32_precision=P.FP32_PRECISION, sub=sc.sub, **kw)
 
 
 def op_params(p: LossParams, n_classes: int, class_offset: int = 0, classes_first: bool = False):
-    """The custom ops' scalar arguments. `class_offset` / `n_classes`: the first class of this weight's columns and
-    the class count of the whole softmax (they differ when the classes are sharded across ranks); classes_first: the
-    weight is CrossEntropy's fc.weight [C, D], read transposed through its strides (no transpose op either way). The
-    last int is the sub-centre count K (the weight then has K adjacent columns per class; read with `_sub`)."""
-    return ([p.s, p.m, p.gamma, p.m_real, p.m_fake, p.alpha, p.label_smoothing],
-            [int(p.margin), p.ignore_index, p.bonafide_label, class_offset, n_classes, REDUCE[p.reduction],
-             int(classes_first), p.sub_centers])
+    """The custom ops' scalar arguments (floats, ints): `OpScalars.of(...).to_lists()`."""
+    return OpScalars.of(p, n_classes, class_offset, classes_first).to_lists()
 
 
-def _sub(ints: List[int]) -> int:
-    """Sub-centres per class from the ops' ints."""
-    return ints[7]
-
-
-def _unpack(floats: List[float], ints: List[int]):
-    s, m, gamma, m_real, m_fake, alpha, eps = floats
-    margin, ignore_index, bonafide, c_offset, n_classes = ints[:5]
-    return margin, s, m, gamma, m_real, m_fake, alpha, eps, ignore_index, bonafide, c_offset, n_classes
-
-
-def _w_dc(w: torch.Tensor, ints: List[int]):
+def _w_dc(w: torch.Tensor, sc: OpScalars):
     """(D, C, stride over D, stride over columns) of the weight: [D, C * K] (C classes of K sub-centres), or
-    fc.weight [C, D] when ints say classes_first."""
-    if ints[6]:
+    fc.weight [C, D] when classes_first."""
+    if sc.classes_first:
         return w.shape[1], w.shape[0], w.stride(1), w.stride(0)
-    return w.shape[0], w.shape[1] // _sub(ints), w.stride(0), w.stride(1)
+    return w.shape[0], w.shape[1] // sc.sub, w.stride(0), w.stride(1)
 
 
-def _common(x, w, bias, targets, class_weights, lam, margin, C, sub=1):
-    dot_dtype, acc = _dtypes(x, w)
-    dummy = targets  # never read: its constexpr flag is off
-    n_targets = 2 if margin == int(Margin.ONE_CLASS) else C
-    args = (x, w, dummy if bias is None else bias, targets, dummy if class_weights is None else class_weights,
-            dummy if lam is None else lam)
-    meta = dict(MARGIN=margin, HAS_BIAS=bias is not None, HAS_CW=class_weights is not None, DOT_DTYPE=dot_dtype,
-                ACC_DTYPE=_TL[acc], PRECISION=FP32_PRECISION if dot_dtype == tl.float32 else "ieee")
-    if sub > 1:
-        meta["SUB"] = sub
-    return args, meta, acc, n_targets
+def _inputs(x, w, bias, targets, class_weights, lam, sc: OpScalars):
+    """The kernels' input pointers and the constexprs every large-head kernel takes (HAS_BIAS and HAS_CW follow
+    from the None pointers)."""
+    dot_dtype, acc = dot_dtypes(x, w)
+    ptrs = dict(X_ptr=x, W_ptr=w, BIAS_ptr=bias, T_ptr=targets, CW_ptr=class_weights, LAM_ptr=lam)
+    meta = dict(MARGIN=sc.margin, SUB=sc.sub, DOT_DTYPE=dot_dtype, ACC_DTYPE=TL[acc],
+                PRECISION=P.FP32_PRECISION if dot_dtype == TL[torch.float32] else "ieee")
+    return ptrs, meta, acc
 
 
 def _fused_sizes(B, D, C, fuse_dx, fuse_dw):
@@ -104,62 +62,65 @@ def margin_ce_fwd(x: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor]
                   ints: List[int], fuse_dx: bool, fuse_dw: bool) -> List[torch.Tensor]:
     """Forward launcher.
 
-    Args: x [B, D], w [D, C] or (`op_params` classes_first) [C, D], any strides; bias [C], targets [B] int,
-    class_weights [C] ([2] OCSoftmax), lam [1].
+    Args: x [B, D], w [D, C * K] or (classes_first) [C, D], any strides; bias [C], targets [B] int, class_weights
+    [C], lam (`kernel_lam`), each optional tensor None when absent; floats, ints: the options
+    (`common.OpScalars.to_lists`; every loss but OCSoftmax, which runs on the small-head kernels).
     Returns [loss, workspace] or with fuse_dx / fuse_dw [loss, workspace, unit gradients]: the loss ('mean' / 'sum':
     [], 'none': [B]; fp32, fp64 for fp64 inputs), the workspace (STATS [5, B] first, `reduce_rows.ws_size`), the
     unit-gradient dX [B, D] then dW in the weight's layout ([D, C] or [C, D]) and d bias [C], flat fp32, times the
     reduction's scale when one program wrote them (B <= its BLOCK_B). (A list: no empty output to allocate.)
     """
-    margin, s, m, gamma, m_real, m_fake, alpha, eps, ignore_index, bonafide, c_offset, n_classes = _unpack(floats,
-                                                                                                            ints)
-    reduce, sub = ints[5], _sub(ints)
-    B, (D, C, sw_d, sw_c) = x.shape[0], _w_dc(w, ints)
-    args, meta, acc, n_targets = _common(x, w, bias, targets, class_weights, lam, margin, C, sub)
-    n_total = 2 if margin == int(Margin.ONE_CLASS) else n_classes
-    launches = _plan(x, C, margin, sub, w_dtype=w.dtype, need_dx=fuse_dx, need_dw=fuse_dw, fuse_dx=fuse_dx)
+    sc = OpScalars.from_lists(floats, ints)
+    B, (D, C, sw_d, sw_c) = x.shape[0], _w_dc(w, sc)
+    inputs, meta, acc = _inputs(x, w, bias, targets, class_weights, lam, sc)
+    launches = _plan(x, C, sc, w.dtype, need_dx=fuse_dx, need_dw=fuse_dw, fuse_dx=fuse_dx)
     fwd = launches[0]
     n_prog, n_splits = fwd.grid
     ws = torch.zeros(ws_size(B, n_prog), dtype=acc, device=x.device)  # zeroed: the reduction's ticket starts at 0
-    loss = (torch.zeros if B == 0 else torch.empty)((B,) if reduce == 0 else (), dtype=acc, device=x.device)
+    loss = (torch.zeros if B == 0 else torch.empty)((B,) if sc.reduce == 0 else (), dtype=acc, device=x.device)
     n_dx, n_dw = _fused_sizes(B, D, C, fuse_dx, fuse_dw)
     fused = bool(n_dx or n_dw)
     if B == 0:
         return [loss, ws, torch.zeros(n_dx + n_dw, dtype=acc, device=x.device)] if fused else [loss, ws]
     partials = n_dw and n_prog > 1  # several row blocks: dW partials [n_prog, (D + 1) C], summed in program order
-    # ws stands in for the buffers the kernel does not write (its flags off)
-    grads = torch.empty(n_dx + n_dw, dtype=acc, device=x.device) if n_dx or (n_dw and not partials) else ws
-    dwp = torch.empty(n_prog, n_dw, dtype=acc, device=x.device) if partials else grads[n_dx:] if n_dx else grads
-    part = torch.empty(N_STATS, n_splits, B, dtype=acc, device=x.device) if n_splits > 1 else ws
-    out = loss if reduce else ws  # 'none': the rows are copied out of STATS below
+    # one buffer for the unit gradients, unless the dW partials' sum below allocates it
+    grads = torch.empty(n_dx + n_dw, dtype=acc, device=x.device) if n_dx or (n_dw and not partials) else None
+    dwp = torch.empty(n_prog, n_dw, dtype=acc, device=x.device) if partials else grads[n_dx:] if n_dw else None
+    part = torch.empty(N_STATS, n_splits, B, dtype=acc, device=x.device) if n_splits > 1 else None
     K._margin_ce_fwd_kernel[fwd.grid](
-        *args, ws, part, grads, dwp, out, B, D, C, n_targets, c_offset, n_total, fwd.meta["tiles_per_split"], reduce,
-        x.stride(0), x.stride(1), sw_d, sw_c, *((1, D) if ints[6] else (C, 1)), s, m, gamma, m_real, m_fake, alpha,
-        eps, ignore_index, bonafide,
+        **inputs, STATS_ptr=ws, PART_ptr=part, DX_ptr=grads if n_dx else None, DWP_ptr=dwp, RED_ptr=loss,
+        B=B, D=D, C=C, n_targets=C, c_offset=sc.c_offset, n_total=sc.n_classes,
+        tiles_per_split=fwd.meta["tiles_per_split"],
+        reduce=sc.reduce, stride_x_row=x.stride(0), stride_x_col=x.stride(1), stride_w_d=sw_d, stride_w_c=sw_c,
+        stride_dwp_d=1 if sc.classes_first else C, stride_dwp_c=D if sc.classes_first else 1,
+        s=sc.s, m=sc.m, gamma=sc.gamma, eps=sc.eps, ignore_index=sc.ignore_index,
         **P.constexprs(fwd), **meta)
     if n_splits > 1:
         comb = P.launch(launches, "_margin_ce_combine_kernel")
         K._margin_ce_combine_kernel[comb.grid](
-            targets, args[4], part, ws, out, B, C, n_targets, c_offset, n_total, n_splits, n_splits * B, reduce,
-            gamma, eps, ignore_index, MARGIN=margin, HAS_CW=class_weights is not None, ACC_DTYPE=meta["ACC_DTYPE"],
-            **P.constexprs(comb))
+            T_ptr=targets, CW_ptr=class_weights, PART_ptr=part, STATS_ptr=ws, RED_ptr=loss,
+            B=B, C=C, n_targets=C, c_offset=sc.c_offset, n_total=sc.n_classes, n_splits=n_splits,
+            n_part=n_splits * B,
+            reduce=sc.reduce, gamma=sc.gamma, eps=sc.eps, ignore_index=sc.ignore_index,
+            MARGIN=sc.margin, ACC_DTYPE=meta["ACC_DTYPE"], **P.constexprs(comb))
     if partials and n_dx:
         torch.sum(dwp, 0, out=grads[n_dx:])
     elif partials:
         grads = dwp.sum(0)
-    if reduce == 0:
+    if sc.reduce == 0:  # 'none': the row losses are STATS' first row
         loss.copy_(ws[:B])
     return [loss, ws, grads] if fused else [loss, ws]
 
 
 @margin_ce_fwd.register_fake
 def _(x, w, bias, targets, class_weights, lam, floats, ints, fuse_dx, fuse_dw):
-    B, (D, C, _, _) = x.shape[0], _w_dc(w, ints)
-    acc = _dtypes(x, w)[1]
-    launches = _plan(x, C, ints[0], _sub(ints), w_dtype=w.dtype, need_dx=fuse_dx, need_dw=fuse_dw, fuse_dx=fuse_dx)
+    sc = OpScalars.from_lists(floats, ints)
+    B, (D, C, _, _) = x.shape[0], _w_dc(w, sc)
+    acc = dot_dtypes(x, w)[1]
+    launches = _plan(x, C, sc, w.dtype, need_dx=fuse_dx, need_dw=fuse_dw, fuse_dx=fuse_dx)
     n_grads = sum(_fused_sizes(B, D, C, fuse_dx, fuse_dw))
-    out = [x.new_empty((B,) if ints[5] == 0 else (), dtype=acc), x.new_empty((ws_size(B, launches[0].grid[0]),),
-                                                                           dtype=acc)]
+    out = [x.new_empty((B,) if sc.reduce == 0 else (), dtype=acc),
+           x.new_empty((ws_size(B, launches[0].grid[0]),), dtype=acc)]
     return out + [x.new_empty((n_grads,), dtype=acc)] if n_grads else out
 
 
@@ -175,12 +136,10 @@ def margin_ce_bwd(x: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor]
     Returns [dX] if need_dx, then [dW, d bias] if need_dw (d bias only with a bias): dX [B, D] in x's dtype, dW in
     w's dtype and strides, d bias [C] fp32 (`bwd_grads` unpacks them). A list: no empty tensor for what is not needed.
     """
-    margin, s, m, gamma, m_real, m_fake, alpha, eps, ignore_index, bonafide, c_offset, n_classes = _unpack(floats, ints)
-    sub = _sub(ints)
-    B, (D, C, sw_d, sw_c) = x.shape[0], _w_dc(w, ints)
-    args, meta, acc, n_targets = _common(x, w, bias, targets, class_weights, lam, margin, C, sub)
-    launches = _plan(x, C, margin, sub, w_dtype=w.dtype, need_dx=need_dx, need_dw=need_dw, uniform_grad=False,
-                     fuse_dx=False)
+    sc = OpScalars.from_lists(floats, ints)
+    B, (D, C, sw_d, sw_c) = x.shape[0], _w_dc(w, sc)
+    inputs, meta, acc = _inputs(x, w, bias, targets, class_weights, lam, sc)
+    launches = _plan(x, C, sc, w.dtype, need_dx=need_dx, need_dw=need_dw, uniform_grad=False, fuse_dx=False)
     lx = P.launch(launches, "_margin_ce_bwd_dx_kernel") if need_dx and B > 0 else None
     lw = P.launch(launches, "_margin_ce_bwd_dw_kernel") if need_dw and B > 0 else None
     dx_splits = lx.meta["n_splits"] if lx is not None else 1
@@ -192,27 +151,34 @@ def margin_ce_bwd(x: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor]
     db = torch.empty(C, dtype=acc, device=x.device) if one_dw and bias is not None else None
     if B == 0:  # nothing to launch: the gradients of an empty batch are zero
         return [t.zero_() for t in (dx, dw, db) if t is not None]
-    common = (B, D, C, n_targets, c_offset, n_classes, x.stride(0), x.stride(1), sw_d, sw_c,
-              grad.stride(0) if grad.dim() else 0)
+    common = dict(inputs, STATS_ptr=stats, G_ptr=grad, B=B, D=D, C=C, n_targets=C, c_offset=sc.c_offset,
+                  n_smooth=sc.n_classes,
+                  stride_x_row=x.stride(0), stride_x_col=x.stride(1), stride_w_d=sw_d, stride_w_c=sw_c,
+                  stride_g=grad.stride(0) if grad.dim() else 0, s=sc.s, m=sc.m, eps=sc.eps,
+                  ignore_index=sc.ignore_index, **meta)
     if lx is not None:
         # several class splits write fp32 partials, summed below in split order (deterministic)
         dxp = dx if dx_splits == 1 else torch.empty(dx_splits, B, D, dtype=acc, device=x.device)
-        K._margin_ce_bwd_dx_kernel[lx.grid](*args, stats, grad, dxp, *common, lx.meta["tiles_per_split"],
-                                            B * D if dx_splits == 1 else dxp.stride(0), dxp.stride(-2), s, m, eps,
-                                            ignore_index, **P.constexprs(lx), **meta)
+        K._margin_ce_bwd_dx_kernel[lx.grid](
+            DX_ptr=dxp, tiles_per_split=lx.meta["tiles_per_split"],
+            stride_dx_split=B * D if dx_splits == 1 else dxp.stride(0), stride_dx_row=dxp.stride(-2),
+            **common, **P.constexprs(lx))
         if dx_splits > 1:
             dx = dxp.sum(0)
             dx = dx if dx.dtype == x.dtype else dx.to(x.dtype)
     if lw is not None:
         # several row splits write fp32 partials [splits, D, C * K] ([splits, C, D] for fc.weight) and d bias
         # [splits, C], summed in split order (deterministic)
-        shape = (dw_splits, C, D) if ints[6] else (dw_splits, D, C * sub)
+        shape = (dw_splits, C, D) if sc.classes_first else (dw_splits, D, C * sc.sub)
         dwp = dw if dw_splits == 1 else torch.empty(shape, dtype=acc, device=x.device)
         dbp = db if dw_splits == 1 or bias is None else torch.empty(dw_splits, C, dtype=acc, device=x.device)
-        sw = (0, *_w_dc(dw, ints)[2:]) if dw_splits == 1 else (dwp.stride(0), *((1, D) if ints[6] else (C * sub, 1)))
-        K._margin_ce_bwd_dw_kernel[lw.grid](*args, stats, grad, dwp, dwp if dbp is None else dbp, *common,
-                                            lw.meta["tiles_per_split"], *sw, s, m, eps, ignore_index,
-                                            **P.constexprs(lw), **meta)
+        if dw_splits == 1:
+            sw = (0, *_w_dc(dw, sc)[2:])
+        else:
+            sw = (dwp.stride(0), *((1, D) if sc.classes_first else (C * sc.sub, 1)))
+        K._margin_ce_bwd_dw_kernel[lw.grid](
+            DW_ptr=dwp, DB_ptr=dbp, tiles_per_split=lw.meta["tiles_per_split"], stride_dw_split=sw[0],
+            stride_dw_d=sw[1], stride_dw_c=sw[2], **common, **P.constexprs(lw))
         if dw_splits > 1:
             dw = dwp.sum(0)
             if dw.dtype != w.dtype or dw.stride() != w.stride():  # into the weight's dtype and layout
@@ -223,8 +189,8 @@ def margin_ce_bwd(x: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor]
 
 @margin_ce_bwd.register_fake
 def _(x, w, bias, targets, class_weights, lam, stats, grad, floats, ints, need_dx, need_dw):
-    C = _w_dc(w, ints)[1]
-    acc = _dtypes(x, w)[1]
+    C = _w_dc(w, OpScalars.from_lists(floats, ints))[1]
+    acc = dot_dtypes(x, w)[1]
     out = [x.new_empty(x.shape)] if need_dx else []
     if need_dw:
         out.append(torch.empty_strided(w.shape, w.stride(), dtype=w.dtype, device=w.device))
@@ -276,7 +242,8 @@ def _backward(ctx, grads_out):
 def _fused_backward(x, w, ws, grads, grad, ctx, dx, dw, db):
     """dX, dW and d bias from the forward's unit gradients (one-tile heads) times the upstream gradient (and the
     reduction's scale, unless one forward program already applied it)."""
-    (B, D), C = x.shape, _w_dc(w, ctx.ints)[1]
+    sc = OpScalars.from_lists(ctx.floats, ctx.ints)
+    (B, D), C = x.shape, _w_dc(w, sc)[1]
     n_dx, n_dw = _fused_sizes(B, D, C, ctx.fuse_dx, ctx.fuse_dw)
     one_prog = ws.numel() - ws_size(B, 0) == 2  # the workspace holds 2 sums per forward program
     g = grad if one_prog else grad * ws[N_STATS * B]
@@ -285,7 +252,7 @@ def _fused_backward(x, w, ws, grads, grad, ctx, dx, dw, db):
         dx = (grads[:n_dx].view(B, D) * (g_rows[:, None] if g_rows.dim() else g_rows)).to(x.dtype)
     if ctx.fuse_dw:  # the forward fused dW only when every row has the same upstream gradient
         dwu = (grads[n_dx:] if n_dx else grads) * g.to(grads.dtype)
-        dw = dwu.as_strided(w.shape, (D, 1) if ctx.ints[6] else (C, 1))  # the layout the kernel wrote
+        dw = dwu.as_strided(w.shape, (D, 1) if sc.classes_first else (C, 1))  # the layout the kernel wrote
         dw = dw if dw.dtype == w.dtype else dw.to(w.dtype)
         db = dwu.as_strided((C,), (1,), D * C) if ctx.needs_input_grad[2] else None
     return dx, dw, db
@@ -294,24 +261,15 @@ def _fused_backward(x, w, ws, grads, grad, ctx, dx, dw, db):
 margin_ce_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
-def check_device(x: torch.Tensor, w: torch.Tensor):
-    """Raise unless the kernels can run on these tensors: CUDA (or any device under TRITON_INTERPRET=1) and a float
-    dtype they compile for."""
-    if x.device.type != "cuda" and not INTERPRET:
-        raise RuntimeError("backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 set before importing deepfense "
-                           f"to run the kernels on CPU in the interpreter); got tensors on {x.device}. "
-                           "Use backend='torch' or 'auto' on this device.")
-    if x.dtype not in _TL or w.dtype not in _TL:
-        raise ValueError("backend='triton' supports float16, bfloat16, float32 and float64, "
-                         f"got {x.dtype}/{w.dtype}")
-
-
 def large_head_loss(x, w, bias, targets, class_weights, lam, p: LossParams, classes_first: bool = False):
-    """Loss of any of the four kinds on the large-head fused kernels (see `deepfense.torch_backend.margin_loss`).
+    """Loss of the softmax losses on the large-head fused kernels (see `deepfense.torch_backend.margin_loss`).
 
     w: the [D, C*K] weight, or with classes_first CrossEntropy's fc.weight [C, D] as given: the kernels read it through
     its strides and write dW in its layout, so a step has no transpose op. The reduction happens in the forward launch.
+    OCSoftmax (one centre) runs on the small-head kernels only (`plan.uses_small_head`).
     """
+    if p.margin == Margin.ONE_CLASS:
+        raise ValueError("OCSoftmax runs on the small-head kernels: the large-head kernels have no one-class path")
     check_device(x, w)
     lam = kernel_lam(lam, p, x, w)
     targets = targets.contiguous()
@@ -319,31 +277,11 @@ def large_head_loss(x, w, bias, targets, class_weights, lam, p: LossParams, clas
     grad_on = torch.is_grad_enabled()
     need_x, need_w = grad_on and x.requires_grad, grad_on and (w.requires_grad or
                                                               (bias is not None and bias.requires_grad))
-    sub = p.sub_centers
-    C = w.shape[0] if classes_first else w.shape[1] // sub
-    fwd = _plan(x, C, int(p.margin), sub, w_dtype=w.dtype, need_dx=need_x, need_dw=need_w,
-                uniform_grad=p.reduction != "none")[0]
-    floats, ints = op_params(p, C, classes_first=classes_first)
-    return margin_ce_fwd(x, w, bias, targets, class_weights, lam, floats, ints, fwd.meta["FUSE_DX"],
+    C = w.shape[0] if classes_first else w.shape[1] // p.sub_centers
+    sc = OpScalars.of(p, C, classes_first=classes_first)
+    fwd = _plan(x, C, sc, w.dtype, need_dx=need_x, need_dw=need_w, uniform_grad=p.reduction != "none")[0]
+    return margin_ce_fwd(x, w, bias, targets, class_weights, lam, *sc.to_lists(), fwd.meta["FUSE_DX"],
                          fwd.meta["FUSE_DW"])[0]
-
-
-def kernel_lam(lam, p: LossParams, x: torch.Tensor, w: torch.Tensor) -> Optional[torch.Tensor]:
-    """The kernels' LAM tensor: ASoftmax's lambda [1] or 0-dim (fp32); CombinedMargin's scalars [ARC_N] in the
-    accumulator dtype, the runtime (s, m2, m3) from `lam` [3] and the static (m1, fallback, straight_through, filter
-    threshold) from p; None for the other losses."""
-    if p.margin == Margin.ANGULAR:  # the kernels read one value: a 0-dim or [1] tensor goes as it is (no view op)
-        lam = torch.as_tensor(lam, dtype=torch.float32, device=x.device)
-        return lam if lam.numel() == 1 and lam.dim() <= 1 else lam.reshape(1)
-    if p.margin != Margin.COMBINED:
-        return None
-    acc = _dtypes(x, w)[1]
-    runtime = lam.to(device=x.device, dtype=acc).reshape(3) if lam is not None else None
-    if runtime is None:
-        runtime = torch.tensor([p.s, p.m, p.m3], dtype=acc, device=x.device)
-    static = torch.tensor([p.m1, float(p.fallback), float(p.straight_through), p.filter_threshold], dtype=acc,
-                          device=x.device)
-    return torch.cat([runtime, static])
 
 
 def partial_row_stats(x, w, bias, targets, class_weights, lam, floats: List[float], ints: List[int]):
@@ -353,18 +291,17 @@ def partial_row_stats(x, w, bias, targets, class_weights, lam, floats: List[floa
     class_weights holds this weight's columns only). Returns [5, B]: running max m, sum of exp(logit - m), the target
     logit (0 where another rank holds the target), sum_c cw_c logit_c, and sum_c cw_c.
     """
-    margin, s, m, gamma, m_real, m_fake, alpha, eps, ignore_index, bonafide, c_offset, n_classes = _unpack(floats,
-                                                                                                            ints)
-    sub = _sub(ints)
-    B, (D, C, sw_d, sw_c) = x.shape[0], _w_dc(w, ints)
-    args, meta, acc, n_targets = _common(x, w, bias, targets, class_weights, lam, margin, C, sub)
-    fwd = _plan(x, C, margin, sub, w_dtype=w.dtype, need_dx=False, need_dw=False)[0]
+    sc = OpScalars.from_lists(floats, ints)
+    B, (D, C, sw_d, sw_c) = x.shape[0], _w_dc(w, sc)
+    inputs, meta, acc = _inputs(x, w, bias, targets, class_weights, lam, sc)
+    fwd = _plan(x, C, sc, w.dtype, need_dx=False, need_dw=False)[0]
     part = torch.empty(N_STATS, 1, B, dtype=acc, device=x.device)
     if B > 0:  # one split over all this weight's classes: the ranks' partials are merged by the caller
-        unused = part
-        tiles = dict(P.constexprs(fwd), SPLIT=True, FUSE_DX=False, FUSE_DW=False)
         K._margin_ce_fwd_kernel[(fwd.grid[0], 1)](
-            *args, unused, part, unused, unused, unused, B, D, C, n_targets, c_offset, n_classes,
-            triton.cdiv(C, fwd.meta["BLOCK_C"]), 0, x.stride(0), x.stride(1), sw_d, sw_c, 0, 0, s, m, gamma,
-            m_real, m_fake, alpha, eps, ignore_index, bonafide, **tiles, **meta)
+            **inputs, STATS_ptr=None, PART_ptr=part, DX_ptr=None, DWP_ptr=None, RED_ptr=None,
+            B=B, D=D, C=C, n_targets=C, c_offset=sc.c_offset, n_total=sc.n_classes,
+            tiles_per_split=triton.cdiv(C, fwd.meta["BLOCK_C"]), reduce=0,
+            stride_x_row=x.stride(0), stride_x_col=x.stride(1), stride_w_d=sw_d, stride_w_c=sw_c,
+            stride_dwp_d=0, stride_dwp_c=0, s=sc.s, m=sc.m, gamma=sc.gamma, eps=sc.eps, ignore_index=sc.ignore_index,
+            **dict(P.constexprs(fwd), SPLIT=True, FUSE_DX=False, FUSE_DW=False), **meta)
     return part[:, 0]

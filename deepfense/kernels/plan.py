@@ -13,9 +13,10 @@ from dataclasses import dataclass, field
 from typing import Dict, Optional, Tuple
 
 import torch
+import triton
 
-# triton.jit reads TRITON_INTERPRET when the kernels are decorated; the plan follows the same switch.
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+from ..params import SMALL_HEAD_CLASSES, Margin
+from .common import INTERPRET
 
 
 @dataclass(frozen=True)
@@ -68,7 +69,8 @@ if FP32_PRECISION not in ("ieee", "tf32x3", "tf32"):
     raise ValueError(f"DEEPFENSE_FP32_PRECISION must be ieee, tf32x3 or tf32, got {FP32_PRECISION!r}")
 
 # Heads with at most this many classes take the small-head path (`small_head.py`): a row reduction, no dot padding.
-SMALL_C = 16
+# The one class-count cutoff of the kernels (and of any path that mirrors their choice).
+SMALL_C = SMALL_HEAD_CLASSES  # the small-head kernels serve heads this narrow
 # Tests set this to force the class splits under the interpreter tiles; None lets the plan decide.
 FORCE_SPLITS: Optional[int] = None
 # fp32 accumulator elements a backward program holds across its class (or row) loop: [BLOCK_B, D] in dX,
@@ -114,7 +116,7 @@ def plan(margin, B: int, D: int, C: int, x_dtype: torch.dtype, w_dtype: torch.dt
     upstream gradient (reduction 'mean'/'sum'), so a one-tile forward can sum dW before it is known; deterministic:
     no floating-point atomics, every sum in a fixed order (the only mode today; the batch reduction's ticket is an
     integer-valued counter); gpu: the GPU tiles (default `gpu_tiles()`), else small interpreter tiles;
-    small: C <= SMALL_C takes the small-head path (`small_head.plan_small`); sub: sub-centres per class (the weight
+    small: C <= SMALL_C takes the small-head path (`plan_small`); sub: sub-centres per class (the weight
     has C * sub columns; sub > 1 never takes the small-head path nor the one-tile fused gradients, and its dW grid
     has one program per class block and sub-centre); fp32_precision: the fp32 dots' input_precision (default
     FP32_PRECISION).
@@ -130,9 +132,9 @@ def plan(margin, B: int, D: int, C: int, x_dtype: torch.dtype, w_dtype: torch.dt
     gpu = gpu_tiles() if gpu is None else gpu
     margin = int(margin)
     if small and uses_small_head(C, sub):
-        from .small_head import plan_small
         return plan_small(margin, B, D, C, x_dtype, w_dtype, n_sm=n_sm, need_dx=need_dx, need_dw=need_dw, gpu=gpu)
-    one_class = margin == 3  # Margin.ONE_CLASS (params is not imported here: plan sits below it)
+    if margin == int(Margin.ONE_CLASS):  # one centre: the small-head kernels serve OCSoftmax (`ops.large_head_loss`)
+        raise ValueError("OCSoftmax runs on the small-head kernels; the large-head plan has no one-class launch")
     if gpu:
         # fp32 inputs: tf32x3 dots split every operand into high and low halves, so the K slices, the backward's
         # accumulators and dX's class tiles shrink, the forward takes 8 warps and a whole D >= 512 is two halves (main
@@ -142,7 +144,7 @@ def plan(margin, B: int, D: int, C: int, x_dtype: torch.dtype, w_dtype: torch.dt
         fp32 = torch.float32 in (x_dtype, w_dtype)
         ieee = fp32 and (fp32_precision or FP32_PRECISION) == "ieee"
         bb_f, bk = 64, (16 if ieee else 32 if fp32 else 64)
-        bc_f = 16 if one_class else max(16, min(_pow2(C), 64))
+        bc_f = max(16, min(_pow2(C), 64))
         d_pad = max(16, _pow2(D))
         do = min(d_pad, _MAX_DO)
         # one chunk of a D between powers of two: a power-of-two main part and a short tail (192 = 128 + 64)
@@ -207,14 +209,75 @@ def plan(margin, B: int, D: int, C: int, x_dtype: torch.dtype, w_dtype: torch.dt
     return tuple(out)
 
 
-def uses_small_head(C: int, sub: int = 1) -> bool:
+def uses_small_head(C: int, sub: int = 1, one_class: bool = False) -> bool:
     """Whether a head of C classes (sub sub-centres each) runs on the small-head kernels rather than the large-head
-    ones: C <= SMALL_C without sub-centres (the small-head kernels have none)."""
-    return SMALL_HEADS and sub == 1 and C <= SMALL_C
+    ones: C <= SMALL_C without sub-centres (the small-head kernels have none), and OCSoftmax always (the large-head
+    kernels have no one-class path)."""
+    return one_class or SMALL_HEADS and sub == 1 and C <= SMALL_C
 
 
 # Tests turn this off to run heads with C <= SMALL_C through the large-head kernels (their one-tile fused path).
 SMALL_HEADS = True
+
+
+# ---- the small-head path (`small_head.py`) -------------------------------------------------------------------------
+
+# Elements of the broadcast product tile (BLOCK_B x BLOCK_K x BLOCK_C) per program: 32 per thread at 4 warps keeps
+# the kernels below 128 registers (25% occupancy on sm_90) without spills; fp64 takes two registers per element.
+_TILE_ELEMS = {4: 4096, 8: 2048}
+# The backward's row groups write fp32 dW partials [D, C] that are read back once: at most 1/32 of x's bytes.
+_PARTIAL_SHARE = 32
+
+
+def plan_small(margin, B: int, D: int, C: int, x_dtype: torch.dtype, w_dtype: torch.dtype, *, n_sm: int,
+               need_dx: bool = True, need_dw: bool = True, gpu: bool = True) -> Tuple[Launch, ...]:
+    """Every launch of one training step of the small-head path: the forward, then (if a gradient is needed and
+    B > 0) the backward.
+
+    Args: margin (`Margin`, unused by the tiles today), B, D, C (<= SMALL_C) the shapes, x/w dtypes, n_sm the device's
+    multiprocessors. gpu=False gives small interpreter tiles, so small tests run several row blocks and K chunks.
+    Forward: one program per BLOCK_B rows (one row per thread), K chunks of BLOCK_K.
+    Backward: grid (row groups, K slices of BLOCK_K), about 2 x n_sm programs; each row group writes one dW partial,
+    so there are at most as many as keep the partials within 1/32 of x's bytes, and each K slice re-reads the
+    per-row coefficients, so the slices are as wide as the registers allow (up to 64 features per thread).
+    """
+    del margin
+    bc = triton.next_power_of_2(C)
+    acc_bytes = 8 if torch.float64 in (x_dtype, w_dtype) else 4
+    warps = 4
+    if gpu:
+        # 8 or more classes: 8 warps and twice the rows (forward) or features (backward) per program, the same
+        # registers per thread; the forward then re-reads w for half as many rows, the backward its per-row
+        # coefficients for half as many K chunks (issue 8's bytes budget at C = 8)
+        warps = 16 if bc >= 8 else 4
+        elems = _TILE_ELEMS[acc_bytes] * warps // 4
+        # at most 64 bytes of its row per thread per K step: 32 fp32 values took 130-150 registers
+        x_bytes_el = torch.finfo(x_dtype).bits // 8
+        bb_f = 32 * warps  # one row per thread
+        bk_f = max(1, min(triton.next_power_of_2(D), elems // (bc * bb_f), 64 // x_bytes_el))
+        # the backward keeps x, dX and two products per element: half the forward's tile (4096 took 140-250 regs)
+        bk_b = min(triton.next_power_of_2(D), 64 * warps, elems // 2 // bc)
+        bb_b = min(64, max(1, elems // 2 // (bk_b * bc)))
+        groups = triton.cdiv(2 * n_sm, triton.cdiv(D, bk_b))
+        if need_dw:
+            x_bytes = B * D * x_bytes_el
+            groups = min(groups, max(1, x_bytes // (_PARTIAL_SHARE * 2 * acc_bytes * (D + 1) * C)))
+        # fewer programs than SMs: narrower K slices (down to 512 features) for more programs, at the cost of one
+        # more read of the per-row coefficients per slice
+        while groups * triton.cdiv(D, bk_b) < n_sm and bk_b >= 1024 and groups < triton.cdiv(B, bb_b):
+            bk_b //= 2
+            bb_b = min(64, max(1, elems // 2 // (bk_b * bc)))
+    else:
+        bk_f, bb_f, bk_b, bb_b, groups = 4, 4, 8, 2, 3
+    fwd = Launch("_small_head_fwd_kernel", (triton.cdiv(B, bb_f),), warps, 2,
+                 dict(BLOCK_B=bb_f, BLOCK_K=bk_f, BLOCK_C=bc, SUM_BLOCK=triton.next_power_of_2(bc + 2)))
+    if B == 0 or not (need_dx or need_dw):
+        return (fwd,)
+    n_blocks = triton.cdiv(B, bb_b)
+    per_group = max(1, n_blocks // groups)
+    bwd = Launch("_small_head_bwd_kernel", (triton.cdiv(n_blocks, per_group), triton.cdiv(D, bk_b)), warps, 2,
+                 dict(BLOCK_B=bb_b, BLOCK_K=bk_b, BLOCK_C=bc))
+    return fwd, bwd
 
 
 def launch(launches: Tuple[Launch, ...], kernel: str) -> Optional[Launch]:

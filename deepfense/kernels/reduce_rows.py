@@ -74,7 +74,7 @@ def _reduce_rows(STATS_ptr, RED_ptr, pid, row_mask, B, loss, row_w, reduce, ACC_
     ws = STATS_ptr + (N_STATS_C * B.to(tl.int64))  # 64-bit: 5 B can pass 2^31
     j = tl.arange(0, 2)
     sums = tl.where(j == 0, tl.sum(tl.where(row_mask, loss, 0.0), 0), tl.sum(tl.where(row_mask, row_w, 0.0), 0))
-    return _reduce_sums(ws, RED_ptr, pid, sums, 2, reduce, ACC_DTYPE, 2)
+    return _reduce_sums(ws, RED_ptr, pid, sums, 2, reduce, ACC_DTYPE=ACC_DTYPE, SUM_BLOCK=2)
 
 
 @triton.jit

@@ -26,17 +26,10 @@ Notation as in `margin_ce`; the per-loss maths is `tiles.py`'s.
 import triton
 import triton.language as tl
 
-from .margin_ce import _ROW_ARGS
+from .common import has, jit_rows
 from .reduce_rows import WS_SCALE, WS_TOTALS, _reduce_sums
 from .tiles import (MARGIN_NONE, MARGIN_ONE_CLASS, _bias, _class_weights, _dcos_tile, _dx_coef,
                     _load_lam, _logit_tile, _one_class, _row_targets, _softmax_epilogue)
-
-
-def _jit(fn):
-    """triton.jit leaving the row counts unspecialised (batch sizes change: no recompiles), as margin_ce's kernels."""
-    names = fn.__code__.co_varnames[:fn.__code__.co_argcount]
-    rows = ["blocks_per_prog"]
-    return triton.jit(do_not_specialize=[a for a in _ROW_ARGS + rows if a in names])(fn)
 
 
 @triton.jit
@@ -65,21 +58,24 @@ def _row_dot(X_ptr, W_ptr, rows, cols, row_mask, col_mask, D, stride_x_row, stri
     return tl.trans(acc), xsq, wsq
 
 
-@_jit
+@triton.heuristics({"HAS_BIAS": has("BIAS_ptr"), "HAS_CW": has("CW_ptr"), "REDUCED": has("WS_ptr")})
+@jit_rows
 def _small_head_fwd_kernel(
         X_ptr, W_ptr, BIAS_ptr, T_ptr, CW_ptr, LAM_ptr, LOSS_ptr, ROWW_ptr, SAVED_ptr, WS_ptr,
-        B, D, C, n_targets, reduce, stride_x_row, stride_x_col, stride_w_d, stride_w_c, s, m, gamma, m_real, m_fake,
-        alpha, eps, ignore_index, bonafide,
-        MARGIN: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_CW: tl.constexpr, ACC_DTYPE: tl.constexpr,
-        REDUCED: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr,
-        SUM_BLOCK: tl.constexpr):
+        B, D, C, n_targets, reduce,
+        stride_x_row, stride_x_col, stride_w_d, stride_w_c,
+        s, m, gamma, m_real, m_fake, alpha, eps, ignore_index, bonafide,
+        MARGIN: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_CW: tl.constexpr, REDUCED: tl.constexpr,
+        ACC_DTYPE: tl.constexpr,
+        BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr, SUM_BLOCK: tl.constexpr):
     """Loss and backward coefficients of BLOCK_B rows; grid: (row blocks,).
 
-    X [B, D], W [D, C] (any strides), BIAS [C], T [B] int, CW [C] (OCSoftmax [2]), LAM [1].
-    Writes SAVED [C + 1, B] (see the module docstring), ACC_DTYPE. REDUCED (reduce 1 'sum', 2 'mean'): LOSS [] the
-    loss, WS the reduction's workspace (`reduce_rows.sums_size(n_sum, programs)`, zeroed; sums: the loss, the row
-    weight, then e's C column sums but for CrossEntropy), through SUM_BLOCK >= n_sum lanes; ROWW unused. Else LOSS
-    and ROWW [B] the row losses and weights, and SAVED [2C + 1, B] holds e in its last C rows (not for CrossEntropy).
+    Pointers: X [B, D], W [D, C] (any strides), BIAS [C] or None, T [B] int, CW [C] (OCSoftmax [2]) or None, LAM [1]
+    or None (`tiles._load_lam`); writes SAVED [C + 1, B] (see the module docstring), ACC_DTYPE. REDUCED (WS given;
+    reduce 1 'sum', 2 'mean'): LOSS [] the loss, WS the reduction's workspace (`reduce_rows.sums_size(n_sum,
+    programs)`, zeroed; sums: the loss, the row weight, then e's C column sums but for CrossEntropy), through
+    SUM_BLOCK >= n_sum lanes; ROWW None. Else LOSS and ROWW [B] the row losses and weights, and SAVED [2C + 1, B]
+    holds e in its last C rows (not for CrossEntropy). Sizes: n_targets the target range (C; OCSoftmax 2).
     """
     pid = tl.program_id(0)
     rows = pid.to(tl.int64) * BLOCK_B + tl.arange(0, BLOCK_B)  # 64-bit: rows * stride can pass 2^31
@@ -87,13 +83,14 @@ def _small_head_fwd_kernel(
     cols = tl.arange(0, BLOCK_C)
     col_mask = cols < C
     # an out-of-range target gets a NaN row weight: a NaN row loss and gradient, no sync or device assert
-    t_safe, valid, row_w = _row_targets(T_ptr, CW_ptr, rows, row_mask, ignore_index, 0, n_targets, n_targets, HAS_CW)
-    lam = _load_lam(LAM_ptr, MARGIN, ACC_DTYPE)
-    acc, xsq, wsq = _row_dot(X_ptr, W_ptr, rows, cols, row_mask, col_mask, D, stride_x_row, stride_x_col,
-                             stride_w_d, stride_w_c, ACC_DTYPE, BLOCK_B, BLOCK_C, BLOCK_K)
-    bias = _bias(BIAS_ptr, cols, col_mask, HAS_BIAS, ACC_DTYPE, BLOCK_C)
+    t_safe, valid, row_w = _row_targets(T_ptr, CW_ptr, rows, row_mask, ignore_index, 0, n_targets, n_targets,
+                                        HAS_CW=HAS_CW)
+    lam = _load_lam(LAM_ptr, MARGIN=MARGIN, ACC_DTYPE=ACC_DTYPE)
+    acc, xsq, wsq = _row_dot(X_ptr, W_ptr, rows, cols, row_mask, col_mask, D, stride_x_row, stride_x_col, stride_w_d,
+                             stride_w_c, ACC_DTYPE=ACC_DTYPE, BLOCK_B=BLOCK_B, BLOCK_C=BLOCK_C, BLOCK_K=BLOCK_K)
+    bias = _bias(BIAS_ptr, cols, col_mask, HAS_BIAS=HAS_BIAS, ACC_DTYPE=ACC_DTYPE, BLOCK_C=BLOCK_C)
     is_target = cols[None, :] == t_safe[:, None]
-    logits, cos, xn, rx, rw = _logit_tile(acc, xsq, wsq, bias, is_target, col_mask, lam, s, m, MARGIN)
+    logits, cos, xn, rx, rw = _logit_tile(acc, xsq, wsq, bias, is_target, col_mask, lam, s, m, MARGIN=MARGIN)
     if MARGIN == MARGIN_ONE_CLASS:
         loss, dcos_y = _one_class(tl.sum(tl.where(col_mask[None, :], cos, 0.0), 1), t_safe == bonafide, row_w,
                                   m_real, m_fake, alpha)
@@ -103,13 +100,13 @@ def _small_head_fwd_kernel(
         m_i = tl.max(logits, 1)
         l_i = tl.sum(tl.exp(logits - m_i[:, None]), 1)
         tgt = tl.sum(tl.where(is_target, logits, 0.0), 1)
-        cw = _class_weights(CW_ptr, cols, col_mask, HAS_CW).to(ACC_DTYPE)
+        cw = _class_weights(CW_ptr, cols, col_mask, HAS_CW=HAS_CW).to(ACC_DTYPE)
         finite = tl.where(col_mask[None, :], logits, 0.0)  # padded columns hold -inf
         loss, lse, coef_p, coef_t = _softmax_epilogue(m_i, l_i, tgt, tl.sum(finite * cw[None, :], 1), tl.sum(cw, 0),
-                                                      row_w, valid, eps, gamma, C, MARGIN, ACC_DTYPE)
+                                                      row_w, valid, eps, gamma, C, MARGIN=MARGIN, ACC_DTYPE=ACC_DTYPE)
         smooth = valid.to(ACC_DTYPE) * eps / C
         dcos, dl = _dcos_tile(logits, cos, xn, is_target, cw, lse, coef_p, coef_t, smooth,
-                              tl.full((BLOCK_B,), 1.0, ACC_DTYPE), lam, s, m, MARGIN)
+                              tl.full((BLOCK_B,), 1.0, ACC_DTYPE), lam, s, m, MARGIN=MARGIN)
         xsum = tl.sum(dl * finite, 1)
     saved = SAVED_ptr + rows
     tile_mask = row_mask[:, None] & col_mask[None, :]
@@ -118,7 +115,7 @@ def _small_head_fwd_kernel(
         tl.store(saved + C * B, tl.zeros_like(loss), mask=row_mask)
     else:
         tl.store(saved[:, None] + cols[None, :] * B, dcos * rx[:, None] * rw[None, :], mask=tile_mask)
-        tl.store(saved + C * B, _dx_coef(rx, tl.sum(dcos * cos, 1), xsum, MARGIN), mask=row_mask)
+        tl.store(saved + C * B, _dx_coef(rx, tl.sum(dcos * cos, 1), xsum, MARGIN=MARGIN), mask=row_mask)
     if REDUCED:
         j = tl.arange(0, SUM_BLOCK)
         row_sums = tl.where(j == 0, tl.sum(tl.where(row_mask, loss, 0.0), 0),
@@ -129,7 +126,7 @@ def _small_head_fwd_kernel(
             e = tl.sum(tl.where(tile_mask, dcos * cos * (rw * rw)[None, :], 0.0), 0)
             sums += tl.sum(tl.where(j[:, None] == cols[None, :] + 2, e[None, :], 0.0), 1)
             n_sum = 2 + C
-        _reduce_sums(WS_ptr, LOSS_ptr, pid, sums, n_sum, reduce, ACC_DTYPE, SUM_BLOCK)
+        _reduce_sums(WS_ptr, LOSS_ptr, pid, sums, n_sum, reduce, ACC_DTYPE=ACC_DTYPE, SUM_BLOCK=SUM_BLOCK)
     else:
         tl.store(LOSS_ptr + rows, loss, mask=row_mask)
         tl.store(ROWW_ptr + rows, row_w, mask=row_mask)
@@ -137,24 +134,27 @@ def _small_head_fwd_kernel(
             tl.store(saved[:, None] + (C + 1 + cols[None, :]) * B, dcos * cos * (rw * rw)[None, :], mask=tile_mask)
 
 
-@_jit
+@triton.heuristics({"REDUCED": has("WS_ptr"), "NEED_DX": has("DX_ptr"), "NEED_DW": has("PART_ptr")})
+@jit_rows
 def _small_head_bwd_kernel(
         X_ptr, W_ptr, SAVED_ptr, G_ptr, WS_ptr, DX_ptr, PART_ptr,
-        B, D, C, blocks_per_prog, stride_x_row, stride_x_col, stride_w_d, stride_w_c, stride_g, stride_p_d,
-        stride_p_c,
-        HAS_XCOEF: tl.constexpr, REDUCED: tl.constexpr, HAS_BIAS: tl.constexpr, NEED_DX: tl.constexpr,
-        NEED_DW: tl.constexpr, ACC_DTYPE: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr,
-        BLOCK_C: tl.constexpr):
+        B, D, C, blocks_per_prog,
+        stride_x_row, stride_x_col, stride_w_d, stride_w_c, stride_g, stride_p_d, stride_p_c,
+        HAS_XCOEF: tl.constexpr, HAS_BIAS: tl.constexpr, REDUCED: tl.constexpr, NEED_DX: tl.constexpr,
+        NEED_DW: tl.constexpr, ACC_DTYPE: tl.constexpr,
+        BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr):
     """dX and this row group's partial P (and d bias) over its `blocks_per_prog` row blocks, one K slice of BLOCK_K
     features; grid: (row groups, K slices).
 
-    X [B, D], W [D, C] (any strides), SAVED [n_saved, B] from the forward, G the upstream gradient: REDUCED ('sum',
-    'mean') one value for every row, times the scale in the forward's workspace WS, whose totals give dW's cosine
-    term sum_i e_ic (program 0 subtracts it); else G [B] per row (any stride). Writes DX [B, D] (contiguous, X's
-    dtype) and PART[group]: dW's partial [D, C] with strides (stride_p_d, stride_p_c) (the weight's layout), then
-    d bias [C] at D * C, in PART's dtype (ACC_DTYPE; a single program writes dW itself, in the weight's dtype when
-    there is no bias). HAS_XCOEF: dX has the b_i x_i term and dW the cosine term (every loss but CrossEntropy); the
-    partials then hold P_c - w_c q_c with this group's q_c = sum_i g_i e_ic, so their sum is dW itself.
+    Pointers: X [B, D], W [D, C] (any strides), SAVED [n_saved, B] from the forward, G the upstream gradient:
+    REDUCED (WS given: 'sum', 'mean') one value for every row, times the scale in the forward's workspace WS, whose
+    totals give dW's cosine term sum_i e_ic (program 0 subtracts it); else G [B] per row (any stride) and WS None.
+    NEED_DX: writes DX [B, D] (contiguous, X's dtype); None when dX is not needed. NEED_DW: writes PART[group]:
+    dW's partial [D, C] with strides (stride_p_d, stride_p_c) (the weight's layout), then d bias [C] at D * C, in
+    PART's dtype (ACC_DTYPE; a single program writes dW itself, in the weight's dtype when there is no bias); None
+    when no weight gradient is needed. HAS_XCOEF: dX has the b_i x_i term and dW the cosine term (every loss but
+    CrossEntropy); the partials then hold P_c - w_c q_c with this group's q_c = sum_i g_i e_ic, so their sum is dW
+    itself.
     """
     pid = tl.program_id(0)
     rb_begin = pid * blocks_per_prog
@@ -163,7 +163,8 @@ def _small_head_bwd_kernel(
     col_mask = cols < C
     ks = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
     kmask = ks < D
-    part = PART_ptr + pid.to(tl.int64) * (D + 1 if HAS_BIAS else D) * C
+    if NEED_DW:  # PART is None without it
+        part = PART_ptr + pid.to(tl.int64) * (D + 1 if HAS_BIAS else D) * C
     g_all = tl.zeros((), ACC_DTYPE)
     if REDUCED:  # one upstream gradient for every row, times the reduction's scale: loaded once
         g_all = tl.load(G_ptr).to(ACC_DTYPE) * tl.load(WS_ptr + WS_SCALE)

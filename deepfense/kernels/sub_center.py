@@ -25,8 +25,8 @@ def _sub_cos_tile(X_ptr, W_ptr, rows, cols, row_mask, col_mask, D, stride_x_row,
     xsq = tl.zeros((BLOCK_B,), ACC_DTYPE)
     for k in range(SUB):  # a loop, not unrolled: one sub-centre's dot live at a time
         acc, xsq, wsq = _dot_tile(X_ptr, W_ptr + k * stride_w_c, rows, cols, row_mask, col_mask, D, stride_x_row,
-                                  stride_x_col, stride_w_d, stride_w_c * SUB, DOT_DTYPE, ACC_DTYPE, PRECISION,
-                                  BLOCK_B, BLOCK_C, BLOCK_K)
+                                  stride_x_col, stride_w_d, stride_w_c * SUB, DOT_DTYPE=DOT_DTYPE, ACC_DTYPE=ACC_DTYPE,
+                                  PRECISION=PRECISION, BLOCK_B=BLOCK_B, BLOCK_C=BLOCK_C, BLOCK_K=BLOCK_K)
         rw = _recip_norm(wsq)
         cos = _clamp_cos(acc * _recip_norm(xsq)[:, None] * rw[None, :])
         take = (cos > best) | ((cos != cos) & (best == best))  # strictly larger (first wins ties), or the first NaN
@@ -44,14 +44,15 @@ def _sub_grad_tile(X_ptr, W_ptr, CW_ptr, rows, row_mask, cols, col_mask, t_safe,
                    BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr):
     """`tiles._grad_tile` over class cosines: dL/dcos of the classes [BLOCK_B, BLOCK_C] (scaled by g), cos, rx, the
     winner's 1/|w| and index (see `_sub_cos_tile`) and the rows' sum of dL/dl_c l_c."""
-    cos, win, rw_win, xsq = _sub_cos_tile(X_ptr, W_ptr, rows, cols, row_mask, col_mask, D, stride_x_row,
-                                          stride_x_col, stride_w_d, stride_w_c, SUB, DOT_DTYPE, ACC_DTYPE, PRECISION,
-                                          BLOCK_B, BLOCK_C, BLOCK_K)
+    cos, win, rw_win, xsq = _sub_cos_tile(X_ptr, W_ptr, rows, cols, row_mask, col_mask, D, stride_x_row, stride_x_col,
+                                          stride_w_d, stride_w_c, SUB=SUB, DOT_DTYPE=DOT_DTYPE, ACC_DTYPE=ACC_DTYPE,
+                                          PRECISION=PRECISION, BLOCK_B=BLOCK_B, BLOCK_C=BLOCK_C, BLOCK_K=BLOCK_K)
     is_target = cols[None, :] == t_safe[:, None]
     xn = tl.sqrt(xsq)
-    logits = _cos_logits(cos, xn, is_target, col_mask, lam, s, m, MARGIN)
-    dcos, xsum = _grad_of_logits(logits, cos, xn, is_target, cols, col_mask, CW_ptr, valid, lse, coef_p, coef_t, g,
-                                 lam, n_smooth, s, m, eps, MARGIN, HAS_CW, DOT_DTYPE, ACC_DTYPE)
+    logits = _cos_logits(cos, xn, is_target, col_mask, lam, s, m, MARGIN=MARGIN)
+    dcos, xsum = _grad_of_logits(logits, cos, xn, is_target, cols, col_mask, CW_ptr, valid, lse, coef_p, coef_t, g, lam,
+                                 n_smooth, s, m, eps=eps, MARGIN=MARGIN, HAS_CW=HAS_CW, DOT_DTYPE=DOT_DTYPE,
+                                 ACC_DTYPE=ACC_DTYPE)
     return dcos, cos, _recip_norm(xsq), rw_win, win, xsum
 
 

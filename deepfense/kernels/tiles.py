@@ -156,7 +156,7 @@ def _logit_tile(acc, xsq, wsq, bias, is_target, col_mask, lam, s, m, MARGIN: tl.
         logits = tl.where(col_mask[None, :], cos, float("-inf"))
     else:
         cos = _clamp_cos(acc * rx[:, None] * rw[None, :])
-        logits = _cos_logits(cos, xn, is_target, col_mask, lam, s, m, MARGIN)
+        logits = _cos_logits(cos, xn, is_target, col_mask, lam, s, m, MARGIN=MARGIN)
     return logits, cos, xn, rx, rw
 
 
@@ -170,11 +170,12 @@ def _cos_logits(cos, xn, is_target, col_mask, lam, s, m, MARGIN: tl.constexpr):
         if MARGIN == MARGIN_ANGULAR:
             logits = xn[:, None] * cos
         elif MARGIN == MARGIN_COMBINED:
-            logits = tl.load(lam + ARC_S).to(cos.dtype) * tl.where(_filtered(cos, is_target, lam, MARGIN), 0.0, cos)
+            filtered = _filtered(cos, is_target, lam, MARGIN=MARGIN)
+            logits = tl.load(lam + ARC_S).to(cos.dtype) * tl.where(filtered, 0.0, cos)
         else:
             logits = s * cos
         cos_y = tl.sum(tl.where(is_target, cos, 0.0), 1)  # the margin maths runs on one column, not the tile
-        logits = tl.where(is_target, _target_logit(cos_y, xn, lam, s, m, MARGIN)[:, None], logits)
+        logits = tl.where(is_target, _target_logit(cos_y, xn, lam, s, m, MARGIN=MARGIN)[:, None], logits)
     return tl.where(col_mask[None, :], logits, float("-inf"))
 
 
@@ -193,12 +194,12 @@ def _dcos_tile(logits, cos, xn, is_target, cw, lse, coef_p, coef_t, smooth, g, l
         dcos = s * dl  # every logit, the target's too, is s cos + const
     elif MARGIN == MARGIN_COMBINED:  # s cos_c, the target's s phi(cos_y); filtered cosines are constants
         cos_y = tl.sum(tl.where(is_target, cos, 0.0), 1)
-        tgrad = _target_logit_grad(cos_y, xn, lam, m, MARGIN)
+        tgrad = _target_logit_grad(cos_y, xn, lam, m, MARGIN=MARGIN)
         dcos = dl * tl.where(is_target, tgrad[:, None], tl.load(lam + ARC_S).to(cos.dtype))
-        dcos = tl.where(_filtered(cos, is_target, lam, MARGIN), 0.0, dcos)
+        dcos = tl.where(_filtered(cos, is_target, lam, MARGIN=MARGIN), 0.0, dcos)
     else:
         cos_y = tl.sum(tl.where(is_target, cos, 0.0), 1)
-        dcos = dl * tl.where(is_target, _target_logit_grad(cos_y, xn, lam, m, MARGIN)[:, None], xn[:, None])
+        dcos = dl * tl.where(is_target, _target_logit_grad(cos_y, xn, lam, m, MARGIN=MARGIN)[:, None], xn[:, None])
     return dcos, dl
 
 
@@ -287,7 +288,7 @@ def _dx_finish(acc_x, x, rx, ssum, xsum, MARGIN: tl.constexpr):
     if MARGIN == MARGIN_NONE:
         return acc_x
     else:
-        return acc_x * rx[:, None] + _dx_coef(rx, ssum, xsum, MARGIN)[:, None] * x
+        return acc_x * rx[:, None] + _dx_coef(rx, ssum, xsum, MARGIN=MARGIN)[:, None] * x
 
 
 @triton.jit
@@ -326,13 +327,15 @@ def _grad_tile(X_ptr, W_ptr, BIAS_ptr, CW_ptr, rows, row_mask, cols, col_mask, t
                BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr):
     """Recompute one logit tile and return dL/dcos (scaled by g), cos, rx, rw and the rows' sum of dL/dl_c l_c.
     n_smooth: the class count of label smoothing's eps / C (all ranks' classes when they are sharded)."""
-    acc, xsq, wsq = _dot_tile(X_ptr, W_ptr, rows, cols, row_mask, col_mask, D, stride_x_row, stride_x_col,
-                              stride_w_d, stride_w_c, DOT_DTYPE, ACC_DTYPE, PRECISION, BLOCK_B, BLOCK_C, BLOCK_K)
-    bias = _bias(BIAS_ptr, cols, col_mask, HAS_BIAS, ACC_DTYPE, BLOCK_C)
+    acc, xsq, wsq = _dot_tile(X_ptr, W_ptr, rows, cols, row_mask, col_mask, D, stride_x_row, stride_x_col, stride_w_d,
+                              stride_w_c, DOT_DTYPE=DOT_DTYPE, ACC_DTYPE=ACC_DTYPE, PRECISION=PRECISION,
+                              BLOCK_B=BLOCK_B, BLOCK_C=BLOCK_C, BLOCK_K=BLOCK_K)
+    bias = _bias(BIAS_ptr, cols, col_mask, HAS_BIAS=HAS_BIAS, ACC_DTYPE=ACC_DTYPE, BLOCK_C=BLOCK_C)
     is_target = cols[None, :] == t_safe[:, None]
-    logits, cos, xn, rx, rw = _logit_tile(acc, xsq, wsq, bias, is_target, col_mask, lam, s, m, MARGIN)
-    dcos, xsum = _grad_of_logits(logits, cos, xn, is_target, cols, col_mask, CW_ptr, valid, lse, coef_p, coef_t, g,
-                                 lam, n_smooth, s, m, eps, MARGIN, HAS_CW, DOT_DTYPE, ACC_DTYPE)
+    logits, cos, xn, rx, rw = _logit_tile(acc, xsq, wsq, bias, is_target, col_mask, lam, s, m, MARGIN=MARGIN)
+    dcos, xsum = _grad_of_logits(logits, cos, xn, is_target, cols, col_mask, CW_ptr, valid, lse, coef_p, coef_t, g, lam,
+                                 n_smooth, s, m, eps=eps, MARGIN=MARGIN, HAS_CW=HAS_CW, DOT_DTYPE=DOT_DTYPE,
+                                 ACC_DTYPE=ACC_DTYPE)
     return dcos, cos, rx, rw, xsum
 
 
@@ -340,14 +343,11 @@ def _grad_tile(X_ptr, W_ptr, BIAS_ptr, CW_ptr, rows, row_mask, cols, col_mask, t
 def _grad_of_logits(logits, cos, xn, is_target, cols, col_mask, CW_ptr, valid, lse, coef_p, coef_t, g, lam, n_smooth,
                     s, m, eps, MARGIN: tl.constexpr, HAS_CW: tl.constexpr, DOT_DTYPE: tl.constexpr,
                     ACC_DTYPE: tl.constexpr):
-    """dL/dcos of a recomputed tile (scaled by g, rounded to DOT_DTYPE) and the rows' sum of dL/dl_c l_c."""
-    if MARGIN == MARGIN_ONE_CLASS:
-        dcos = tl.where(col_mask[None, :], (coef_t * g)[:, None], 0.0)
-        xsum = tl.zeros_like(g)
-    else:
-        cw = _class_weights(CW_ptr, cols, col_mask, HAS_CW).to(ACC_DTYPE)
-        smooth = valid.to(ACC_DTYPE) * eps / n_smooth
-        dcos, dl = _dcos_tile(logits, cos, xn, is_target, cw, lse, coef_p, coef_t, smooth, g, lam, s, m, MARGIN)
-        xsum = tl.sum(dl * tl.where(col_mask[None, :], logits, 0.0), 1)
+    """dL/dcos of a recomputed tile (scaled by g, rounded to DOT_DTYPE) and the rows' sum of dL/dl_c l_c; every
+    loss but OCSoftmax (whose backward is the small-head kernels')."""
+    cw = _class_weights(CW_ptr, cols, col_mask, HAS_CW=HAS_CW).to(ACC_DTYPE)
+    smooth = valid.to(ACC_DTYPE) * eps / n_smooth
+    dcos, dl = _dcos_tile(logits, cos, xn, is_target, cw, lse, coef_p, coef_t, smooth, g, lam, s, m, MARGIN=MARGIN)
+    xsum = tl.sum(dl * tl.where(col_mask[None, :], logits, 0.0), 1)
     # the dots take dcos in DOT_DTYPE; rounding it once here keeps the cos-correction sums consistent with them
     return dcos.to(DOT_DTYPE).to(ACC_DTYPE), xsum

@@ -10,21 +10,20 @@ Accepted config forms (all through `build_loss`):
 
 from __future__ import annotations
 
-import difflib
 import inspect
 import os
 from collections.abc import Mapping
-from typing import Callable, Dict, List, Union
+from typing import Dict, Union
 
 import yaml
 from torch import nn
 
 from . import checks
-from .checks import LossConfigError, MissingKeyError, UnknownKeyError, UnknownLossError, WrongTypeError
-from .margins import ArcFace, CombinedMargin
-from .modules import AMSoftmax, ASoftmax, CrossEntropy, MultiLoss, OCSoftmax
-
-_REGISTRY: Dict[str, type] = {}
+from .checks import LossConfigError, MissingKeyError, UnknownKeyError, WrongTypeError
+# the registry is a leaf that each loss class fills with its `register_loss` decorator (`deepfense.losses` imports
+# them all); re-exported here as the config API
+from .registry import _REGISTRY, get_loss_class, list_losses, loss_classes, register_loss  # noqa: F401
+from .registry import suggest as _suggest
 
 
 class _Required:
@@ -35,56 +34,6 @@ class _Required:
 
 
 REQUIRED = _Required()
-
-
-def register_loss(name: str, *, override: bool = False) -> Callable[[type], type]:
-    """Class decorator that makes a loss buildable from config as ``type: name``.
-
-    The class is constructed with the config keys as keyword arguments; its forward should take
-    ``(embeddings, targets)`` (and may take ``logits=None``). A ``weight`` key that the constructor does not take is
-    kept by `build_loss` as the module's ``loss_weight`` for `MultiLoss`.
-
-    Args:
-        name: the config ``type``; must not be registered already unless `override` is set.
-    """
-    if not isinstance(name, str) or not name:
-        raise WrongTypeError(f"register_loss: the name must be a non-empty string, got {name!r}", "type")
-
-    def decorator(cls: type) -> type:
-        if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
-            raise WrongTypeError(f"register_loss({name!r}): expected an nn.Module subclass, got {cls!r}", "type")
-        if name in _REGISTRY and _REGISTRY[name] is not cls and not override:
-            raise LossConfigError(f"loss type {name!r} is already registered to {_REGISTRY[name].__qualname__}; "
-                                  f"pass override=True to replace it", "type")
-        _REGISTRY[name] = cls
-        return cls
-
-    return decorator
-
-
-for _cls in (AMSoftmax, ASoftmax, OCSoftmax, CrossEntropy, ArcFace, CombinedMargin):
-    register_loss(_cls.__name__)(_cls)
-register_loss("AAMSoftmax")(ArcFace)  # the name speaker recipes (WeSpeaker, SpeechBrain) use
-
-
-def list_losses() -> List[str]:
-    """Names of the registered loss types, sorted."""
-    return sorted(_REGISTRY)
-
-
-def loss_classes() -> List[type]:
-    """The registered loss classes, each once (aliases such as AAMSoftmax share ArcFace's), by registered name."""
-    return list(dict.fromkeys(_REGISTRY[n] for n in list_losses()))
-
-
-def get_loss_class(name: str) -> type:
-    """The class registered as `name`; an `UnknownLossError` naming the registered ones otherwise."""
-    if not isinstance(name, str):
-        raise WrongTypeError(f"loss 'type' must be a string, got {type(name).__name__} {name!r}", "type")
-    if name not in _REGISTRY:
-        raise UnknownLossError(f"unknown loss type {name!r}{_suggest(name, _REGISTRY)}; registered: "
-                               f"{', '.join(list_losses())}", "type")
-    return _REGISTRY[name]
 
 
 def _parameters(cls: type) -> Dict[str, inspect.Parameter]:
@@ -99,11 +48,6 @@ def loss_signature(name: str) -> Dict[str, object]:
     cls = get_loss_class(name)
     shown = getattr(cls, "DISPLAY_DEFAULTS", {})
     return {k: shown.get(k, REQUIRED if p.default is p.empty else p.default) for k, p in _parameters(cls).items()}
-
-
-def _suggest(key: str, valid) -> str:
-    close = difflib.get_close_matches(key, list(valid), n=1, cutoff=0.6) if isinstance(key, str) else []
-    return f" (did you mean {close[0]!r}?)" if close else ""
 
 
 def _load(cfg):
@@ -196,6 +140,7 @@ def build_loss(cfg: Union[Mapping, list, str, os.PathLike]) -> nn.Module:
                 modules.append(_build_one(entry))
             except LossConfigError as e:  # say which entry of the list is wrong
                 raise type(e)(f"loss[{i}]: {e}", e.key) from e
+        from .modules import MultiLoss  # the modules sit above the registry, not below config: imported on use
         return MultiLoss(modules)
     if cfg is None:
         raise MissingKeyError("empty loss config: expected a mapping with a 'type' key, or a list of them", "type")

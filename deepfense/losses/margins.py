@@ -22,6 +22,7 @@ from ..params import Fallback
 from ..reference import class_cosine
 from . import checks
 from .modules import _LossHead, _Mapper, _local_classes
+from .registry import register_loss
 
 FALLBACKS = tuple(f.name.lower() for f in Fallback)
 
@@ -62,6 +63,8 @@ class _AngularMarginHead(_LossHead):
         return self.s * class_cosine(embeddings, self.mapper.weight, self.sub_centers)
 
 
+@register_loss("AAMSoftmax")  # the name speaker recipes (WeSpeaker, SpeechBrain) use
+@register_loss("ArcFace")
 class ArcFace(_AngularMarginHead):
     """Additive angular margin (ArcFace, speaker recipes' AAM-Softmax): logits s*cos_c, target s*cos(theta_y + m).
 
@@ -96,6 +99,7 @@ class ArcFace(_AngularMarginHead):
     _repr_keys = ("embedding_dim", "n_classes", "m", "s", "fallback", "sub_centers", "reduction", "backend")
 
 
+@register_loss("CombinedMargin")
 class CombinedMargin(_AngularMarginHead):
     """insightface's combined margin: target logit s*(cos(m1 theta_y + m2) - m3).
 

@@ -18,6 +18,7 @@ from ..params import Margin
 from ..reference import class_cosine, cosine
 from .. import options
 from . import checks
+from .registry import loss_classes, register_loss
 
 
 class _Mapper(nn.Module):
@@ -40,7 +41,6 @@ class _LossHead(nn.Module):
     def __new__(cls, *args, **kwargs):
         # an unknown keyword gets build_loss's error (naming the loss that takes it, or the nearest key), not
         # Python's bare "unexpected keyword argument"; the siblings are the registry's, as build_loss names them
-        from .config import loss_classes  # config imports this module: resolved at call time
         checks.check_unknown_keys(cls, kwargs, siblings=loss_classes())
         return super().__new__(cls)
 
@@ -162,6 +162,7 @@ class _LossHead(nn.Module):
     _repr_keys = ("embedding_dim", "reduction", "backend")
 
 
+@register_loss("AMSoftmax")
 class AMSoftmax(_LossHead):
     """Additive-margin softmax (CosFace): logits s*cos_c, target logit s*(cos_y - m), softmax cross-entropy.
 
@@ -210,6 +211,7 @@ class AMSoftmax(_LossHead):
         return self.s * class_cosine(embeddings, self.mapper.weight, self.sub_centers)
 
 
+@register_loss("ASoftmax")
 class ASoftmax(_LossHead):
     """Angular softmax (SphereFace) with lambda annealing and a focal factor.
 
@@ -273,6 +275,7 @@ class ASoftmax(_LossHead):
         return torch.linalg.vector_norm(embeddings.to(cos.dtype), dim=1, keepdim=True) * cos
 
 
+@register_loss("OCSoftmax")
 class OCSoftmax(_LossHead):
     """One-class softmax: one bonafide centre; z = alpha (m_real - cos) for bonafide rows, alpha (cos - m_fake) for
     the others; row loss softplus(z).
@@ -336,6 +339,7 @@ def _one_of(owner: str, key: str, value, **aliases):
     return next(iter(given.values()), None)
 
 
+@register_loss("CrossEntropy")
 class CrossEntropy(_LossHead):
     """Linear layer (`fc`, with bias) then softmax cross-entropy.
 
