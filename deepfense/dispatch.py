@@ -23,7 +23,8 @@ import enum
 import torch
 
 from . import reference, torch_plain
-from .inputs import backend_for, check_class_weights, check_finite, check_targets, check_tensors, validating
+from .inputs import (backend_for, check_class_weights, check_finite, check_targets, check_tensors, loss_is_finite,
+                     validating)
 from .options import readable
 from .params import LossParams, Margin
 
@@ -57,8 +58,7 @@ def choose(p: LossParams, x: torch.Tensor, w: torch.Tensor, bias, backend: str, 
     return Path.FUNCTION
 
 
-def run(p: LossParams, x, w, bias, targets, class_weights, lam, *, backend="auto", process_group=None,
-        validate=None):
+def run(p: LossParams, x, w, bias, targets, class_weights, lam, backend="auto", process_group=None, validate=None):
     """The loss of one call, on the path `choose` picks, with the same checks on every path.
 
     w: CrossEntropy's fc.weight [C, D] as given (p.margin NONE), else the [D, C*K] weight. Shapes, dtypes and devices
@@ -66,7 +66,7 @@ def run(p: LossParams, x, w, bias, targets, class_weights, lam, *, backend="auto
     in range, a non-finite loss traced to its input), which follow `inputs.validating`. The plain path's own index
     ops check its targets (and name a bad one) whether or not the value checks run.
     """
-    if isinstance(targets, torch.Tensor) and targets.dtype in _NARROW_INTS:
+    if isinstance(targets, torch.Tensor) and targets.dtype is not torch.int64 and targets.dtype in _NARROW_INTS:
         targets = targets.long()  # torch's index ops take int64: alike on every path
     if process_group is None:  # the sharded path checks its rank's slice against the other ranks' itself
         n_classes = check_tensors(x, w, bias, targets, class_weights, p)
@@ -87,8 +87,8 @@ def run(p: LossParams, x, w, bias, targets, class_weights, lam, *, backend="auto
     except IndexError:  # the plain path's index ops on an out-of-range target: our error names it
         check_targets(targets, n_targets, p)
         raise
-    if checking:
-        check_finite(loss, x=x, weight=w, bias=bias, class_weights=class_weights, lam=lam)
+    if checking and not loss_is_finite(loss):
+        check_finite(loss, x=x, weight=w, bias=bias, class_weights=class_weights, lam=lam)  # names the culprit
     return loss
 
 

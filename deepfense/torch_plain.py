@@ -28,11 +28,6 @@ from .torch_backend import one_class_coefficients, one_class_rows
 # hundred. Near the limits the two paths are within noise of each other, so a machine whose BLAS differs shifts the
 # crossover without costing much on either side of it.
 MAX_ROWS = {Margin.NONE: 4096, Margin.ONE_CLASS: 256}
-# From B*D = 2^17 on, CrossEntropy's logits are computed as W X^T (an [C, B] product with the long D inside), whose
-# backward products are W^T G^T and G^T X: on 2 CPU cores (MKL) the [B, D] x [D, C] product behind `linear` and the
-# X^T G of its weight gradient take a slow path for C this narrow (~75 and ~90 us at B = 256, D = 1024, C = 2, against
-# ~17 and ~19 for these); below it the one `linear` node costs less than the extra transposes' autograd nodes.
-WIDE_GEMM = 1 << 17
 _REDUCTION = {"none": 0, "mean": 1, "sum": 2}  # torch's reduction enum (torch.nn._reduction.get_enum)
 
 
@@ -50,10 +45,9 @@ def serves(p: LossParams, x, w_dtype: torch.dtype, bias, n_classes: int) -> bool
 def cross_entropy(x, w, bias, targets, class_weights, p: LossParams):
     """CrossEntropy on `x` [B, D], fc.weight `w` [C, D], `bias` [C] or None, `targets` [B] int64, class weights [C] or
     None; reduced per `p.reduction`, in x's dtype."""
-    if x.shape[0] * x.shape[1] < WIDE_GEMM:
-        logits = F.linear(x, w, bias)
-    else:  # [C, D] @ [D, B], then a transposed view: see WIDE_GEMM
-        logits = (torch.mm(w, x.t()) if bias is None else torch.addmm(bias[:, None], w, x.t())).t()
+    # the very op nn.Linear runs: another layout of the product (W X^T, transposed) was faster on one machine's BLAS
+    # and slower on another's, so DeepFense's own formulation is the one that holds everywhere
+    logits = F.linear(x, w, bias)
     cw = class_weights if class_weights is None or class_weights.dtype == x.dtype else class_weights.to(x.dtype)
     # torch's mean over no kept weight is 0/0, ours is 0. Eager: a read of the CPU scalar (no device sync) finds it;
     # compiled: the sum over the kept weight, which the compiled graph fuses

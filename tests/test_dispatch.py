@@ -43,8 +43,8 @@ def cuda_policy(monkeypatch):
 
 
 # B = 1 (one row), 8 and 33 (DeepFense's sizes, 33 odd); D = 1 (every cosine +-1) and 160 (a DeepFense embedding);
-# C = 2 (the deepfake head) and 5 (a wider small head); 130 x 1024 takes CrossEntropy's W X^T layout
-# (torch_plain.WIDE_GEMM); float64 checks the formulation tightly.
+# C = 2 (the deepfake head) and 5 (a wider small head); 130 x 1024 a wide embedding; float64 checks the formulation
+# tightly.
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("B,D,C", [(1, 1, 2), (8, 160, 2), (33, 7, 5), (130, 1024, 3)])

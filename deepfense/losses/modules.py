@@ -82,8 +82,9 @@ class _LossHead(nn.Module):
 
     def _loss(self, embeddings, weight, targets, bias=None, lam=None):
         """The loss through the one dispatch point (`deepfense.dispatch.run`), with this head's options."""
+        group = None if self.process_group is None else self._sharding()
         return dispatch.run(self.loss_params(), embeddings, weight, bias, targets, self.class_weights, lam,
-                            backend=self.backend, process_group=self._sharding(), validate=self.validate)
+                            self.backend, group, self.validate)
 
     def check_option(self, name: str, value):
         """`value` checked as option `name` would be on assignment (what `MarginScheduler` writes in place)."""
