@@ -1,7 +1,7 @@
 """Where the plain torch-ops path stops paying: CrossEntropy and OCSoftmax heads (C = 2 / 1) on the CPU, one training
 step (forward, backward into the embeddings and the weight), the plain path (`deepfense.torch_plain`) against the
 closed-form Function (`deepfense.torch_backend`), interleaved, at B from 8 to 65536, D 160 and 1024, class weights on,
-at each thread count asked for. `deepfense.torch_plain.MAX_ROWS` is set from what this prints.
+at each thread count asked for. `deepfense.torch_plain.CE_MAX_ROWS` and `OC_MAX_VALUES` are set from what this prints.
 
     python bench/plain_path.py [--threads 1,2] [--rounds 8]
 """

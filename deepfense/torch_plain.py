@@ -22,20 +22,26 @@ import torch.nn.functional as F
 from .params import SMALL_HEAD_CLASSES, LossParams, Margin
 from .torch_backend import one_class_coefficients, one_class_rows
 
-# Largest batch for which this path beats the Function, fwd+bwd, class weights on, C = 2, D = 160 and 1024
-# (`bench/plain_path.py` prints the ratio; measured on a 2-core AMD EPYC with 1 and 2 torch threads, see
-# docs/decisions.md): CrossEntropy's two fused ops win up to a few thousand rows, OCSoftmax's twenty up to a few
-# hundred. Near the limits the two paths are within noise of each other, so a machine whose BLAS differs shifts the
-# crossover without costing much on either side of it.
-MAX_ROWS = {Margin.NONE: 4096, Margin.ONE_CLASS: 256}
+# Where this path beats the Function, fwd+bwd, class weights on, C = 2 (`bench/plain_path.py` prints the ratio;
+# measured on a 2-core AMD EPYC with 1 and 2 torch threads, see docs/decisions.md): CrossEntropy's two fused ops up to
+# a few thousand rows; OCSoftmax's twenty while the embeddings hold up to 2^16 values (B = 64 at D = 1024, 409 at
+# D = 160), beyond which its extra passes over them cost more than the Function's dispatch. Near the limits the two
+# paths are within noise of each other, so a machine whose BLAS shifts the crossover loses little either way.
+CE_MAX_ROWS = 4096
+OC_MAX_VALUES = 1 << 16
 _REDUCTION = {"none": 0, "mean": 1, "sum": 2}  # torch's reduction enum (torch.nn._reduction.get_enum)
 
 
 def serves(p: LossParams, x, w_dtype: torch.dtype, bias, n_classes: int) -> bool:
-    """Whether this path serves a call: CrossEntropy or OCSoftmax on CPU tensors, a head of at most `SMALL_HEAD_CLASSES`
-    classes and `MAX_ROWS` rows, and one floating dtype (fp32 or fp64) for the embeddings, weight and bias."""
-    rows = MAX_ROWS.get(p.margin)
-    if rows is None or not x.is_cpu or not x.shape[0] <= rows or n_classes > SMALL_HEAD_CLASSES:
+    """Whether this path serves a call: CrossEntropy (up to `CE_MAX_ROWS` rows) or OCSoftmax (embeddings of up to
+    `OC_MAX_VALUES` values) on CPU tensors, a head of at most `SMALL_HEAD_CLASSES` classes, and one floating dtype
+    (fp32 or fp64) for the embeddings, weight and bias."""
+    if p.margin == Margin.NONE:
+        if x.shape[0] > CE_MAX_ROWS:
+            return False
+    elif p.margin != Margin.ONE_CLASS or x.numel() > OC_MAX_VALUES:
+        return False
+    if not x.is_cpu or n_classes > SMALL_HEAD_CLASSES:
         return False
     if x.dtype not in (torch.float32, torch.float64) or w_dtype != x.dtype:
         return False

@@ -43,11 +43,11 @@ def cuda_policy(monkeypatch):
 
 
 # B = 1 (one row), 8 and 33 (DeepFense's sizes, 33 odd); D = 1 (every cosine +-1) and 160 (a DeepFense embedding);
-# C = 2 (the deepfake head) and 5 (a wider small head); 130 x 1024 a wide embedding; float64 checks the formulation
+# C = 2 (the deepfake head) and 5 (a wider small head); 60 x 1024 a wide embedding; float64 checks the formulation
 # tightly.
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
-@pytest.mark.parametrize("B,D,C", [(1, 1, 2), (8, 160, 2), (33, 7, 5), (130, 1024, 3)])
+@pytest.mark.parametrize("B,D,C", [(1, 1, 2), (8, 160, 2), (33, 7, 5), (60, 1024, 3)])
 @pytest.mark.parametrize("loss", ["ce", "oc"])
 def test_plain_path_matches_reference(loss, B, D, C, reduction, dtype, paths):
     case = make_case(loss, B, D, C, dtype, seed=B + D)
@@ -110,7 +110,9 @@ def test_paths_by_shape_and_backend():
     assert path("ce", 8, 2) is Path.PLAIN and path("oc", 8, 1) is Path.PLAIN
     assert path("ce", 8, 2, torch.float16) is Path.FUNCTION  # half inputs: fp32 arithmetic inside
     assert path("ce", 8, SMALL_HEAD_CLASSES + 1) is Path.FUNCTION
-    assert path("oc", torch_plain.MAX_ROWS[Margin.ONE_CLASS] + 1, 1) is Path.FUNCTION
+    assert path("oc", torch_plain.OC_MAX_VALUES // 4, 1) is Path.PLAIN  # D = 4 here
+    assert path("oc", torch_plain.OC_MAX_VALUES // 4 + 1, 1) is Path.FUNCTION
+    assert path("ce", torch_plain.CE_MAX_ROWS + 1, 2) is Path.FUNCTION
     assert path("am", 8, 2) is Path.FUNCTION
     assert path("ce", 8, 2, backend="reference") is Path.REFERENCE
     assert path("am", 8, 2, backend="triton") is Path.SMALL_HEAD
