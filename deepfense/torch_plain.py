@@ -23,11 +23,11 @@ from .params import SMALL_HEAD_CLASSES, LossParams, Margin
 from .torch_backend import one_class_coefficients, one_class_rows
 
 # Where this path beats the Function, fwd+bwd, class weights on, C = 2 (`bench/plain_path.py` prints the ratio;
-# measured on a 2-core AMD EPYC with 1 and 2 torch threads, see docs/decisions.md): CrossEntropy's two fused ops up to
-# a few thousand rows; OCSoftmax's twenty while the embeddings hold up to 2^16 values (B = 64 at D = 1024, 409 at
+# measured on a 2-core AMD EPYC with 1 and 2 torch threads, bench/results/plain-path_*.txt): CrossEntropy's two fused
+# ops up to 16,384 rows (a tie at 65,536); OCSoftmax's twenty while the embeddings hold up to 2^16 values (B = 64 at D = 1024, 409 at
 # D = 160), beyond which its extra passes over them cost more than the Function's dispatch. Near the limits the two
 # paths are within noise of each other, so a machine whose BLAS shifts the crossover loses little either way.
-CE_MAX_ROWS = 4096
+CE_MAX_ROWS = 16384
 OC_MAX_VALUES = 1 << 16
 _REDUCTION = {"none": 0, "mean": 1, "sum": 2}  # torch's reduction enum (torch.nn._reduction.get_enum)
 
