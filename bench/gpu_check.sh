@@ -45,7 +45,7 @@ else
     DEV=cuda
     TESTS=(env DEEPFENSE_TEST_DEVICE=cuda timeout 210 "$PY" -m pytest tests/ -x -q -p no:cacheprovider)
     CHECK=(timeout 30 "$PY" -m deepfense check --device cuda)
-    COMPILE=(timeout 75 "$PY" bench/compile_check.py --dtypes bf16)  # this machine's triton; fp32: README table
+    COMPILE=(timeout 75 "$PY" bench/compile_check.py --dtypes bf16)  # this machine's triton; fp32: docs/kernels.md
     PLAN=(timeout 15 "$PY" -m deepfense bench --plan --losses AMSoftmax,CrossEntropy --dtypes bf16,fp32
           --shapes 65536x1024x2,256x192x5994,1024x512x1000000)
     # the full CUDA sweep: deepfake heads up to B = 65536 (D up to 1024), speaker 128-512 x 192-256 x 5994-17982,

@@ -1,6 +1,6 @@
 """The 'torch' and 'triton' backends against the float64 reference, over losses x dtypes x shapes x options.
 
-On a CPU-only machine the Triton kernels run in the interpreter with 16-wide tiles (deepfense.kernels.ops._blocks),
+On a CPU-only machine the Triton kernels run in the interpreter with 16-wide tiles (deepfense.kernels.plan),
 so the shapes below cross tile boundaries in every dimension while staying small enough for the interpreter.
 """
 

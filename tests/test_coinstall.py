@@ -7,9 +7,10 @@ The venv holds the running torch and what DeepFense's command line imports, inst
 torch DeepFense does not allow: DeepFense with --no-deps, its pure-Python needs in its own version ranges, and
 torchaudio 2.11.1 without its native libraries when they do not load (the registry's builds need a CUDA torch).
 
-Slow (a venv with torch, ~4 min) and needs the package registry (pip), so it carries the `install` marker:
-`pytest -m "not install"` deselects it locally; CI and the README's test command run it. Everything it builds lives in
-pytest's tmp folder, pip runs with --no-cache-dir: nothing is cached outside the run.
+Slow (a venv with torch and DeepFense's dependencies, ~8-10 min on one worker) and needs the package registry (pip), so
+it carries the `install` marker and sits in the exhaustive tier (`-m exhaustive`), which CI runs after the README's
+test command. Everything it builds lives in pytest's tmp folder, pip runs with --no-cache-dir: nothing is cached
+outside the run.
 """
 
 import importlib.util

@@ -53,7 +53,7 @@ def one_compile_thread():
 def test_inductor_fullgraph_matches_eager(monkeypatch, backend, one_compile_thread):
     """Forward and gradients under torch.compile(fullgraph=True) with inductor equal eager's for every loss x C kind x
     reduction x dtype, all in one graph (inductor asserts each custom op's real output strides against its fake's).
-    Heads with C <= 16 run the large-head kernels' one-tile path here (where issue 8's stride bug was); the
+    Heads with C <= 16 run the large-head kernels' one-tile path here (where a fake op's strides once broke compile); the
     small-head path has its own inductor test (tests/test_small_head.py)."""
     from deepfense.kernels import plan
     monkeypatch.setattr(plan, "SMALL_HEADS", False)

@@ -2,7 +2,7 @@
 compiled code (registers, spills, stack, occupancy) is right on kernels whose answer is known.
 
 CI compiles the bf16 variants of the representative training steps (about 45 s on 2 cores); the fp32 variants take
-four minutes more and their table is in the README (`python bench/compile_check.py`)."""
+four minutes more and their table is in docs/kernels.md (`python bench/compile_check.py`)."""
 
 import importlib.util
 import os
@@ -83,7 +83,7 @@ def test_every_planned_bf16_variant_compiles_for_hopper(bf16_check):
 
 
 def test_no_planned_bf16_variant_spills(bf16_check):
-    # issue 8 item 4: every bf16 launch of the representative steps compiles at its planned warps without a
+    # every bf16 launch of the representative steps compiles at its planned warps without a
     # register spill (exit status 1 and a SPILL row otherwise); ok* rows (libdevice's cosf stack array) are not spills
     rows = [ln for ln in bf16_check.stdout.splitlines() if re.match(r"^(ok\*?|SPILL|DIFF)\s", ln)]
     assert rows and not any(ln.startswith("SPILL") for ln in rows), bf16_check.stdout[-3000:]

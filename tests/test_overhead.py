@@ -23,7 +23,7 @@ kernels = pytest.importorskip("deepfense.kernels", reason="the Triton kernels ne
 SYNCS = {"item", "_local_scalar_dense", "nonzero", "is_nonzero", "tolist", "equal"}
 # not counted: autograd's bookkeeping of saved tensors (no memory, no kernel) and dtype arithmetic
 UNCOUNTED = {"detach", "promote_types"}
-STEP_BUDGET = 10  # issue 12: at most 10 torch ops per training step outside the kernel launches
+STEP_BUDGET = 10  # at most 10 torch ops per training step outside the kernel launches
 
 
 class OpCounter(TorchDispatchMode):

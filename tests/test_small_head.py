@@ -260,7 +260,7 @@ def _planned_work(loss, B, D, C, dtype, n_sm=132):
                                           ("ce", 2, torch.float32), ("a", 8, torch.float32),
                                           ("am", 16, torch.bfloat16), ("ce", 16, torch.bfloat16)], ids=str)
 def test_budget_counted(loss, C, dtype, gpu_plan):
-    """Issue 8's small-head budget, counted by tests/work_counter.py on the H200 plan (B = 256, D = 512; the
+    """The small-head bytes budget, counted by tests/work_counter.py on the H200 plan (B = 256, D = 512; the
     bias-and-no-x-term CrossEntropy variant in fp32 and bf16; C = 8 and 16 at 16 warps): 2 launches, x read twice,
     dX written once, all bytes (the kernels' and the launchers' torch ops) <= 1.6x the minimum, multiply-adds <= 2x
     the useful ones; the counts equal the work model's, which the H200-shape test below relies on."""
@@ -283,7 +283,7 @@ def test_budget_h200(B, D, C):
     """The same budget from the work model (checked against the counter above) for every loss, bf16 and fp32, at
     the deepfake heads' H200 shape B = 65536, D = 1024 and at D = 512: bytes <= 1.6x the minimum, multiply-adds
     <= 2x the useful ones, 2 launches. Where it does not hold (8192 x 512 with 16 classes: 1.61x in bf16, the
-    partials of the few row groups; D <= 192 with 4 or more classes) the README says so."""
+    partials of the few row groups; D <= 192 with 4 or more classes) docs/kernels.md says so."""
     for loss in (["oc"] if C == 1 else ["am", "a", "ce"]):
         for dtype in (torch.bfloat16, torch.float32):
             launches, kernel_bytes, post, minimum, macs = _planned_work(loss, B, D, C, dtype)

@@ -1,7 +1,7 @@
 """Parity with the toolkits speaker and face recipes train with, and loading their head checkpoints.
 
-WeSpeaker's, SpeechBrain's and insightface's heads are written here from their published formulas (the facts in
-issue 10), independently of `deepfense.reference`; pytorch-metric-learning is compared directly when installed.
+WeSpeaker's, SpeechBrain's and insightface's heads are written here from their published formulas, independently
+of `deepfense.reference`; pytorch-metric-learning is compared directly when installed.
 Weights are built the way each toolkit names and shapes them ([C, D], or pml's [D, C]). All in float64 on the
 torch backend (the backends agree with the reference in tests/test_arcface.py); `PARITY_TOL` bounds the difference.
 """

@@ -29,7 +29,7 @@ def h200_plan(monkeypatch):
 @pytest.mark.parametrize("loss,B,D,C,budget", [
     ("am", 64, 128, 1024, 5.0),  # D <= 512: forward 1, dX 2 (recompute once over the whole D + accumulate), dW 2
     ("ce", 64, 128, 1024, 5.0),
-    ("arc", 64, 128, 1024, 5.0),  # ArcFace (issue 10): the margin maths is per row, the budgets are the same
+    ("arc", 64, 128, 1024, 5.0),  # ArcFace: the margin maths is per row, the budgets are the same
     ("am", 64, 192, 1024, 5.0),  # D = 192 = 128 + 64: a main and a tail accumulator, no padding to 256
     ("a", 64, 1024, 128, 6.0),  # D = 1024: the feature chunk still holds all of D (BLOCK_B = 16 keeps it small)
 ])

@@ -59,7 +59,7 @@ def sm_count(device: Optional[torch.device]) -> int:
     return 1
 
 
-# fp32 inputs: the dots' input_precision, chosen by measurement (bench/precision_study.py, README "fp32 dot
+# fp32 inputs: the dots' input_precision, chosen by measurement (bench/precision_study.py, docs/kernels.md "fp32 dot
 # precision"): tf32x3 (three tf32 tensor-core dots) meets the error rule as well as IEEE fp32, which runs on the FMA
 # units; plain tf32 fails it (s = 30..64 turns its ~1e-3 operand rounding into 0.01-0.03 logit error).
 # DEEPFENSE_FP32_PRECISION=ieee|tf32x3|tf32 overrides it; the plan's fp32 tiles depend on it (IEEE dots hold their
@@ -248,7 +248,7 @@ def plan_small(margin, B: int, D: int, C: int, x_dtype: torch.dtype, w_dtype: to
     if gpu:
         # 8 or more classes: 8 warps and twice the rows (forward) or features (backward) per program, the same
         # registers per thread; the forward then re-reads w for half as many rows, the backward its per-row
-        # coefficients for half as many K chunks (issue 8's bytes budget at C = 8)
+        # coefficients for half as many K chunks (the small heads' bytes budget at C = 8)
         warps = 16 if bc >= 8 else 4
         elems = _TILE_ELEMS[acc_bytes] * warps // 4
         # at most 64 bytes of its row per thread per K step: 32 fp32 values took 130-150 registers

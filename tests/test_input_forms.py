@@ -1,5 +1,5 @@
-"""Issue 9's newcomer findings: small-int targets on every backend, one error for a foreign key however the loss is
-built, readable NaN messages."""
+"""Input forms: small-int targets on every backend, one error for a foreign key however the loss is built, readable
+NaN messages."""
 
 import pytest
 import torch
