@@ -73,7 +73,8 @@ def measure_cell(loss: str, cw: bool, checks: str, B: int, D: int, rounds: int, 
     gen = torch.Generator().manual_seed(B * 7 + D)
     x = torch.randn(B, D, generator=gen).requires_grad_()
     t = torch.randint(0, 2, (B,), generator=gen)
-    diff = abs(float(_step(ours, x, t)) - float(_step(theirs, x, t))) / max(abs(float(_step(theirs, x, t))), 1e-12)
+    a, b = _step(ours, x, t).item(), _step(theirs, x, t).item()
+    diff = abs(a - b) / max(abs(b), 1e-12)
     start = time.perf_counter()
     for _ in range(3):
         _step(theirs, x, t)
