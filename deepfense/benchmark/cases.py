@@ -99,7 +99,7 @@ def _expand(losses, shapes, dtypes, family, anchors=()):
 ALL = tuple(LOSSES)
 MULTI = ("AMSoftmax", "ASoftmax", "CrossEntropy")  # losses that make sense with many classes
 # The shapes of the CPU table in docs/benchmark.md: the torch backend's fwd+bwd against eager autograd and
-# torch.compile, beside DeepFense 0.2.2's own modules (report.DEEPFENSE_022_CPU_MS).
+# torch.compile.
 REFERENCE_SHAPES = (("AMSoftmax", 256, 192, 2), ("AMSoftmax", 4096, 192, 2), ("AMSoftmax", 128, 192, 5994),
                     ("OCSoftmax", 4096, 192, 1))
 

@@ -9,9 +9,6 @@ from collections import defaultdict
 
 from .cases import REFERENCE_SHAPES
 
-# DeepFense 0.2.2's own modules, fwd+bwd ms, measured once on a 2-core CPU (quoted, not rerun here)
-DEEPFENSE_022_CPU_MS = dict(zip(REFERENCE_SHAPES, (1.2, 8.8, 47.0, 2.3)))
-
 COLUMNS = ["loss", "B", "D", "C", "dtype", "provider", "fwd ms", "fwd+bwd ms", "peak extra MB", "achieved",
            "% of ceiling", "x eager", "x compile", "loss err", "grad err"]
 
@@ -130,19 +127,15 @@ def scaling_table(fits: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def reference_table(rows: list[dict], device: str) -> str:
-    """The reference shapes: the deepfense providers against eager and compile, plus (CPU) the quoted DeepFense 0.2.2
-    times."""
-    quoted = device == "cpu"
-    lines = ["| loss | B | D | C | provider | fwd+bwd ms | x eager | x compile |"
-             + (" DeepFense 0.2.2 ms (quoted, not this run) |" if quoted else ""),
-             "|" + "---|" * (9 if quoted else 8)]
+def reference_table(rows: list[dict]) -> str:
+    """The reference shapes: the deepfense providers against eager and compile (the comparison with DeepFense's own
+    modules is `bench --suite deepfense`, measured side by side)."""
+    lines = ["| loss | B | D | C | provider | fwd+bwd ms | x eager | x compile |", "|" + "---|" * 8]
     for r in rows:
         key = (r.get("loss"), r.get("B"), r.get("D"), r.get("C"))
-        if r["status"] == "ok" and key in DEEPFENSE_022_CPU_MS and r["dtype"] == "fp32":
+        if r["status"] == "ok" and key in REFERENCE_SHAPES and r["dtype"] == "fp32":
             lines.append(f"| {key[0]} | {key[1]} | {key[2]} | {key[3]} | {r['provider']} | {_f(r['fwdbwd_ms'])} | "
-                         f"{_f(r.get('x_eager'), '{:.2f}x')} | {_f(r.get('x_compile'), '{:.2f}x')} |"
-                         + (f" {DEEPFENSE_022_CPU_MS[key]} |" if quoted else ""))
+                         f"{_f(r.get('x_eager'), '{:.2f}x')} | {_f(r.get('x_compile'), '{:.2f}x')} |")
     return "\n".join(lines) if len(lines) > 2 else ""
 
 
@@ -183,7 +176,7 @@ def markdown(meta: dict, rows: list[dict], fits: list[dict]) -> str:
              "deepfense/benchmark/cases.py). Errors: max-norm relative error against the float64 reference "
              "(pml-sphereface against lam=0, gamma=0: the function it computes).",
              f"Absent providers: {absent_note(rows)}.", "", "## Scaling", "", scaling_table(fits)]
-    ref = reference_table(rows, meta["device"])
+    ref = reference_table(rows)
     if ref:
         parts += ["", "## Reference shapes (fwd+bwd)", "", ref]
     vs = versus_table(rows)
