@@ -132,7 +132,8 @@ def _well_formed(x, w, bias, targets, class_weights, p: LossParams, n_weights: O
         cpu = x.is_cpu
         if w.is_cpu != cpu or targets.is_cpu != cpu or not (cpu or x.device == w.device == targets.device):
             return None
-        if bias is not None and (bias.shape != (n_classes,) or bias.is_cpu != cpu or not (cpu or bias.device == x.device)):
+        if bias is not None and (bias.shape != (n_classes,) or bias.is_cpu != cpu
+                                 or not (cpu or bias.device == x.device)):
             return None
         if class_weights is not None:
             n_weights = n_weights or (2 if p.margin == Margin.ONE_CLASS else n_classes)

@@ -13,8 +13,8 @@ from .options import (COSINE, COSINE_MARGIN, NON_NEGATIVE, REDUCTIONS, SCALE, SP
                       check_bool, check_choice, check_ignore_index, check_int, check_label_smoothing)
 
 
-# A small head: at most this many classes (the deepfake heads). The small-head kernels serve these, and on the CPU torch's
-# own ops beat the closed-form Function for them: the [B, C] logits are no bigger than the [B] row statistics.
+# A small head: at most this many classes (the deepfake heads). The small-head kernels serve these, and on the CPU
+# torch's own ops beat the closed-form Function for them: the [B, C] logits are no bigger than the [B] row statistics.
 SMALL_HEAD_CLASSES = 16
 
 

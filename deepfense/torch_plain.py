@@ -24,9 +24,9 @@ from .torch_backend import one_class_coefficients, one_class_rows
 
 # Where this path beats the Function, fwd+bwd, class weights on, C = 2 (`bench/plain_path.py` prints the ratio;
 # measured on a 2-core AMD EPYC with 1 and 2 torch threads, bench/results/plain-path_*.txt): CrossEntropy's two fused
-# ops up to 16,384 rows (a tie at 65,536); OCSoftmax's twenty while the embeddings hold up to 2^16 values (B = 64 at D = 1024, 409 at
-# D = 160), beyond which its extra passes over them cost more than the Function's dispatch. Near the limits the two
-# paths are within noise of each other, so a machine whose BLAS shifts the crossover loses little either way.
+# ops up to 16,384 rows (a tie at 65,536); OCSoftmax's twenty while the embeddings hold up to 2^16 values (B = 64 at
+# D = 1024, 409 at D = 160), beyond which its extra passes over them cost more than the Function's dispatch. Near the
+# limits the two paths are within noise of each other, so a machine whose BLAS shifts the crossover loses little.
 CE_MAX_ROWS = 16384
 OC_MAX_VALUES = 1 << 16
 _REDUCTION = {"none": 0, "mean": 1, "sum": 2}  # torch's reduction enum (torch.nn._reduction.get_enum)
@@ -87,7 +87,10 @@ def one_class(x, w, targets, class_weights, p: LossParams):
     safe = torch.where(kept, targets, 0)  # index_select raises for a target outside {0, 1}, negative ones too
     coef = one_class_coefficients(safe, p, x.dtype)
     rows = one_class_rows(torch.addcmul(coef[:, 1], coef[:, 0], cos))
-    weight = kept.to(x.dtype) if class_weights is None else torch.index_select(class_weights.to(x.dtype), 0, safe) * kept
+    if class_weights is None:
+        weight = kept.to(x.dtype)
+    else:
+        weight = torch.index_select(class_weights.to(x.dtype), 0, safe) * kept
     rows = rows * weight
     if p.reduction == "none":
         return rows

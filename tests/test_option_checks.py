@@ -1,5 +1,6 @@
 """One validation layer: every option is checked by its rule (`deepfense.options`) wherever it enters, with the same
-error on every backend: the functional API, the module constructors, attribute assignment, `MarginScheduler` and YAML."""
+error on every backend: the functional API, the module constructors, attribute assignment, `MarginScheduler` and
+YAML."""
 
 import math
 

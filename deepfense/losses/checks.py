@@ -12,7 +12,7 @@ from typing import Optional
 
 from ..inputs import BACKENDS
 from ..options import (REDUCTIONS, LossConfigError, MissingKeyError, UnknownKeyError, UnknownLossError,  # noqa: F401
-                       Rule, WrongTypeError, _where, check_choice, check_class_weights, check_int, check_label_smoothing)
+                       Rule, WrongTypeError, check_choice, check_class_weights, check_int, check_label_smoothing)
 
 
 def check_float(owner: str, key: str, value, *, low: Optional[float] = None, high: Optional[float] = None,
