@@ -6,10 +6,12 @@ asked for; whether the value checks run never changes its answer:
     path        serves                                                        when
     SHARDED     class-parallel loss over torch.distributed                    process_group is given
     REFERENCE   plain-autograd float64-exact oracle (`deepfense.reference`)   backend='reference'
-    SMALL_HEAD  fused small-head Triton kernels                               triton, C <= 16, no sub-centres
+    SMALL_HEAD  fused small-head Triton kernels                               triton, C <= 16 without sub-centres,
+                                                                              and OCSoftmax
     LARGE_HEAD  fused large-head Triton kernels                               triton, otherwise
-    PLAIN       torch's own ops, autograd's backward (`deepfense.torch_plain`) torch, CPU, CrossEntropy / OCSoftmax,
-                                                                              C <= 16, B <= 65536 / 2048, fp32/fp64
+    PLAIN       torch's own ops, autograd's backward (`deepfense.torch_plain`) torch, CPU, C <= 16, fp32/fp64:
+                                                                              CrossEntropy up to 16,384 rows,
+                                                                              OCSoftmax up to 2^16 embedding values
     FUNCTION    closed-form autograd Function (`deepfense.torch_backend`)     torch, otherwise
 
 `backend='auto'` resolves to 'triton' for CUDA tensors when Triton imports, else 'torch' (`inputs.resolve_backend`).
