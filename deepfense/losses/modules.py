@@ -82,9 +82,8 @@ class _LossHead(nn.Module):
 
     def _loss(self, embeddings, weight, targets, bias=None, lam=None):
         """The loss through the one dispatch point (`deepfense.dispatch.run`), with this head's options."""
-        group = None if self.process_group is None else self._sharding()
         return dispatch.run(self.loss_params(), embeddings, weight, bias, targets, self.class_weights, lam,
-                            self.backend, group, self.validate)
+                            self.backend, self._sharding(), self.validate)
 
     def check_option(self, name: str, value):
         """`value` checked as option `name` would be on assignment (what `MarginScheduler` writes in place)."""
@@ -112,7 +111,7 @@ class _LossHead(nn.Module):
     def _sharding(self):
         """`process_group` as the functional API takes it: with the class count this head was built for, which every
         rank checks against the sum of the ranks' slices (`deepfense.distributed.DeclaredGroup`)."""
-        if getattr(self, "process_group", None) is None:
+        if self.process_group is None:  # a class attribute: None unless the head was built with a group
             return None
         from ..distributed import DeclaredGroup
         return DeclaredGroup(self.process_group, self.n_classes)
