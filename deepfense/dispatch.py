@@ -28,7 +28,7 @@ from . import reference, torch_plain
 from .inputs import (backend_for, check_class_weights, check_finite, check_targets, check_tensors, loss_is_finite,
                      validating)
 from .options import readable
-from .params import LossParams, Margin
+from .params import LossParams, Margin, RowMargin
 
 
 class Path(enum.Enum):
@@ -42,9 +42,12 @@ class Path(enum.Enum):
     FUNCTION = "closed-form torch Function"
 
 
-def choose(p: LossParams, x: torch.Tensor, w: torch.Tensor, bias, backend: str, process_group=None) -> Path:
+def choose(p: LossParams, x: torch.Tensor, w: torch.Tensor, bias, backend: str, process_group=None,
+           lam=None) -> Path:
     """The implementation that serves a call on embeddings `x` [B, D] and weight `w` (CrossEntropy: fc.weight [C, D];
-    the others: [D, C*K]). Reads only shapes, dtypes, devices and options, never tensor values."""
+    the others: [D, C*K]). Reads only shapes, dtypes, devices, options and whether CombinedMargin's margins (`lam`)
+    require grad, never tensor values: such margins take the large-head kernels, whose statistics their gradient
+    is computed from (`kernels.ops.margin_grad_term`)."""
     if process_group is not None:
         return Path.SHARDED
     name = backend_for(backend, x)
@@ -54,6 +57,7 @@ def choose(p: LossParams, x: torch.Tensor, w: torch.Tensor, bias, backend: str, 
     if name == "triton":
         from .kernels import uses_small_head  # imports triton: only when the kernels are asked for
         small = uses_small_head(n_classes, p.sub_centers, one_class=p.margin == Margin.ONE_CLASS)
+        small = small and not (p.margin == Margin.COMBINED and isinstance(lam, torch.Tensor) and lam.requires_grad)
         return Path.SMALL_HEAD if small else Path.LARGE_HEAD
     if torch_plain.serves(p, x, w.dtype, bias, n_classes) and p.sub_centers == 1:
         return Path.PLAIN
@@ -72,7 +76,7 @@ def run(p: LossParams, x, w, bias, targets, class_weights, lam, backend="auto", 
         targets = targets.long()  # torch's index ops take int64: alike on every path
     if process_group is None:  # the sharded path checks its rank's slice against the other ranks' itself
         n_classes = check_tensors(x, w, bias, targets, class_weights, p)
-    path = choose(p, x, w, bias, backend, process_group)
+    path = choose(p, x, w, bias, backend, process_group, lam)
     if path is Path.SHARDED:
         from .distributed import sharded_margin_loss
         return sharded_margin_loss(x, w.t() if p.margin == Margin.NONE else w, bias, targets, class_weights, lam, p,
@@ -124,8 +128,12 @@ def _reference(p, x, w, bias, targets, class_weights, lam):
         return reference.am_softmax_ref(x, w, targets, m=p.m, s=p.s, label_smoothing=p.label_smoothing,
                                         sub_centers=p.sub_centers, **common)
     if p.margin == Margin.COMBINED:
-        s, m2, m3 = (p.s, p.m, p.m3) if lam is None else lam.unbind()
-        return reference.combined_margin_ref(x, w, targets, s=s, m1=p.m1, m2=m2, m3=m3, fallback=p.fallback,
+        from .torch_backend import combined_values  # (s, m1, m2, m3), each broadcasting against the [B, C] cosines
+        s, m1, m2, m3 = combined_values(lam, p)
+        if p.row_margins & RowMargin.CURRICULAR:
+            return reference.curricular_face_ref(x, w, targets, m=m2, s=s, t=lam[4, 0], label_smoothing=p.label_smoothing,
+                                                 **common)
+        return reference.combined_margin_ref(x, w, targets, s=s, m1=m1, m2=m2, m3=m3, fallback=p.fallback,
                                              filter_threshold=p.filter_threshold, straight_through=p.straight_through,
                                              sub_centers=p.sub_centers, label_smoothing=p.label_smoothing, **common)
     if p.margin == Margin.ANGULAR:

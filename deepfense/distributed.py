@@ -277,6 +277,9 @@ def sharded_margin_loss(x, w_dc, bias, targets, class_weights, lam, p: LossParam
         The loss per `p.reduction` (a scalar equal on every rank, or [B_r] for 'none'), float32 (float64 for float64
         inputs). Gradient convention: see the module docstring.
     """
+    if p.margin == Margin.COMBINED and isinstance(lam, torch.Tensor) and lam.requires_grad:
+        raise ValueError("process_group: margins that require grad (MagFace's) are not supported on the class-parallel "
+                         "path; pass detached margins")
     if p.margin == Margin.ONE_CLASS:
         raise ValueError("process_group does not apply to OCSoftmax: it has a single class centre, nothing to shard")
     if isinstance(group, DeclaredGroup):
@@ -297,6 +300,8 @@ def sharded_margin_loss(x, w_dc, bias, targets, class_weights, lam, p: LossParam
     k, n_classes = p.sub_centers, agreed.n_classes
     lay = _Layout(group, rank, world, agreed.sizes, class_slice(n_classes, world, rank)[0], n_classes)
     tg = _gather_rows(targets, lay, fill=p.ignore_index)
+    if p.row_margins:  # per-sample margins travel with their rows: [4, B_r] -> [4, world * bmax]
+        lam = _gather_rows(lam.t(), lay, fill=1.0).t()
     dt = compute_dtype(x, w_dc)
     valid = tg != p.ignore_index
     safe = torch.where(valid, tg, 0).clamp(0, n_classes - 1)

@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 
 from .inputs import check_tensors, resolve_backend
-from .params import REDUCTIONS, LossParams, Margin
+from .params import REDUCTIONS, LossParams, Margin, RowMargin
 
 __all__ = ["RECORD", "Agreement", "DeclaredGroup", "class_slice", "rank_slice", "check_local", "build_record",
            "gather", "exchange", "settle", "set_step", "raise_not_finite"]
@@ -164,7 +164,11 @@ def build_record(group, device, p, *, ok, validate, x=None, w_dc=None, bias=None
             parts += [torch.tensor(v, device=device) for v in _NO_TARGET]
         lam_t = torch.zeros(3, dtype=torch.float64, device=device)
         if lam is not None:
-            flat = torch.as_tensor(lam).detach().to(device=device, dtype=torch.float64).reshape(-1)[:3]
+            flat = torch.as_tensor(lam).detach().to(device=device, dtype=torch.float64)
+            if flat.dim() == 2:  # CombinedMargin's [4, N]: s, m2 and m3 where shared (per-sample values differ)
+                shared = [not p.row_margins & f for f in (RowMargin.S, RowMargin.M2, RowMargin.M3)]
+                flat = flat[[0, 2, 3], 0] * torch.tensor(shared, dtype=torch.float64, device=device)
+            flat = flat.reshape(-1)[:3]
             lam_t[: flat.numel()] = flat
         device_part = torch.cat([torch.stack(parts), lam_t.view(torch.int64)])
     host_part = [_bits(v) if k in _FLOATS else int(v) for k, v in host.items()]

@@ -22,10 +22,11 @@ import torch
 
 from . import dispatch, reference
 from .inputs import BACKENDS, resolve_backend
-from .options import ANGLE, COSINE_MARGIN, NON_NEGATIVE, SCALE
-from .params import Fallback, LossParams, Margin
+from .options import ANGLE, COSINE, COSINE_MARGIN, NON_NEGATIVE, ROW_ANGLE, ROW_COSINE_MARGIN, SCALE, check_rows
+from .params import Fallback, LossParams, Margin, RowMargin
 
 __all__ = ["am_softmax_loss", "a_softmax_loss", "oc_softmax_loss", "cross_entropy_loss", "arcface_loss",
+           "curricular_face_loss",
            "resolve_backend", "BACKENDS"]
 
 
@@ -131,9 +132,14 @@ def arcface_loss(embeddings, weight, targets, *, m=0.2, s=32.0, fallback="wespea
         embeddings: [B, D]; weight: [D, C*K] (K = sub_centers; pytorch-metric-learning's `W` layout); targets: [B].
         m: additive angular margin m2 (radians). s: scale. m, s (and m3) may be 0-dim tensors: a scheduled margin
             then never recompiles under torch.compile (a changed Python float recompiles once, then stays dynamic).
-        fallback: 'wespeaker' | 'speechbrain' | 'pml' | 'easy' | 'none' (insightface); see `deepfense.params.Fallback`.
-        m1: angle multiplier (a Python float); m3: additive cosine margin. ArcFace is m1 = 1, m3 = 0; CosFace
-            (= `am_softmax_loss`) m1 = 1, m = 0, m3 = its m.
+            m, m3 and m1 may also be per-sample tensors [B] (the adaptive-margin heads: AdaFace, MagFace,
+            ElasticFace), read once per row by the kernels; a per-sample m may be negative (within +-pi/2), a
+            per-sample m3 lies in [-2, 2]. A margin tensor that requires grad gets its gradient (MagFace's margin
+            is a function of the feature norm); s takes none.
+        fallback: 'wespeaker' | 'speechbrain' | 'pml' | 'easy' | 'adaface' | 'none' (insightface); see
+            `deepfense.params.Fallback`.
+        m1: angle multiplier (a Python float, or a per-sample tensor); m3: additive cosine margin. ArcFace is
+            m1 = 1, m3 = 0; CosFace (= `am_softmax_loss`) m1 = 1, m = 0, m3 = its m.
         interclass_filtering_threshold: > 0 sets non-target cosines above it to 0 with no gradient (insightface).
         straight_through: insightface's gradient (theta under no_grad): d target logit / d cos_y = s.
         sub_centers: K sub-centres per class; a class's cosine is the max over its K adjacent columns.
@@ -144,16 +150,68 @@ def arcface_loss(embeddings, weight, targets, *, m=0.2, s=32.0, fallback="wespea
     """
     if not isinstance(fallback, str) or fallback.upper() not in Fallback.__members__:
         raise ValueError(f"fallback must be one of {tuple(f.name.lower() for f in Fallback)}, got {fallback!r}")
-    for name, v, rule in (("s", s, SCALE), ("m", m, ANGLE), ("m3", m3, COSINE_MARGIN)):
-        rule("ArcFace", name, v, tensors="cpu")
-    # the runtime scalars (s, m2, m3) travel as one float64 tensor on the embeddings' device, built by arithmetic
-    # (`scalar_like`): a schedule never changes the static options, and torch.compile keeps a Python float symbolic
-    device = embeddings.device if isinstance(embeddings, torch.Tensor) else None
-    like = torch.empty((), dtype=torch.float64, device=device)
-    lam = torch.stack([reference.scalar_like(v, like).reshape(()) for v in (s, m, m3)])
-    p = LossParams(Margin.COMBINED, s=1.0, m=0.0, m1=float(m1), m3=0.0,
-                   fallback=int(Fallback[fallback.upper()]), filter_threshold=float(interclass_filtering_threshold),
-                   straight_through=bool(straight_through), sub_centers=int(sub_centers), ignore_index=ignore_index,
-                   label_smoothing=float(label_smoothing), reduction=reduction)
+    lam, rows = combined_lam(embeddings, s, m1, m, m3)
+    p = loss_params(Margin.COMBINED, s=1.0, m=0.0, m1=1.0 if rows & RowMargin.M1 else float(m1), m3=0.0,
+                    fallback=int(Fallback[fallback.upper()]), filter_threshold=float(interclass_filtering_threshold),
+                    straight_through=bool(straight_through), sub_centers=int(sub_centers), ignore_index=ignore_index,
+                    label_smoothing=float(label_smoothing), reduction=reduction, row_margins=int(rows))
     return dispatch.run(p, embeddings, weight, None, targets, class_weights, lam, backend=backend,
                         process_group=process_group, validate=validate)
+
+
+def combined_lam(embeddings, s, m1, m2, m3, owner="ArcFace"):
+    """CombinedMargin's runtime values as one float64 tensor [4, N] of rows (s, m1, m2, m3) on the embeddings' device,
+    N = B when any is a per-sample [B] tensor (the others broadcast), else 1, and the `RowMargin` flags of the
+    per-sample ones. Each value is checked by its rule (per-sample ones by `options.check_rows`).
+
+    Built by arithmetic (`reference.scalar_like`): a schedule never changes the static options, and torch.compile
+    keeps a Python float symbolic. A margin tensor that requires grad keeps its autograd history through the stack.
+    """
+    is_tensor = isinstance(embeddings, torch.Tensor)
+    n_rows = embeddings.shape[0] if is_tensor and embeddings.dim() >= 1 else None
+    rows = RowMargin(0)
+    values = []
+    for flag, name, v, rule, row_rule in ((RowMargin.S, "s", s, SCALE, None), (RowMargin.M1, "m1", m1, SCALE, SCALE),
+                                          (RowMargin.M2, "m", m2, ANGLE, ROW_ANGLE),
+                                          (RowMargin.M3, "m3", m3, COSINE_MARGIN, ROW_COSINE_MARGIN)):
+        if isinstance(v, torch.Tensor) and v.dim() == 1 and row_rule is not None and n_rows is not None:
+            values.append(check_rows(owner, name, v, row_rule, n_rows))
+            rows |= flag
+        else:
+            if flag == RowMargin.M1:
+                v = SCALE(owner, name, float(v))  # a Python float: 1 selects the identity form (static)
+            else:
+                v = rule(owner, name, v, tensors="cpu")
+            if flag == RowMargin.S and isinstance(v, torch.Tensor) and v.requires_grad:
+                raise ValueError(f"{owner}: 's' takes no gradient; pass s.detach() (only the margins m, m1, m3 are "
+                                 "differentiable)")
+            values.append(v)
+    like = torch.empty((), dtype=torch.float64, device=embeddings.device if is_tensor else None)
+    n = n_rows if rows else 1
+    lam = torch.stack([reference.scalar_like(v, like).reshape(-1).expand(n) for v in values])
+    return lam, rows
+
+
+def curricular_face_loss(embeddings, weight, targets, *, m=0.5, s=64.0, t=0.0, class_weights=None,
+                         ignore_index=-100, label_smoothing=0.0, reduction="mean", backend="auto", validate=None):
+    """CurricularFace: ArcFace's target logit s cos(theta_y + m) (with pytorch-metric-learning's fallback s (cos_y -
+    m sin m) past theta_y = pi - m, as CurricularFace's authors), and every non-target cosine above its row's
+    cos(theta_y + m) (a hard negative) becomes cos (t + cos), t held constant.
+
+    Args:
+        embeddings: [B, D]; weight: [D, C]; targets: [B].
+        m: angular margin (radians); s: scale (floats or 0-dim tensors). t: the running average of the target
+            cosines that weighs the hard negatives, a float or 0-dim tensor in [-1, 1] (it takes no gradient;
+            `deepfense.losses.CurricularFace` keeps it). Other options as `am_softmax_loss` (no process_group).
+
+    Returns:
+        float32 (float64 for float64 inputs) loss: a scalar, or [B] for reduction='none'.
+    """
+    lam, rows = combined_lam(embeddings, s, 1.0, m, 0.0, owner="CurricularFace")
+    t = COSINE("CurricularFace", "t", t, tensors="cpu")
+    t = reference.scalar_like(t, lam).detach().reshape(1).expand(lam.shape[1])
+    p = loss_params(Margin.COMBINED, s=1.0, m=0.0, m1=1.0, m3=0.0, fallback=int(Fallback.PML),
+                    ignore_index=ignore_index, label_smoothing=float(label_smoothing), reduction=reduction,
+                    row_margins=int(rows | RowMargin.CURRICULAR))
+    return dispatch.run(p, embeddings, weight, None, targets, class_weights, torch.cat([lam, t[None]]),
+                        backend=backend, validate=validate)

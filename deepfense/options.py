@@ -162,6 +162,36 @@ ANGLE = Rule(low=0.0, high=ANGLE_MAX, angle=True)  # ArcFace's m, CombinedMargin
 COSINE = Rule(low=-1.0, high=1.0)  # OCSoftmax's m_real / m_fake, a filtering threshold
 FRACTION = Rule(low=0.0, high=1.0)  # label smoothing
 SPHEREFACE_M = Rule(low=1, high=5, integer=True)  # ASoftmax's integer angle multiplier
+# per-sample margins (the adaptive-margin heads): AdaFace's angular margin is negative for high-norm samples and its
+# additive one reaches 2m, ElasticFace's normal draws may fall below 0: a sample's angular margin may take either
+# sign within a right angle, its cosine margin either sign within the width of the cosine's range
+ROW_ANGLE = Rule(low=-ANGLE_MAX, high=ANGLE_MAX, angle=True)
+ROW_COSINE_MARGIN = Rule(low=-2.0, high=2.0)
+
+
+def check_rows(owner: str, key: str, value, rule: Rule, n_rows: int):
+    """A per-sample option: a float tensor of shape [n_rows] (one value per embedding row), returned as it is; its
+    values checked with `rule` where that needs no device sync (`readable`: on the CPU, not while compiling)."""
+    if value.dim() != 1 or value.shape[0] != n_rows or not value.is_floating_point():
+        raise WrongTypeError(f"{_where(owner)}'{key}' must be a number, a 0-dim tensor or a per-sample float tensor "
+                             f"of shape [{n_rows}] (one value per embedding row), got a tensor of shape "
+                             f"{tuple(value.shape)} and dtype {value.dtype}", key)
+    if readable(value) and n_rows:
+        v = value.detach()
+        bad = ~torch.isfinite(v)
+        if rule.low is not None:
+            bad |= v < rule.low
+        if rule.high is not None:
+            bad |= v > rule.high
+        if bad.any():
+            i = int(bad.nonzero()[0, 0])
+            got = float(v[i])
+            hint = ""
+            if rule.angle and rule.high is not None and rule.high < got <= 180.0:
+                hint = "; it looks like degrees: torch.deg2rad turns degrees into radians"
+            raise LossConfigError(f"{_where(owner)}'{key}' must hold {rule.wanted()} in every row, got {got:g} in "
+                                  f"row {i}{hint}", key)
+    return value
 
 
 def check_label_smoothing(owner: str, value, *, allowed: bool) -> float:

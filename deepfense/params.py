@@ -34,7 +34,9 @@ class Fallback(enum.IntEnum):
     With th = cos((pi - m2) / m1) and phi = cos(m1 theta + m2):
     NONE (insightface) phi everywhere; WESPEAKER cos > th ? phi : cos - (1 + cos(pi - m2)); SPEECHBRAIN the same
     with cos clamped to +-(1 - 1e-7) first and cos - m2 sin(pi - m2) past th; PML (pytorch-metric-learning)
-    cos - m2 sin(m2) past th; EASY (easy_margin) cos > 0 ? phi : cos. m3 is subtracted after the fallback.
+    cos - m2 sin(m2) past th; EASY (easy_margin) cos > 0 ? phi : cos. ADAFACE (AdaFace's head): every cosine
+    clamped to +-(1 - ADAFACE_EPS) first, then cos(clip(m1 theta + m2, ADAFACE_EPS, pi - ADAFACE_EPS)), no gradient
+    through a clamp or clip that binds. m3 is subtracted after the fallback.
     """
 
     NONE = 0
@@ -42,6 +44,23 @@ class Fallback(enum.IntEnum):
     SPEECHBRAIN = 2
     PML = 3
     EASY = 4
+    ADAFACE = 5
+
+
+ADAFACE_EPS = 1e-3  # AdaFace's cosine clamp and angle clip (its head's eps)
+
+
+class RowMargin(enum.IntFlag):
+    """Which of CombinedMargin's runtime values (s, m1, m2, m3) are per-sample [B] tensors (`LossParams.row_margins`):
+    the kernels then read that one value per row, and a shared value once. CURRICULAR: CurricularFace's hard
+    negatives, with its running t as a fifth runtime value (shared) and, on the kernels, each row's hard-negative
+    threshold cos(theta_y + m2) (per sample)."""
+
+    S = 1
+    M1 = 2
+    M2 = 4
+    M3 = 8
+    CURRICULAR = 16
 
 
 @dataclass(frozen=True)
@@ -66,6 +85,8 @@ class LossParams:
             no gradient (0 turns it off). straight_through: insightface's gradient, d(target logit)/d cos = s.
         sub_centers: K weight columns per class (AMSoftmax, ArcFace, CombinedMargin); a class's cosine is the max
             over its K adjacent columns.
+        row_margins: a `RowMargin` flag: which of CombinedMargin's runtime values are per-sample tensors, and
+            whether CurricularFace's hard negatives apply.
     """
 
     margin: Margin
@@ -85,6 +106,7 @@ class LossParams:
     filter_threshold: float = 0.0
     straight_through: bool = False
     sub_centers: int = 1
+    row_margins: int = 0
 
     def __post_init__(self):
         """Check every option with its rule (`deepfense.options`); errors name the loss and the option."""
@@ -102,6 +124,7 @@ class LossParams:
                                   f"got {self.sub_centers}", "sub_centers")
         check_choice(owner, "fallback", self.fallback, tuple(Fallback))
         check_bool(owner, "straight_through", self.straight_through)
+        check_int(owner, "row_margins", self.row_margins, low=0, high=2 * int(RowMargin.CURRICULAR) - 1)
 
 
 LOSS_NAMES = {Margin.NONE: "CrossEntropy", Margin.ADDITIVE: "AMSoftmax", Margin.ANGULAR: "ASoftmax",

@@ -18,7 +18,7 @@ import math
 
 import torch
 
-from .params import Fallback
+from .params import ADAFACE_EPS, Fallback
 
 
 def _unit(t: torch.Tensor, dim: int) -> torch.Tensor:
@@ -44,6 +44,16 @@ def class_cosine(embeddings: torch.Tensor, weight: torch.Tensor, sub_centers: in
     return cos
 
 
+def target_cosine(embeddings: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                  sub_centers: int = 1) -> torch.Tensor:
+    """[B]: each row's clamped cosine with its target class (the max over the class's K sub-centre columns), from
+    one gathered weight column per row and sub-centre: x [B, D], weight [D, C*K], targets [B] in [0, C)."""
+    dtype = torch.promote_types(embeddings.dtype, weight.dtype)
+    cols = (targets[:, None] * sub_centers + torch.arange(sub_centers, device=targets.device)).reshape(-1)
+    w_y = _unit(weight.to(dtype).index_select(1, cols), 0).view(weight.shape[0], -1, sub_centers)
+    return torch.einsum("bd,dbk->bk", _unit(embeddings.to(dtype), 1), w_y).clamp(-1.0, 1.0).amax(1)
+
+
 def scalar_like(v, like: torch.Tensor) -> torch.Tensor:
     """A float or 0-dim tensor as a 0-dim tensor of like's dtype and device. Built as zeros + v: under torch.compile
     with inductor, as_tensor / full / scalar_tensor specialise a Python float (a recompile per value) while
@@ -53,20 +63,24 @@ def scalar_like(v, like: torch.Tensor) -> torch.Tensor:
     return torch.zeros((), dtype=like.dtype, device=like.device) + v
 
 
-def arc_margin(cos: torch.Tensor, m1: float, m2, m3, fallback: int = Fallback.NONE) -> torch.Tensor:
-    """The combined-margin target cosine cos(m1 theta + m2) - m3 of target cosines `cos`, with each toolkit's
+def arc_margin(cos: torch.Tensor, m1, m2, m3, fallback: int = Fallback.NONE) -> torch.Tensor:
+    """The combined-margin target cosine cos(m1 theta + m2) - m3 of target cosines `cos` [B, 1], with each toolkit's
     fallback past the monotone range (see `deepfense.params.Fallback`).
 
     m1 is a Python float (1 selects the identity cos(theta + m2) = cos cos m2 - sin sin m2, as WeSpeaker and
-    SpeechBrain compute it); m2, m3 are floats or 0-dim tensors. sin theta is kept >= sqrt(tiny) so that the gradient
-    at cos = +-1 (where d cos / dx = 0) is finite.
+    SpeechBrain compute it) or a per-sample tensor [B, 1]; m2, m3 are floats, 0-dim or per-sample [B, 1] tensors.
+    sin theta is kept >= sqrt(tiny) so that the gradient at cos = +-1 (where d cos / dx = 0) is finite. (ADAFACE
+    expects its cosines already clamped, as `combined_margin_ref` does for every column.)
     """
     fb = Fallback(fallback)
     if fb == Fallback.SPEECHBRAIN:
         cos = cos.clamp(-1.0 + 1e-7, 1.0 - 1e-7)
     m2 = scalar_like(m2, cos)
     sin = torch.sqrt(torch.clamp_min(1.0 - cos * cos, torch.finfo(cos.dtype).tiny))
-    if m1 == 1.0:
+    if fb == Fallback.ADAFACE:
+        angle = m1 * torch.atan2(sin, cos) + m2
+        return torch.cos(torch.clamp(angle, ADAFACE_EPS, math.pi - ADAFACE_EPS)) - m3
+    if isinstance(m1, float) and m1 == 1.0:
         phi = cos * torch.cos(m2) - sin * torch.sin(m2)
     else:
         phi = torch.cos(m1 * torch.atan2(sin, cos) + m2)
@@ -78,6 +92,15 @@ def arc_margin(cos: torch.Tensor, m1: float, m2, m3, fallback: int = Fallback.NO
                  Fallback.PML: m2 * torch.sin(m2)}[fb]
         phi = torch.where(cos > th, phi, cos - shift)
     return phi - m3
+
+
+def row_values(v, like: torch.Tensor):
+    """A CombinedMargin value as it broadcasts against [B, C] cosines: a float as it is, a 0-dim tensor in like's
+    dtype, a per-sample [B] tensor as [B, 1]."""
+    if not isinstance(v, torch.Tensor):
+        return v
+    v = v.to(dtype=like.dtype, device=like.device)
+    return v[:, None] if v.dim() == 1 else v
 
 
 def chebyshev(cos: torch.Tensor, m: int) -> torch.Tensor:
@@ -164,10 +187,15 @@ def combined_margin_ref(embeddings, weight, targets, *, s=64.0, m1=1.0, m2=0.5, 
 
     ArcFace is m1 = 1, m2 = m, m3 = 0; CosFace (= `am_softmax_ref`) m1 = 1, m2 = 0, m3 = m. filter_threshold > 0:
     non-target cosines above it become 0 with no gradient (insightface's interclass filtering). straight_through:
-    the target's gradient is that of s*cos_y (insightface computes theta under no_grad). s, m2, m3: floats or 0-dim
-    tensors. Shapes: x [B, D], weight [D, C*K] (K = sub_centers), targets [B].
+    the target's gradient is that of s*cos_y (insightface computes theta under no_grad). s: a float or 0-dim tensor;
+    m1, m2, m3: floats, 0-dim or per-sample [B] tensors (the adaptive-margin heads), differentiable where they require
+    grad. fallback ADAFACE clamps every cosine to +-(1 - ADAFACE_EPS) first. Shapes: x [B, D], weight [D, C*K]
+    (K = sub_centers), targets [B].
     """
     cos = class_cosine(embeddings, weight, sub_centers).to(_loss_dtype(embeddings, weight))
+    if fallback == Fallback.ADAFACE:
+        cos = cos.clamp(-1.0 + ADAFACE_EPS, 1.0 - ADAFACE_EPS)
+    s, m1, m2, m3 = (row_values(v, cos) for v in (s, m1, m2, m3))
     safe = _row_weights(targets, None, ignore_index, cos.dtype)[1][:, None]
     if filter_threshold > 0:
         target_col = torch.zeros_like(cos, dtype=torch.bool).scatter_(1, safe, True)
@@ -177,6 +205,29 @@ def combined_margin_ref(embeddings, weight, targets, *, s=64.0, m1=1.0, m2=0.5, 
     if straight_through:
         target = cos_y + (target - cos_y).detach()
     logits = s * cos.scatter(1, safe, target)
+    return softmax_ce_ref(logits, targets, class_weights=class_weights, ignore_index=ignore_index,
+                          label_smoothing=label_smoothing, reduction=reduction)
+
+
+def hard_negatives(cos: torch.Tensor, phi_y: torch.Tensor, tcol: torch.Tensor) -> torch.Tensor:
+    """CurricularFace's hard negatives [B, C]: the non-target cosines above their row's margined target cosine
+    phi_y [B, 1] (cos(theta_y + m)); tcol [B, 1] the target column."""
+    return (cos > phi_y).scatter(1, tcol, False)
+
+
+def curricular_face_ref(embeddings, weight, targets, *, m=0.5, s=64.0, t=0.0, class_weights=None, ignore_index=-100,
+                        label_smoothing=0.0, reduction="mean"):
+    """CurricularFace: target logit s cos(theta_y + m), past cos_y <= cos(pi - m) s (cos_y - m sin m); a non-target
+    cosine above the row's cos(theta_y + m) (a hard negative) becomes cos (t + cos), t held constant (the running
+    average of the target cosines, a float or 0-dim tensor). Shapes: x [B, D], weight [D, C], targets [B]."""
+    cos = cosine(embeddings, weight).to(_loss_dtype(embeddings, weight))
+    safe = _row_weights(targets, None, ignore_index, cos.dtype)[1][:, None]
+    cos_y = cos.gather(1, safe)
+    s, m, t = (row_values(v, cos) for v in (s, m, t))
+    target = arc_margin(cos_y, 1.0, m, 0.0, Fallback.PML)  # pml's fallback: cos_y - m sin m
+    hard = hard_negatives(cos, arc_margin(cos_y, 1.0, m, 0.0, Fallback.NONE).detach(), safe)
+    t = scalar_like(t, cos).detach()
+    logits = s * torch.where(hard, cos * (t + cos), cos).scatter(1, safe, target)
     return softmax_ce_ref(logits, targets, class_weights=class_weights, ignore_index=ignore_index,
                           label_smoothing=label_smoothing, reduction=reduction)
 

@@ -13,8 +13,8 @@ import functools
 import torch
 import torch.nn.functional as F
 
-from .params import Fallback, LossParams, Margin
-from .reference import arc_margin, chebyshev, scalar_like
+from .params import ADAFACE_EPS, Fallback, LossParams, Margin, RowMargin
+from .reference import arc_margin, chebyshev, hard_negatives, scalar_like
 
 
 def compute_dtype(*tensors) -> torch.dtype:
@@ -33,36 +33,86 @@ def _sphereface_k(cos: torch.Tensor, m: int) -> torch.Tensor:
     return torch.floor(m * torch.acos(cos) / torch.pi)
 
 
-def _combined_scalars(lam, p: LossParams):
-    """(s, m2, m3) of ArcFace / CombinedMargin: the runtime tensor `lam` [3] when given (a schedule), else p's."""
-    return (p.s, p.m, p.m3) if lam is None else (lam[0], lam[1], lam[2])
+def combined_values(lam, p: LossParams):
+    """(s, m1, m2, m3) of ArcFace / CombinedMargin as they broadcast against [B, C] cosines: from the runtime tensor
+    `lam` [4, N] (`functional.arcface_loss`; N = 1 shared, or B per sample: each row [N, 1]) when given, else p's.
+    m1 stays p's Python float unless it is per sample (`RowMargin.M1`)."""
+    if lam is None:
+        return p.s, p.m1, p.m, p.m3
+    s, m1, m2, m3 = (lam[k].view(-1, 1) for k in range(4))
+    return s, (m1 if p.row_margins & RowMargin.M1 else p.m1), m2, m3
 
 
 def logit_scale(xnorm, lam, p: LossParams):
     """What multiplies every cosine: s, or |x| for ASoftmax."""
     if p.margin == Margin.ANGULAR:
         return xnorm
-    return _combined_scalars(lam, p)[0] if p.margin == Margin.COMBINED else p.s
+    return combined_values(lam, p)[0] if p.margin == Margin.COMBINED else p.s
+
+
+def _margin_branch(c, m1, m2, fb: Fallback):
+    """Where `arc_margin` takes cos(m1 theta + m2) (the rest is its fallback, cos - const), None where it always does
+    (NONE, and ADAFACE, whose clip is handled by its caller)."""
+    if fb == Fallback.EASY:
+        return c > 0
+    if fb in (Fallback.NONE, Fallback.ADAFACE):
+        return None
+    return c > torch.cos(torch.clamp((torch.pi - m2) / m1, 0.0, torch.pi))
+
+
+def _arc_angles(cos, m1, m2, fb: Fallback):
+    """(c, sin theta, 1 / sin theta, m2 as a tensor) of target cosines for `arc_margin`'s derivatives: c clamped as
+    SpeechBrain clamps it; 1 / sin is 0 at cos = +-1, where d cos / dx = 0 and any finite value serves."""
+    c = cos.clamp(-1.0 + 1e-7, 1.0 - 1e-7) if fb == Fallback.SPEECHBRAIN else cos
+    m2 = scalar_like(m2, c) if not isinstance(m2, torch.Tensor) else m2
+    sin = torch.sqrt(torch.clamp_min(1.0 - c * c, 0.0))
+    return c, sin, torch.where(sin > 0, 1.0 / sin, 0.0), m2
+
+
+def _identity(m1) -> bool:
+    """m1 = 1 as a Python float: cos(theta + m2) by the identity c cos m2 - sin sin m2 (as WeSpeaker, SpeechBrain)."""
+    return isinstance(m1, float) and m1 == 1.0
 
 
 def _arc_margin_grad(cos, m1, m2, fallback):
     """d `arc_margin`(cos) / d cos: the margin branch's derivative, 1 on the fallback branches (cos - const)."""
     fb = Fallback(fallback)
-    c = cos.clamp(-1.0 + 1e-7, 1.0 - 1e-7) if fb == Fallback.SPEECHBRAIN else cos
-    m2 = scalar_like(m2, c)
-    sin = torch.sqrt(torch.clamp_min(1.0 - c * c, 0.0))
-    rsin = torch.where(sin > 0, 1.0 / sin, 0.0)  # at cos = +-1, d cos / dx = 0: any finite value serves
-    if m1 == 1.0:
+    c, sin, rsin, m2 = _arc_angles(cos, m1, m2, fb)
+    if fb == Fallback.ADAFACE:  # cos(clip(m1 theta + m2)): d/dc = m1 sin(angle) / sin theta, 0 where the clip binds
+        angle = m1 * torch.atan2(sin, c) + m2
+        return torch.where((angle >= ADAFACE_EPS) & (angle <= torch.pi - ADAFACE_EPS), m1 * torch.sin(angle) * rsin,
+                           0.0)
+    if _identity(m1):
         d = torch.cos(m2) + torch.sin(m2) * c * rsin  # d/dc (c cos m2 - sin sin m2), d sin / dc = -c / sin
     else:
         d = m1 * torch.sin(m1 * torch.atan2(sin, c) + m2) * rsin  # d theta / dc = -1 / sin
-    if fb == Fallback.EASY:
-        d = torch.where(c > 0, d, 1.0)
-    elif fb != Fallback.NONE:
-        d = torch.where(c > torch.cos(torch.clamp((torch.pi - m2) / m1, 0.0, torch.pi)), d, 1.0)
+    branch = _margin_branch(c, m1, m2, fb)
+    if branch is not None:
+        d = torch.where(branch, d, 1.0)
     if fb == Fallback.SPEECHBRAIN:  # SpeechBrain's clamp passes no gradient outside its bounds
         d = torch.where((cos >= -1.0 + 1e-7) & (cos <= 1.0 - 1e-7), d, 0.0)
     return d
+
+
+def arc_margin_param_grads(cos, m1, m2, fallback):
+    """(d phi / d m1, d phi / d m2) of `arc_margin`'s phi = cos(m1 theta + m2) (before m3) at target cosines `cos`:
+    -sin(m1 theta + m2) (theta, 1) on the margin branch; on the fallbacks d/d m2 of the shift they subtract
+    (WeSpeaker 1 - cos m2, SpeechBrain and pml m2 sin m2, easy none) and nothing for m1; 0 where AdaFace's clip
+    binds. (d phi / d m3 is -1.)"""
+    fb = Fallback(fallback)
+    c, sin, _, m2 = _arc_angles(cos, m1, m2, fb)
+    theta = torch.atan2(sin, c)
+    angle = m1 * theta + m2
+    dm2 = -(sin * torch.cos(m2) + c * torch.sin(m2)) if _identity(m1) else -torch.sin(angle)
+    if fb == Fallback.ADAFACE:
+        dm2 = torch.where((angle >= ADAFACE_EPS) & (angle <= torch.pi - ADAFACE_EPS), dm2, 0.0)
+    dm1 = dm2 * theta
+    branch = _margin_branch(c, m1, m2, fb)
+    if branch is not None:
+        shift_grad = {Fallback.EASY: 0.0 * m2, Fallback.WESPEAKER: -torch.sin(m2)}.get(
+            fb, -(torch.sin(m2) + m2 * torch.cos(m2)))
+        dm2, dm1 = torch.where(branch, dm2, shift_grad), torch.where(branch, dm1, 0.0)
+    return dm1, dm2
 
 
 def target_logit(cos_y, xnorm, lam, p: LossParams):
@@ -70,8 +120,8 @@ def target_logit(cos_y, xnorm, lam, p: LossParams):
     if p.margin == Margin.ADDITIVE:
         return p.s * (cos_y - p.m)
     if p.margin == Margin.COMBINED:
-        s, m2, m3 = _combined_scalars(lam, p)
-        return s * arc_margin(cos_y, p.m1, m2, m3, p.fallback)
+        s, m1, m2, m3 = combined_values(lam, p)
+        return s * arc_margin(cos_y, m1, m2, m3, p.fallback)
     m = int(p.m)  # ANGULAR: |x| (lam cos + psi) / (1 + lam), psi = (-1)^k T_m(cos) - 2k
     k = _sphereface_k(cos_y, m)
     psi = (1.0 - 2.0 * torch.remainder(k, 2.0)) * chebyshev(cos_y, m) - 2.0 * k
@@ -82,11 +132,23 @@ def target_logit_grad(cos_y, xnorm, lam, p: LossParams):
     """ASoftmax's d(target logit) / d(cos_y), holding |x| fixed; k carries no gradient. (AMSoftmax's is just s.)
     CombinedMargin's is s d arc_margin / d cos, or s with insightface's straight-through gradient."""
     if p.margin == Margin.COMBINED:
-        s, m2, _ = _combined_scalars(lam, p)
-        return s + 0.0 * cos_y if p.straight_through else s * _arc_margin_grad(cos_y, p.m1, m2, p.fallback)
+        s, m1, m2, _ = combined_values(lam, p)
+        return s + 0.0 * cos_y if p.straight_through else s * _arc_margin_grad(cos_y, m1, m2, p.fallback)
     m = int(p.m)
     dpsi = (1.0 - 2.0 * torch.remainder(_sphereface_k(cos_y, m), 2.0)) * _chebyshev_grad(cos_y, m)
     return xnorm * (lam + dpsi) / (1.0 + lam)
+
+
+def margin_row_grads(cos_y, dlogit_y, lam, p: LossParams):
+    """[4, B]: d(row loss) / d(s, m1, m2, m3) of CombinedMargin through the target logit s (phi(cos_y; m1, m2) - m3),
+    at unit upstream gradient, from the target cosines [B, 1] and dL/d(target logit) [B, 1]. s's entry is 0: only
+    the margins take a gradient (`functional.arcface_loss`), and none with the straight-through gradient, which holds
+    the margin constant."""
+    s, m1, m2, _ = combined_values(lam, p)
+    d_m1, d_m2 = arc_margin_param_grads(cos_y, m1, m2, p.fallback)
+    d = s * dlogit_y
+    rows = torch.cat([torch.zeros_like(d), d * d_m1, d * d_m2, -d], 1).t()
+    return torch.zeros_like(rows) if p.straight_through else rows
 
 
 def cosines(xf, wf):
@@ -157,9 +219,14 @@ class MarginLossFunction(torch.autograd.Function):
             return _finish(ctx, p, rows, row_w, xf, wf, bias, cos, dcos, rx, rw, None, (x.dtype, w.dtype))
 
         lam_t = None if lam is None else torch.as_tensor(lam, dtype=dt, device=x.device)
+        ctx.lam_rows = lam_t.shape[-1] if lam_t is not None and lam_t.dim() == 2 else 1
         dirty = None  # insightface's interclass filtering: non-target cosines above the threshold count as 0
         if p.margin == Margin.COMBINED and p.filter_threshold > 0:
             dirty = (cos > p.filter_threshold).scatter_(1, safe, False)
+        frozen = None  # AdaFace's clamp of every cosine: no gradient where it binds
+        if p.margin == Margin.COMBINED and p.fallback == Fallback.ADAFACE:
+            frozen = (cos < -1.0 + ADAFACE_EPS) | (cos > 1.0 - ADAFACE_EPS)
+            cos = cos.clamp(-1.0 + ADAFACE_EPS, 1.0 - ADAFACE_EPS)
         if p.margin == Margin.NONE:
             logits_y = logits.gather(1, safe)
         else:
@@ -167,6 +234,10 @@ class MarginLossFunction(torch.autograd.Function):
             logits = cos * logit_scale(xnorm, lam_t, p)
             if dirty is not None:
                 logits.masked_fill_(dirty, 0.0)
+            hard = None
+            if p.row_margins & RowMargin.CURRICULAR:  # hard negatives: s cos (t + cos), t constant
+                hard, t = hard_negatives(cos, arc_margin(cos_y, 1.0, combined_values(lam_t, p)[2], 0.0), safe), lam_t[4, 0]
+                logits = torch.where(hard, logits * (t + cos), logits)
             logits_y = target_logit(cos_y, xnorm, lam_t, p)
             logits.scatter_(1, safe, logits_y)
         logp = torch.log_softmax(logits, dim=1)
@@ -182,10 +253,16 @@ class MarginLossFunction(torch.autograd.Function):
         dlogits = dlogits_of(logp.exp_(), coef_p, coef_t, safe, smooth, cw)
         if p.margin == Margin.NONE:
             return _finish(ctx, p, rows, row_w, xf, wf, bias, None, dlogits, None, None, None, (x.dtype, w.dtype))
+        ctx.dlam = None
+        if p.margin == Margin.COMBINED and ctx.needs_input_grad[5]:
+            ctx.dlam = margin_row_grads(cos_y, dlogits.gather(1, safe), lam_t, p)
         tgrad = target_logit_grad(cos_y, xnorm, lam_t, p) if p.margin in (Margin.ANGULAR, Margin.COMBINED) else None
         xscale = dlogits_to_dcos(dlogits, logits, logit_scale(xnorm, lam_t, p), rx, safe, tgrad, p)
-        if dirty is not None:
-            dlogits.masked_fill_(dirty, 0.0)  # filtered cosines are constants
+        if hard is not None:  # d/dcos of cos (t + cos) = t + 2 cos
+            dlogits = torch.where(hard, dlogits * (t + 2.0 * cos), dlogits)
+        for constant in (dirty, frozen):  # filtered cosines are constants, and so are AdaFace's clamped ones
+            if constant is not None:
+                dlogits.masked_fill_(constant, 0.0)
         if p.sub_centers > 1:
             cos, dlogits = cos_cols, to_sub_centers(dlogits, best, p.sub_centers)
         return _finish(ctx, p, rows, row_w, xf, wf, bias, cos, dlogits, rx, rw, xscale, (x.dtype, w.dtype))
@@ -196,7 +273,11 @@ class MarginLossFunction(torch.autograd.Function):
         xf, wf, cos, dcos, rx, rw, xscale, scale = ctx.saved_tensors
         g = (grad[:, None] if p.reduction == "none" else grad) * scale
         dx, dw, db = project_grad(xf, wf, cos, dcos, rx, rw, xscale, ctx.has_bias, row_scale=g)
-        return dx.to(x_dtype), dw.to(w_dtype), db, None, None, None, None
+        dlam = getattr(ctx, "dlam", None)
+        if dlam is not None:  # per-row partials [4, B] times each row's upstream gradient, summed for shared values
+            dlam = dlam * (g.reshape(1, -1) if g.dim() else g)
+            dlam = dlam if ctx.lam_rows > 1 else dlam.sum(1, keepdim=True)
+        return dx.to(x_dtype), dw.to(w_dtype), db, None, None, dlam, None
 
 
 def _one_class_table(p: LossParams, dtype: torch.dtype, device: torch.device) -> torch.Tensor:

@@ -118,19 +118,29 @@ def ce(x, w, t, *, bias=None, class_weights=None, ignore_index=-100, label_smoot
     return _softmax_loss(logits, t, class_weights, ignore_index, label_smoothing, reduction)
 
 
+def _per_row(v, like):
+    """A margin as float64 that broadcasts over rows [B, 1]: a float, a 0-dim or a per-sample [B] tensor."""
+    v = torch.as_tensor(v, dtype=_F64, device=like.device)
+    return v.reshape(-1, 1) if v.dim() == 1 else v
+
+
 def arc_target(c, m1, m2, m3, fallback):
     """The combined-margin target cosine cos(m1 theta + m2) - m3 with a toolkit's fallback past the monotone range
     (`deepfense.params.Fallback`: wespeaker cos - (1 + cos(pi - m2)); speechbrain the same clamp-first with
-    cos - m2 sin(pi - m2); pml cos - m2 sin m2; easy cos where cos <= 0)."""
+    cos - m2 sin(pi - m2); pml cos - m2 sin m2; easy cos where cos <= 0; adaface cos(clip(m1 theta + m2, eps,
+    pi - eps)) with eps = 1e-3, its cosines clamped by the caller). m1, m2, m3: floats or [B, 1] tensors."""
+    m1, m2, m3 = (_per_row(v, c) for v in (m1, m2, m3))
     if fallback == "speechbrain":
         c = c.clamp(-1.0 + 1e-7, 1.0 - 1e-7)
+    if fallback == "adaface":
+        return torch.cos(torch.clip(m1 * torch.acos(c) + m2, min=1e-3, max=math.pi - 1e-3)) - m3
     phi = torch.cos(m1 * _theta(c) + m2)
     if fallback == "easy":
         phi = torch.where(c > 0, phi, c)
     elif fallback != "none":
-        th = math.cos(min(max((math.pi - m2) / m1, 0.0), math.pi))
-        shift = {"wespeaker": 1.0 + math.cos(math.pi - m2), "speechbrain": m2 * math.sin(math.pi - m2),
-                 "pml": m2 * math.sin(m2)}[fallback]
+        th = torch.cos(torch.clamp((math.pi - m2) / m1, 0.0, math.pi))
+        shift = {"wespeaker": 1.0 + torch.cos(math.pi - m2), "speechbrain": m2 * torch.sin(math.pi - m2),
+                 "pml": m2 * torch.sin(m2)}[fallback]
         phi = torch.where(c > th, phi, c - shift)
     return phi - m3
 
@@ -139,17 +149,35 @@ def arc(x, w, t, *, m=0.2, s=32.0, fallback="wespeaker", m1=1.0, m3=0.0, intercl
         straight_through=False, sub_centers=1, class_weights=None, ignore_index=-100, label_smoothing=0.0,
         reduction="mean"):
     """ArcFace / CombinedMargin: logits s cos_c, target s arc_target(cos_y); non-target cosines above the filter
-    threshold count as 0 (constants); straight_through: the target's gradient is that of s cos_y."""
-    m, s, m3 = (float(v) for v in (m, s, m3))
+    threshold count as 0 (constants); straight_through: the target's gradient is that of s cos_y. m, m1, m3 may be
+    per-sample [B] tensors (their gradients follow through autograd); adaface clamps every cosine to +-(1 - 1e-3)."""
+    s = float(s)
     cos = _class_cos(x, w, sub_centers)
+    if fallback == "adaface":
+        cos = cos.clamp(-1.0 + 1e-3, 1.0 - 1e-3)
     safe = torch.where(t != ignore_index, t, torch.zeros_like(t))
     onehot = F.one_hot(safe, cos.shape[1]).bool()
     if interclass_filtering_threshold > 0:
         cos = torch.where((cos > interclass_filtering_threshold) & ~onehot, torch.zeros_like(cos), cos)
-    target = arc_target(cos, float(m1), m, m3, fallback)
+    target = arc_target(cos, m1, m, m3, fallback)
     if straight_through:
         target = cos + (target - cos).detach()
     logits = s * torch.where(onehot, target, cos)
+    return _softmax_loss(logits, t, class_weights, ignore_index, label_smoothing, reduction)
+
+
+def curricular(x, w, t, *, m=0.5, s=64.0, t_run=0.0, class_weights=None, ignore_index=-100, label_smoothing=0.0,
+               reduction="mean"):
+    """CurricularFace: target s cos(theta_y + m), s (cos_y - m sin m) where cos_y <= cos(pi - m); non-target cosines
+    above cos(theta_y + m) become cos (t + cos), t a constant."""
+    cos = _class_cos(x, w)
+    safe = torch.where(t != ignore_index, t, torch.zeros_like(t))
+    onehot = F.one_hot(safe, cos.shape[1]).bool()
+    cos_y = cos.gather(1, safe[:, None])
+    phi = torch.cos(_theta(cos_y) + m)
+    target = torch.where(cos_y > math.cos(math.pi - m), phi, cos_y - m * math.sin(m))
+    hard = (cos > phi.detach()) & ~onehot
+    logits = s * torch.where(onehot, target, torch.where(hard, cos * (float(t_run) + cos), cos))
     return _softmax_loss(logits, t, class_weights, ignore_index, label_smoothing, reduction)
 
 

@@ -25,8 +25,32 @@ O = "tests/test_options.py::"
 OF, OM = O + "test_functional_options_match_oracle", O + "test_module_and_yaml_options_match_oracle"
 KP = "tests/test_kernel_paths.py::"
 BK = "tests/test_backends.py::"
+RM = "tests/test_row_margins.py::"
 
 MUTANTS = [
+    # ---- per-sample margins, AdaFace's fallback, CurricularFace ---------------------------------------------------
+    Mutant("kernels-row-margin-shared", "deepfense/kernels/arc_margin.py",
+           "    if (flags & BIT) != 0:", "    if (flags & BIT) != BIT:",
+           (RM + "test_each_row_takes_its_own_margin[triton]",),
+           "the kernels read every row's margin from one entry: a per-sample margin shared"),
+    Mutant("torch-margin-grads-dropped", "deepfense/torch_backend.py",
+           "return dx.to(x_dtype), dw.to(w_dtype), db, None, None, dlam, None",
+           "return dx.to(x_dtype), dw.to(w_dtype), db, None, None, None, None",
+           (RM + "test_margin_gradients_match_oracle[torch-wespeaker-mean]",),
+           "the torch backend passes the margins no gradient (MagFace's margin frozen)"),
+    Mutant("kernels-margin-grad-term-dropped", "deepfense/kernels/ops.py",
+           "rows = (dl_y * (logit_y - logit_y.detach()))[:, 0]", "rows = (0.0 * (logit_y - logit_y.detach()))[:, 0]",
+           (RM + "test_margin_gradients_match_oracle[triton-pml-none]",),
+           "the kernels' path passes the margins no gradient"),
+    Mutant("kernels-adaface-clip-off", "deepfense/kernels/arc_margin.py",
+           "    ada = fb == FALLBACK_ADAFACE\n", "    ada = fb == -1\n",
+           (RM + "test_adaface_clamp_and_clip_bind[triton]",), "the kernels ignore AdaFace's angle clip"),
+    Mutant("kernels-hard-negatives-off", "deepfense/kernels/tiles.py",
+           "return (cos > lam[6].to(cos.dtype)[:, None]) & (~is_target)", "return (cos > 2.0) & (~is_target)",
+           (RM + "test_curricular_matches_oracle[triton-40-dtype1]",), "the kernels ignore CurricularFace's hard negatives"),
+    Mutant("torch-curricular-t-dropped", "deepfense/torch_backend.py",
+           "logits = torch.where(hard, logits * (t + cos), logits)", "logits = torch.where(hard, logits * cos, logits)",
+           (RM + "test_curricular_matches_oracle[torch-6-dtype1]",), "the torch backend drops CurricularFace's t"),
     # ---- options dropped by a layer ----------------------------------------------------------------------------
     Mutant("am-module-drops-m-s", "deepfense/losses/modules.py",
            "loss_params(Margin.ADDITIVE, s=self.s, m=self.m, ignore_index", "loss_params(Margin.ADDITIVE, ignore_index",
@@ -52,7 +76,7 @@ MUTANTS = [
            "cos, 0.0), 1), t_safe == bonafide, row_w,", "cos, 0.0), 1), t_safe == 1, row_w,",
            (OF + "[oc-triton-interpret]",), "the small-head kernel takes target 1 as bonafide whatever the option"),
     Mutant("kernels-m3-dropped", "deepfense/kernels/arc_margin.py",
-           "return phi - tl.load(LAM + ARC_M3).to(cos.dtype)", "return phi - 0.0 * tl.load(LAM + ARC_M3).to(cos.dtype)",
+           "return phi - lam[4].to(cos.dtype)", "return phi - 0.0 * lam[4].to(cos.dtype)",
            (OF + "[combined-triton-interpret]",), "CombinedMargin's m3 ignored by the kernels"),
     Mutant("kernels-filter-off", "deepfense/kernels/tiles.py",
            "return (cos > tl.where(thr > 0, thr, 2.0)) & (~is_target)", "return (cos > 2.0) & (~is_target)",

@@ -7,21 +7,56 @@ the Triton interpreter. Mirrors `deepfense.reference.arc_margin` (the oracle) an
 import triton
 import triton.language as tl
 
-from ..params import Fallback
+from ..params import ADAFACE_EPS, Fallback, RowMargin
 
 FALLBACK_NONE: tl.constexpr = tl.constexpr(int(Fallback.NONE))
 FALLBACK_WESPEAKER: tl.constexpr = tl.constexpr(int(Fallback.WESPEAKER))
 FALLBACK_SPEECHBRAIN: tl.constexpr = tl.constexpr(int(Fallback.SPEECHBRAIN))
 FALLBACK_EASY: tl.constexpr = tl.constexpr(int(Fallback.EASY))
-# CombinedMargin's runtime scalars, one tensor LAM [ARC_N] (a schedule changes them without recompiling anything)
-ARC_S: tl.constexpr = tl.constexpr(0)
-ARC_M2: tl.constexpr = tl.constexpr(1)
-ARC_M3: tl.constexpr = tl.constexpr(2)
-ARC_M1: tl.constexpr = tl.constexpr(3)
-ARC_FALLBACK: tl.constexpr = tl.constexpr(4)
-ARC_STRAIGHT: tl.constexpr = tl.constexpr(5)
-ARC_FILTER: tl.constexpr = tl.constexpr(6)
-ARC_N = 7
+FALLBACK_ADAFACE: tl.constexpr = tl.constexpr(int(Fallback.ADAFACE))
+ADA_EPS: tl.constexpr = tl.constexpr(ADAFACE_EPS)
+# CombinedMargin's LAM tensor (`common.kernel_lam`): a header of static options, then the runtime values s, m1, m2,
+# m3, CurricularFace's t and the hard-negative threshold in that order, each one entry, or B entries where
+# `RowMargin` (ARC_ROWS) says it is per sample (the threshold: with CURRICULAR; without, one +inf: no hard negative).
+# A schedule or a new batch's margins change them without recompiling anything.
+ARC_FALLBACK: tl.constexpr = tl.constexpr(0)
+ARC_STRAIGHT: tl.constexpr = tl.constexpr(1)
+ARC_FILTER: tl.constexpr = tl.constexpr(2)
+ARC_ROWS: tl.constexpr = tl.constexpr(3)
+ARC_N = 4  # the header's length
+ARC_VALUES: tl.constexpr = tl.constexpr(ARC_N)
+ROW_S: tl.constexpr = tl.constexpr(int(RowMargin.S))
+ROW_M1: tl.constexpr = tl.constexpr(int(RowMargin.M1))
+ROW_M2: tl.constexpr = tl.constexpr(int(RowMargin.M2))
+ROW_M3: tl.constexpr = tl.constexpr(int(RowMargin.M3))
+ROW_CURRICULAR: tl.constexpr = tl.constexpr(int(RowMargin.CURRICULAR))
+
+
+@triton.jit
+def _lam_value(LAM_ptr, off, flags, rows, row_mask, B, BIT: tl.constexpr):
+    """One runtime value for each of `rows` (its B entries when BIT is set in flags, else its one entry, read by
+    every row) and the offset of the next value."""
+    if (flags & BIT) != 0:
+        v = tl.load(LAM_ptr + off + rows, mask=row_mask, other=1.0)
+        nxt = off + B
+    else:  # one scalar load, broadcast
+        v = tl.load(LAM_ptr + off) + tl.zeros_like(rows).to(LAM_ptr.dtype.element_ty)
+        nxt = off + B * 0 + 1  # the same type as off + B
+    return v, nxt
+
+
+@triton.jit
+def _load_arc(LAM_ptr, rows, row_mask, B):
+    """CombinedMargin's `lam` of a row block: (LAM, s, m1, m2, m3, t, hard-negative threshold), the values [BLOCK_B]
+    each."""
+    flags = tl.load(LAM_ptr + ARC_ROWS).to(tl.int32)
+    s, off = _lam_value(LAM_ptr, ARC_VALUES, flags, rows, row_mask, B, BIT=ROW_S)
+    m1, off = _lam_value(LAM_ptr, off, flags, rows, row_mask, B, BIT=ROW_M1)
+    m2, off = _lam_value(LAM_ptr, off, flags, rows, row_mask, B, BIT=ROW_M2)
+    m3, off = _lam_value(LAM_ptr, off, flags, rows, row_mask, B, BIT=ROW_M3)
+    t, off = _lam_value(LAM_ptr, off, flags, rows, row_mask, B, BIT=0)
+    hard, off = _lam_value(LAM_ptr, off, flags, rows, row_mask, B, BIT=ROW_CURRICULAR)
+    return LAM_ptr, s, m1, m2, m3, t, hard
 
 
 @triton.jit
@@ -61,25 +96,33 @@ def _acos(c):
 
 
 @triton.jit
-def _arc_margin(cos, LAM):
+def _arc_margin(cos, lam):
     """CombinedMargin's target cosine cos(m1 theta + m2) - m3 with the toolkit fallback past the monotone range, and
-    its derivative in cos (`deepfense.reference.arc_margin`; scalars from LAM, see ARC_*)."""
-    m1 = tl.load(LAM + ARC_M1).to(cos.dtype)
-    m2 = tl.load(LAM + ARC_M2).to(cos.dtype)
-    fb = tl.load(LAM + ARC_FALLBACK).to(tl.int32)
+    its derivative in cos (`deepfense.reference.arc_margin`); lam from `_load_arc`, cos and its values [BLOCK_B]."""
+    m1 = lam[2].to(cos.dtype)
+    m2 = lam[3].to(cos.dtype)
+    fb = tl.load(lam[0] + ARC_FALLBACK).to(tl.int32)
     c = tl.where(fb == FALLBACK_SPEECHBRAIN, tl.minimum(tl.maximum(cos, -1.0 + 1e-7), 1.0 - 1e-7), cos)
+    c = tl.where(fb == FALLBACK_ADAFACE, tl.minimum(tl.maximum(c, -1.0 + ADA_EPS), 1.0 - ADA_EPS), c)
     sin = tl.sqrt(tl.maximum((1.0 - c) * (1.0 + c), 0.0))  # 1 - c^2 loses digits near |c| = 1
     rsin = tl.where(sin > 0, 1.0 / tl.where(sin > 0, sin, 1.0), 0.0)  # at cos = +-1, dcos/dx = 0: any finite value
     sm, cm = _sincos(m2)
-    s_ang, c_ang = _sincos(m1 * _acos(c) + m2)
+    angle = m1 * _acos(c) + m2
+    # AdaFace clips the angle: cos(clip(angle)), no gradient where the clip binds
+    ada = fb == FALLBACK_ADAFACE
+    s_ang, c_ang = _sincos(tl.where(ada, tl.minimum(tl.maximum(angle, ADA_EPS), 3.141592653589793 - ADA_EPS), angle))
     # m1 = 1: c cos m2 - sin sin m2, d/dc = cos m2 + sin m2 c / sin; else d cos(m1 theta + m2)/dc = m1 sin(.) / sin
-    phi = tl.where(m1 == 1.0, c * cm - sin * sm, c_ang)
-    dphi = tl.where(m1 == 1.0, cm + sm * c * rsin, m1 * s_ang * rsin)
+    identity = (m1 == 1.0) & ~ada
+    phi = tl.where(identity, c * cm - sin * sm, c_ang)
+    dphi = tl.where(identity, cm + sm * c * rsin, m1 * s_ang * rsin)
+    dphi = tl.where(ada & ((angle < ADA_EPS) | (angle > 3.141592653589793 - ADA_EPS)), 0.0, dphi)
     _, th = _sincos(tl.minimum(tl.maximum((3.141592653589793 - m2) / m1, 0.0), 3.141592653589793))
     # WeSpeaker cos - (1 + cos(pi - m2)); SpeechBrain cos - m2 sin(pi - m2) and pml cos - m2 sin m2 are the same
     shift = tl.where(fb == FALLBACK_WESPEAKER, 1.0 - cm, m2 * sm)
-    past = tl.where(fb == FALLBACK_EASY, c <= 0.0, (fb != FALLBACK_NONE) & (c <= th))
+    past = tl.where(fb == FALLBACK_EASY, c <= 0.0, (fb != FALLBACK_NONE) & ~ada & (c <= th))
     phi = tl.where(past, tl.where(fb == FALLBACK_EASY, c, c - shift), phi)
     dphi = tl.where(past, 1.0, dphi)  # the fallbacks are cos - const
-    inside = (fb != FALLBACK_SPEECHBRAIN) | ((cos >= -1.0 + 1e-7) & (cos <= 1.0 - 1e-7))  # SpeechBrain's clamp
-    return phi - tl.load(LAM + ARC_M3).to(cos.dtype), tl.where(inside, dphi, 0.0)
+    # SpeechBrain's and AdaFace's clamps pass no gradient where they bind
+    inside = tl.where(fb == FALLBACK_SPEECHBRAIN, (cos >= -1.0 + 1e-7) & (cos <= 1.0 - 1e-7),
+                      ~ada | ((cos >= -1.0 + ADA_EPS) & (cos <= 1.0 - ADA_EPS)))
+    return phi - lam[4].to(cos.dtype), tl.where(inside, dphi, 0.0)

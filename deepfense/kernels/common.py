@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..params import LossParams, Margin
+from ..params import LossParams, Margin, RowMargin
 
 # triton.jit reads TRITON_INTERPRET when the kernels are decorated; the plan and the launchers follow the same switch.
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -122,19 +122,31 @@ class OpScalars:
         return self.margin == int(Margin.ONE_CLASS)
 
 
-def kernel_lam(lam, p: LossParams, x: torch.Tensor, w: torch.Tensor) -> Optional[torch.Tensor]:
-    """The kernels' LAM tensor: ASoftmax's lambda [1] or 0-dim (fp32); CombinedMargin's scalars [ARC_N] in the
-    accumulator dtype, the runtime (s, m2, m3) from `lam` [3] and the static (m1, fallback, straight_through, filter
-    threshold) from p; None for the other losses."""
+def kernel_lam(lam, p: LossParams, x: torch.Tensor, w: torch.Tensor, targets=None) -> Optional[torch.Tensor]:
+    """The kernels' LAM tensor: ASoftmax's lambda [1] or 0-dim (fp32); CombinedMargin's in the accumulator dtype: the
+    static header (fallback, straight_through, filter threshold, `RowMargin` flags; `arc_margin.ARC_*`) then the
+    runtime values s, m1, m2, m3 (and CurricularFace's t) from `lam` [4 or 5, N] (`functional.combined_lam`; p's
+    when None), a per-sample value's B entries, a shared one's one, and the hard-negative threshold: with
+    `RowMargin.CURRICULAR` each row's cos(theta_y + m2) from its target cosine (`reference.target_cosine`, a
+    gathered column per row: `targets` needed), else +inf; None for the other losses."""
     if p.margin == Margin.ANGULAR:  # the kernels read one value: a 0-dim or [1] tensor goes as it is (no view op)
         lam = torch.as_tensor(lam, dtype=torch.float32, device=x.device)
         return lam if lam.numel() == 1 and lam.dim() <= 1 else lam.reshape(1)
     if p.margin != Margin.COMBINED:
         return None
     acc = dot_dtypes(x, w)[1]
-    runtime = lam.to(device=x.device, dtype=acc).reshape(3) if lam is not None else None
-    if runtime is None:
-        runtime = torch.tensor([p.s, p.m, p.m3], dtype=acc, device=x.device)
-    static = torch.tensor([p.m1, float(p.fallback), float(p.straight_through), p.filter_threshold], dtype=acc,
-                          device=x.device)
-    return torch.cat([runtime, static])
+    if lam is None:
+        lam = torch.tensor([[p.s], [p.m1], [p.m], [p.m3]], dtype=acc, device=x.device)
+    lam = lam.detach().to(device=x.device, dtype=acc)
+    values = [lam[k] if p.row_margins & (1 << k) else lam[k, :1] for k in range(4)]
+    if p.row_margins & RowMargin.CURRICULAR:
+        from ..reference import arc_margin, target_cosine
+        n_classes = w.shape[1]
+        safe = torch.where((targets >= 0) & (targets < n_classes), targets, 0)
+        cos_y = target_cosine(x.detach(), w.detach(), safe).to(acc)[:, None]
+        values += [lam[4, :1], arc_margin(cos_y, 1.0, lam[2].view(-1, 1), 0.0)[:, 0]]
+    else:
+        values += [lam.new_zeros(1), lam.new_full((1,), float("inf"))]
+    header = torch.tensor([float(p.fallback), float(p.straight_through), p.filter_threshold, float(p.row_margins)],
+                          dtype=acc, device=x.device)
+    return torch.cat([header, *values])

@@ -61,7 +61,7 @@ def _margin_ce_fwd_kernel(
     row_mask = rows < B
     t_safe, valid, row_w = _row_targets(T_ptr, CW_ptr, rows, row_mask, ignore_index, c_offset, n_targets, n_total,
                                         HAS_CW=HAS_CW)
-    lam = _load_lam(LAM_ptr, MARGIN=MARGIN, ACC_DTYPE=ACC_DTYPE)
+    lam = _load_lam(LAM_ptr, rows, row_mask, B, MARGIN=MARGIN, ACC_DTYPE=ACC_DTYPE)
     m_i = tl.full((BLOCK_B,), float("-inf"), ACC_DTYPE)
     l_i = tl.zeros((BLOCK_B,), ACC_DTYPE)
     tgt = tl.where(row_w == row_w, 0.0, float("nan")).to(ACC_DTYPE)  # a bad target's NaN reaches the partials
@@ -230,7 +230,7 @@ def _margin_ce_bwd_dx_kernel(
     ds = d0 + tl.arange(0, BLOCK_DO)
     t_safe, valid, _ = _row_targets(T_ptr, CW_ptr, rows, row_mask, ignore_index, c_offset, n_targets, n_targets,
                                     HAS_CW=HAS_CW)
-    lam = _load_lam(LAM_ptr, MARGIN=MARGIN, ACC_DTYPE=ACC_DTYPE)
+    lam = _load_lam(LAM_ptr, rows, row_mask, B, MARGIN=MARGIN, ACC_DTYPE=ACC_DTYPE)
     lse = tl.load(STATS_ptr + STAT_LSE * B + rows, mask=row_mask, other=0.0)
     coef_p = tl.load(STATS_ptr + STAT_COEF_P * B + rows, mask=row_mask, other=0.0)
     coef_t = tl.load(STATS_ptr + STAT_COEF_T * B + rows, mask=row_mask, other=0.0)
@@ -344,7 +344,6 @@ def _margin_ce_bwd_dw_kernel(
     col_mask = cols < C
     pid_d = tl.program_id(0)
     ds = pid_d.to(tl.int64) * BLOCK_DO + tl.arange(0, BLOCK_DO)
-    lam = _load_lam(LAM_ptr, MARGIN=MARGIN, ACC_DTYPE=ACC_DTYPE)
     acc_w = tl.zeros((BLOCK_DO, BLOCK_C), ACC_DTYPE)
     ds_t = BLOCK_DO + tl.arange(0, BLOCK_DT)
     acc_t = tl.zeros((BLOCK_DT, BLOCK_C), ACC_DTYPE)
@@ -358,6 +357,7 @@ def _margin_ce_bwd_dw_kernel(
         row_mask = rows < B
         t_safe, valid, _ = _row_targets(T_ptr, CW_ptr, rows, row_mask, ignore_index, c_offset, n_targets, n_targets,
                                         HAS_CW=HAS_CW)
+        lam = _load_lam(LAM_ptr, rows, row_mask, B, MARGIN=MARGIN, ACC_DTYPE=ACC_DTYPE)
         lse = tl.load(STATS_ptr + STAT_LSE * B + rows, mask=row_mask, other=0.0)
         coef_p = tl.load(STATS_ptr + STAT_COEF_P * B + rows, mask=row_mask, other=0.0)
         coef_t = tl.load(STATS_ptr + STAT_COEF_T * B + rows, mask=row_mask, other=0.0)

@@ -13,7 +13,7 @@ from typing import List, Optional
 import torch
 import triton
 
-from ..params import LossParams, Margin
+from ..params import ADAFACE_EPS, Fallback, LossParams, Margin
 from . import margin_ce as K
 from . import plan as P
 from .common import TL, OpScalars, check_device, dot_dtypes, kernel_lam  # noqa: F401 (kernel_lam: the sharded path)
@@ -271,7 +271,7 @@ def large_head_loss(x, w, bias, targets, class_weights, lam, p: LossParams, clas
     if p.margin == Margin.ONE_CLASS:
         raise ValueError("OCSoftmax runs on the small-head kernels: the large-head kernels have no one-class path")
     check_device(x, w)
-    lam = kernel_lam(lam, p, x, w)
+    lam_k = kernel_lam(lam, p, x, w, targets)
     targets = targets.contiguous()
     class_weights = None if class_weights is None else class_weights.contiguous()
     grad_on = torch.is_grad_enabled()
@@ -280,8 +280,39 @@ def large_head_loss(x, w, bias, targets, class_weights, lam, p: LossParams, clas
     C = w.shape[0] if classes_first else w.shape[1] // p.sub_centers
     sc = OpScalars.of(p, C, classes_first=classes_first)
     fwd = _plan(x, C, sc, w.dtype, need_dx=need_x, need_dw=need_w, uniform_grad=p.reduction != "none")[0]
-    return margin_ce_fwd(x, w, bias, targets, class_weights, lam, *sc.to_lists(), fwd.meta["FUSE_DX"],
-                         fwd.meta["FUSE_DW"])[0]
+    out = margin_ce_fwd(x, w, bias, targets, class_weights, lam_k, *sc.to_lists(), fwd.meta["FUSE_DX"],
+                        fwd.meta["FUSE_DW"])
+    if grad_on and isinstance(lam, torch.Tensor) and lam.requires_grad and not p.straight_through:
+        return out[0] + margin_grad_term(x, w, targets, class_weights, lam, p, out[1], C)
+    return out[0]
+
+
+def margin_grad_term(x, w, targets, class_weights, lam, p: LossParams, ws, n_classes: int):
+    """A term of value 0 whose gradient is the loss's gradient in CombinedMargin's margins (m1, m2, m3 of `lam`
+    [4, N], which the kernels hold constant): dL/d(target logit), from the forward's statistics (`margin_ce`: LSE,
+    COEF_P, COEF_T), times the target logit's derivative in the margins at the target cosine, which torch computes
+    from one gathered weight column per row (a [B, D] read; only when a margin requires grad)."""
+    from ..reference import arc_margin, target_cosine  # the margin formula's one torch home, differentiable in the margins
+    from ..torch_backend import combined_values
+    B = x.shape[0]
+    ws = ws.detach()
+    lse, coef_p, coef_t = ws[2 * B:3 * B], ws[3 * B:4 * B], ws[4 * B:5 * B]
+    valid = targets != p.ignore_index
+    safe = torch.where(valid & (targets >= 0) & (targets < n_classes), targets, 0)
+    with torch.no_grad():
+        cos_y = target_cosine(x, w, safe, p.sub_centers)[:, None]
+    cos_y = cos_y.to(ws.dtype)
+    if p.fallback == Fallback.ADAFACE:
+        cos_y = cos_y.clamp(-1.0 + ADAFACE_EPS, 1.0 - ADAFACE_EPS)
+    s, m1, m2, m3 = combined_values(lam.to(ws.dtype), p)
+    logit_y = s * arc_margin(cos_y, m1, m2, m3, p.fallback)  # differentiable in m1, m2, m3 only
+    cw_y = 1.0 if class_weights is None else class_weights.to(ws.dtype)[safe][:, None]
+    smooth = p.label_smoothing / n_classes * valid.to(ws.dtype)[:, None]
+    dl_y = coef_p[:, None] * torch.exp(logit_y.detach() - lse[:, None]) - coef_t[:, None] - smooth * cw_y
+    rows = (dl_y * (logit_y - logit_y.detach()))[:, 0]
+    if p.reduction == "none":
+        return rows
+    return rows.sum() * (ws[N_STATS * B] if p.reduction == "mean" else 1.0)
 
 
 def partial_row_stats(x, w, bias, targets, class_weights, lam, floats: List[float], ints: List[int]):

@@ -195,7 +195,7 @@ def small_head_loss(x, w_dc, bias, targets, class_weights, lam, p: LossParams, c
     C = _w_layout(w_dc, classes_first)[0]
     if not 1 <= C <= SMALL_C:
         raise ValueError(f"the small-head path takes 1..{SMALL_C} classes, got {C}")
-    lam = kernel_lam(lam, p, x, w_dc)
+    lam = kernel_lam(lam, p, x, w_dc, targets)
     class_weights = None if class_weights is None else class_weights.contiguous()
     # the reduction runs inside the op: no autograd graph of torch ops around it
     return small_head_fwd(x, w_dc, bias, targets.contiguous(), class_weights, lam,

@@ -85,7 +85,7 @@ def _small_head_fwd_kernel(
     # an out-of-range target gets a NaN row weight: a NaN row loss and gradient, no sync or device assert
     t_safe, valid, row_w = _row_targets(T_ptr, CW_ptr, rows, row_mask, ignore_index, 0, n_targets, n_targets,
                                         HAS_CW=HAS_CW)
-    lam = _load_lam(LAM_ptr, MARGIN=MARGIN, ACC_DTYPE=ACC_DTYPE)
+    lam = _load_lam(LAM_ptr, rows, row_mask, B, MARGIN=MARGIN, ACC_DTYPE=ACC_DTYPE)
     acc, xsq, wsq = _row_dot(X_ptr, W_ptr, rows, cols, row_mask, col_mask, D, stride_x_row, stride_x_col, stride_w_d,
                              stride_w_c, ACC_DTYPE=ACC_DTYPE, BLOCK_B=BLOCK_B, BLOCK_C=BLOCK_C, BLOCK_K=BLOCK_K)
     bias = _bias(BIAS_ptr, cols, col_mask, HAS_BIAS=HAS_BIAS, ACC_DTYPE=ACC_DTYPE, BLOCK_C=BLOCK_C)

@@ -8,7 +8,7 @@ import triton
 import triton.language as tl
 
 from ..params import Margin
-from .arc_margin import ARC_FILTER, ARC_S, ARC_STRAIGHT, _arc_margin
+from .arc_margin import ADA_EPS, ARC_FALLBACK, ARC_FILTER, ARC_STRAIGHT, FALLBACK_ADAFACE, _arc_margin, _load_arc
 
 STAT_LOSS: tl.constexpr = tl.constexpr(0)
 STAT_ROWW: tl.constexpr = tl.constexpr(1)
@@ -102,7 +102,7 @@ def _target_logit(cos, xn, lam, s, m, MARGIN: tl.constexpr):
         return s * (cos - m)
     elif MARGIN == MARGIN_COMBINED:
         phi, _ = _arc_margin(cos, lam)
-        return tl.load(lam + ARC_S).to(cos.dtype) * phi
+        return lam[1].to(cos.dtype) * phi
     else:
         psi, _ = _sphereface_psi(cos, m)
         return xn * (lam * cos + psi) / (1.0 + lam)
@@ -114,8 +114,8 @@ def _target_logit_grad(cos, xn, lam, m, MARGIN: tl.constexpr):
     s arc_margin'(cos), or s with insightface's straight-through gradient. (AMSoftmax's is s, as every column's.)"""
     if MARGIN == MARGIN_COMBINED:
         _, dphi = _arc_margin(cos, lam)
-        s = tl.load(lam + ARC_S).to(cos.dtype)
-        return tl.where(tl.load(lam + ARC_STRAIGHT) != 0, s, s * dphi)
+        s = lam[1].to(cos.dtype)
+        return tl.where(tl.load(lam[0] + ARC_STRAIGHT) != 0, s, s * dphi)
     else:
         _, dpsi = _sphereface_psi(cos, m)
         return xn * (lam + dpsi) / (1.0 + lam)
@@ -125,21 +125,38 @@ def _target_logit_grad(cos, xn, lam, m, MARGIN: tl.constexpr):
 def _filtered(cos, is_target, lam, MARGIN: tl.constexpr):
     """insightface's interclass filtering: the non-target cosines above ARC_FILTER (when > 0) count as 0."""
     if MARGIN == MARGIN_COMBINED:
-        thr = tl.load(lam + ARC_FILTER).to(cos.dtype)
+        thr = tl.load(lam[0] + ARC_FILTER).to(cos.dtype)
         return (cos > tl.where(thr > 0, thr, 2.0)) & (~is_target)  # thr <= 0: off (no cosine exceeds 2)
     else:
         return cos < -2.0  # nothing is filtered
 
 
 @triton.jit
-def _load_lam(LAM_ptr, MARGIN: tl.constexpr, ACC_DTYPE: tl.constexpr):
-    """What the tile helpers take as `lam`: ASoftmax's lambda, CombinedMargin's scalar pointer LAM, else 0."""
+def _load_lam(LAM_ptr, rows, row_mask, B, MARGIN: tl.constexpr, ACC_DTYPE: tl.constexpr):
+    """What the tile helpers take as `lam` for these rows: ASoftmax's lambda, CombinedMargin's (LAM, s, m1, m2, m3)
+    (`arc_margin._load_arc`: a per-sample value read once per row, a shared one once), else 0."""
     if MARGIN == MARGIN_ANGULAR:
         return tl.load(LAM_ptr).to(ACC_DTYPE)
     elif MARGIN == MARGIN_COMBINED:
-        return LAM_ptr
+        return _load_arc(LAM_ptr, rows, row_mask, B)
     else:
         return 0.0
+
+
+@triton.jit
+def _hard(cos, is_target, lam):
+    """CurricularFace's hard negatives of a tile: the non-target cosines above their row's threshold (`_load_arc`)."""
+    return (cos > lam[6].to(cos.dtype)[:, None]) & (~is_target)
+
+
+@triton.jit
+def _ada_clamp(cos, lam, MARGIN: tl.constexpr):
+    """Whether each cosine of a tile lies outside AdaFace's clamp +-(1 - eps) (fallback ADAFACE; never otherwise)."""
+    if MARGIN == MARGIN_COMBINED:
+        ada = tl.load(lam[0] + ARC_FALLBACK).to(tl.int32) == FALLBACK_ADAFACE
+        return ada & ((cos < -1.0 + ADA_EPS) | (cos > 1.0 - ADA_EPS))
+    else:
+        return cos < -2.0  # nothing is clamped
 
 
 @triton.jit
@@ -171,7 +188,12 @@ def _cos_logits(cos, xn, is_target, col_mask, lam, s, m, MARGIN: tl.constexpr):
             logits = xn[:, None] * cos
         elif MARGIN == MARGIN_COMBINED:
             filtered = _filtered(cos, is_target, lam, MARGIN=MARGIN)
-            logits = tl.load(lam + ARC_S).to(cos.dtype) * tl.where(filtered, 0.0, cos)
+            cos = tl.where(_ada_clamp(cos, lam, MARGIN=MARGIN), tl.minimum(tl.maximum(cos, -1.0 + ADA_EPS),
+                                                                           1.0 - ADA_EPS), cos)
+            # CurricularFace's hard negatives cos (t + cos) (none unless it set a finite threshold)
+            hard = _hard(cos, is_target, lam)
+            logits = lam[1].to(cos.dtype)[:, None] * tl.where(filtered, 0.0, tl.where(
+                hard, cos * (lam[5].to(cos.dtype)[:, None] + cos), cos))
         else:
             logits = s * cos
         cos_y = tl.sum(tl.where(is_target, cos, 0.0), 1)  # the margin maths runs on one column, not the tile
@@ -195,8 +217,9 @@ def _dcos_tile(logits, cos, xn, is_target, cw, lse, coef_p, coef_t, smooth, g, l
     elif MARGIN == MARGIN_COMBINED:  # s cos_c, the target's s phi(cos_y); filtered cosines are constants
         cos_y = tl.sum(tl.where(is_target, cos, 0.0), 1)
         tgrad = _target_logit_grad(cos_y, xn, lam, m, MARGIN=MARGIN)
-        dcos = dl * tl.where(is_target, tgrad[:, None], tl.load(lam + ARC_S).to(cos.dtype))
-        dcos = tl.where(_filtered(cos, is_target, lam, MARGIN=MARGIN), 0.0, dcos)
+        hard_grad = tl.where(_hard(cos, is_target, lam), lam[5].to(cos.dtype)[:, None] + 2.0 * cos, 1.0)
+        dcos = dl * tl.where(is_target, tgrad[:, None], lam[1].to(cos.dtype)[:, None] * hard_grad)
+        dcos = tl.where(_filtered(cos, is_target, lam, MARGIN=MARGIN) | _ada_clamp(cos, lam, MARGIN=MARGIN), 0.0, dcos)
     else:
         cos_y = tl.sum(tl.where(is_target, cos, 0.0), 1)
         dcos = dl * tl.where(is_target, _target_logit_grad(cos_y, xn, lam, m, MARGIN=MARGIN)[:, None], xn[:, None])
