@@ -31,10 +31,13 @@ class Margin(enum.IntEnum):
 class Fallback(enum.IntEnum):
     """ArcFace's target cosine where cos(m1 theta + m2) stops decreasing (theta > (pi - m2) / m1), by toolkit.
 
-    With th = cos((pi - m2) / m1) and phi = cos(m1 theta + m2):
-    NONE (insightface) phi everywhere; WESPEAKER cos > th ? phi : cos - (1 + cos(pi - m2)); SPEECHBRAIN the same
-    with cos clamped to +-(1 - 1e-7) first and cos - m2 sin(pi - m2) past th; PML (pytorch-metric-learning)
-    cos - m2 sin(m2) past th; EASY (easy_margin) cos > 0 ? phi : cos. m3 is subtracted after the fallback.
+    With th = cos((pi - m2) / m1) and phi = cos(m1 theta + m2), each with its toolkit's rule at the switch point:
+    NONE (insightface) phi everywhere; WESPEAKER cos > th ? phi : cos - (1 + cos(pi - m2)) (WeSpeaker's
+    `torch.where(cosine > self.th, phi, cosine - self.mmm)`); SPEECHBRAIN cos clamped to +-(1 - 1e-7) first, then
+    cos > th ? phi : cos - m2 sin(pi - m2) (`torch.where(cosine > self.th, phi, cosine - self.mm)`); PML
+    (pytorch-metric-learning) cos >= th ? phi : cos - m2 sin(m2): its ArcFaceLoss keeps phi while
+    `angles <= pi - margin`, so at theta = pi - m exactly it keeps phi where the others fall back; EASY (easy_margin)
+    cos > 0 ? phi : cos (`torch.where(cosine > 0, phi, cosine)`). m3 is subtracted after the fallback.
     """
 
     NONE = 0

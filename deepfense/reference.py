@@ -76,7 +76,8 @@ def arc_margin(cos: torch.Tensor, m1: float, m2, m3, fallback: int = Fallback.NO
         th = torch.cos(torch.clamp((math.pi - m2) / m1, 0.0, math.pi))
         shift = {Fallback.WESPEAKER: 1.0 + torch.cos(math.pi - m2), Fallback.SPEECHBRAIN: m2 * torch.sin(math.pi - m2),
                  Fallback.PML: m2 * torch.sin(m2)}[fb]
-        phi = torch.where(cos > th, phi, cos - shift)
+        keep = cos >= th if fb == Fallback.PML else cos > th  # pml keeps the margin at theta = pi - m exactly
+        phi = torch.where(keep, phi, cos - shift)
     return phi - m3
 
 

@@ -59,7 +59,8 @@ def _arc_margin_grad(cos, m1, m2, fallback):
     if fb == Fallback.EASY:
         d = torch.where(c > 0, d, 1.0)
     elif fb != Fallback.NONE:
-        d = torch.where(c > torch.cos(torch.clamp((torch.pi - m2) / m1, 0.0, torch.pi)), d, 1.0)
+        th = torch.cos(torch.clamp((torch.pi - m2) / m1, 0.0, torch.pi))
+        d = torch.where(c >= th if fb == Fallback.PML else c > th, d, 1.0)
     if fb == Fallback.SPEECHBRAIN:  # SpeechBrain's clamp passes no gradient outside its bounds
         d = torch.where((cos >= -1.0 + 1e-7) & (cos <= 1.0 - 1e-7), d, 0.0)
     return d

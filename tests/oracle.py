@@ -120,8 +120,9 @@ def ce(x, w, t, *, bias=None, class_weights=None, ignore_index=-100, label_smoot
 
 def arc_target(c, m1, m2, m3, fallback):
     """The combined-margin target cosine cos(m1 theta + m2) - m3 with a toolkit's fallback past the monotone range
-    (`deepfense.params.Fallback`: wespeaker cos - (1 + cos(pi - m2)); speechbrain the same clamp-first with
-    cos - m2 sin(pi - m2); pml cos - m2 sin m2; easy cos where cos <= 0)."""
+    (`deepfense.params.Fallback`: wespeaker cos - (1 + cos(pi - m2)) where cos <= th; speechbrain the same
+    clamp-first with cos - m2 sin(pi - m2); pml cos - m2 sin m2 where acos(cos) > (pi - m2) / m1, compared as angles
+    the way pml does; easy cos where cos <= 0)."""
     if fallback == "speechbrain":
         c = c.clamp(-1.0 + 1e-7, 1.0 - 1e-7)
     phi = torch.cos(m1 * _theta(c) + m2)
@@ -131,7 +132,8 @@ def arc_target(c, m1, m2, m3, fallback):
         th = math.cos(min(max((math.pi - m2) / m1, 0.0), math.pi))
         shift = {"wespeaker": 1.0 + math.cos(math.pi - m2), "speechbrain": m2 * math.sin(math.pi - m2),
                  "pml": m2 * math.sin(m2)}[fallback]
-        phi = torch.where(c > th, phi, c - shift)
+        keep = torch.acos(c) <= (math.pi - m2) / m1 if fallback == "pml" else c > th
+        phi = torch.where(keep, phi, c - shift)
     return phi - m3
 
 

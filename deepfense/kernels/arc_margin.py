@@ -12,6 +12,7 @@ from ..params import Fallback
 FALLBACK_NONE: tl.constexpr = tl.constexpr(int(Fallback.NONE))
 FALLBACK_WESPEAKER: tl.constexpr = tl.constexpr(int(Fallback.WESPEAKER))
 FALLBACK_SPEECHBRAIN: tl.constexpr = tl.constexpr(int(Fallback.SPEECHBRAIN))
+FALLBACK_PML: tl.constexpr = tl.constexpr(int(Fallback.PML))
 FALLBACK_EASY: tl.constexpr = tl.constexpr(int(Fallback.EASY))
 # CombinedMargin's runtime scalars, one tensor LAM [ARC_N] (a schedule changes them without recompiling anything)
 ARC_S: tl.constexpr = tl.constexpr(0)
@@ -78,7 +79,9 @@ def _arc_margin(cos, LAM):
     _, th = _sincos(tl.minimum(tl.maximum((3.141592653589793 - m2) / m1, 0.0), 3.141592653589793))
     # WeSpeaker cos - (1 + cos(pi - m2)); SpeechBrain cos - m2 sin(pi - m2) and pml cos - m2 sin m2 are the same
     shift = tl.where(fb == FALLBACK_WESPEAKER, 1.0 - cm, m2 * sm)
-    past = tl.where(fb == FALLBACK_EASY, c <= 0.0, (fb != FALLBACK_NONE) & (c <= th))
+    # pml keeps the margin at theta = pi - m exactly (its angle <= pi - m); WeSpeaker and SpeechBrain switch there
+    past = tl.where(fb == FALLBACK_EASY, c <= 0.0,
+                    (fb != FALLBACK_NONE) & tl.where(fb == FALLBACK_PML, c < th, c <= th))
     phi = tl.where(past, tl.where(fb == FALLBACK_EASY, c, c - shift), phi)
     dphi = tl.where(past, 1.0, dphi)  # the fallbacks are cos - const
     inside = (fb != FALLBACK_SPEECHBRAIN) | ((cos >= -1.0 + 1e-7) & (cos <= 1.0 - 1e-7))  # SpeechBrain's clamp
