@@ -54,7 +54,7 @@ class LossParams:
     Attributes:
         margin: which loss (see `Margin`).
         s: logit scale of AMSoftmax.
-        m: additive margin (AMSoftmax, float) or integer angular multiplier (ASoftmax, 1..5).
+        m: additive margin (AMSoftmax, float) or integer angular multiplier (ASoftmax, >= 1).
         gamma: focal exponent of ASoftmax.
         m_real: bonafide margin of OCSoftmax.
         m_fake: spoof margin of OCSoftmax.

@@ -4,7 +4,7 @@ share cannot pass as agreement.
 
 Where the package and this file must agree on a definition, the definition is the one documented in
 `deepfense.functional` and `deepfense.params` (the toolkits' fallbacks, torch's label smoothing and class weights).
-Different routes on purpose: cos(m theta) by the Chebyshev recurrence (the package uses a table), the angle by atan2
+Different routes on purpose: cos(m theta) from the angle (the package uses the Chebyshev recurrence), the angle by atan2
 (the package expands cos(theta + m) for m1 = 1), softplus by logaddexp, the softmax by torch's cross_entropy.
 Each function takes the functional API's arguments (backend and the like are not accepted) and returns float64.
 """
@@ -37,14 +37,6 @@ def _theta(c):
     s2 = 1.0 - c * c
     sin = torch.where(s2 > 0, torch.where(s2 > 0, s2, torch.ones_like(s2)).sqrt(), torch.zeros_like(s2))
     return torch.atan2(sin, c)
-
-
-def _cheb(c, m):
-    """T_m(c) = cos(m arccos c) by the recurrence T_{n+1} = 2 c T_n - T_{n-1}."""
-    prev, cur = torch.ones_like(c), c
-    for _ in range(int(m) - 1):
-        prev, cur = cur, 2.0 * c * cur - prev
-    return cur
 
 
 def _reduce(rows, row_w, reduction):
@@ -96,7 +88,7 @@ def a(x, w, t, *, m=4, lam=5.0, gamma=0.5, class_weights=None, ignore_index=-100
     lam = float(lam)
     cos = _class_cos(x, w)
     k = torch.floor(int(m) * _theta(cos.detach()) / math.pi)
-    psi = torch.where(k % 2 == 0, 1.0, -1.0) * _cheb(cos, m) - 2.0 * k
+    psi = torch.where(k % 2 == 0, 1.0, -1.0) * torch.cos(int(m) * _theta(cos)) - 2.0 * k
     safe = torch.where(t != ignore_index, t, torch.zeros_like(t))
     xn = x.to(_F64).norm(dim=1, keepdim=True)
     logits = xn * _with_target(cos, safe, (lam * cos + psi) / (1.0 + lam))

@@ -96,6 +96,15 @@ def parity(ours, theirs):
     return [float((a - b).abs().max()) for a, b in zip(ours, theirs)]
 
 
+def _against_pml(theirs_fn, ours_fn, x, w, t):
+    """`parity` of a pml loss (its W set to w [D, C]) and ours_fn(x, w, t), loss and gradients."""
+    theirs_fn.W.data = w.clone()
+    x_theirs, x_ours, w_ours = x.clone().requires_grad_(), x.clone().requires_grad_(), w.clone().requires_grad_()
+    theirs, ours = theirs_fn(x_theirs, t), ours_fn(x_ours, w_ours, t)
+    theirs.backward(), ours.backward()
+    return parity((ours.detach(), x_ours.grad, w_ours.grad), (theirs.detach(), x_theirs.grad, theirs_fn.W.grad))
+
+
 def _head(cls, case, **kw):
     D, C = case["w"].shape
     head = cls(D, C, backend="torch", **kw).double()
@@ -185,12 +194,19 @@ def test_pytorch_metric_learning_arcface_at_the_tie(backend):
                      dtype=torch.float64, device=DEVICE)
     assert torch.linalg.vector_norm(x[0]) == 1.0
     w, t = torch.eye(3, dtype=torch.float64, device=DEVICE), torch.tensor([0, 2, 1], device=DEVICE)
-    theirs_fn.W.data = w.clone()
-    x_theirs, x_ours, w_ours = x.clone().requires_grad_(), x.clone().requires_grad_(), w.clone().requires_grad_()
-    theirs = theirs_fn(x_theirs, t)
-    ours = F.arcface_loss(x_ours, w_ours, t, m=m, s=s, fallback="pml", backend=backend)
-    theirs.backward(), ours.backward()
-    parity((ours.detach(), x_ours.grad, w_ours.grad), (theirs.detach(), x_theirs.grad, theirs_fn.W.grad))
+    _against_pml(theirs_fn, lambda x, w, t: F.arcface_loss(x, w, t, m=m, s=s, fallback="pml", backend=backend), x, w, t)
+
+
+@pytest.mark.parametrize("backend", ["reference", "torch", "triton"])
+@pytest.mark.parametrize("m", [4, 6, 8])
+def test_pytorch_metric_learning_sphereface(m, backend):
+    """pml's SphereFaceLoss (scale 1: logits |x| cos) is ASoftmax without lambda and focal factor, m past 5 too."""
+    pml = pytest.importorskip("pytorch_metric_learning.losses")
+    case = angled_case(0.5, torch.float64, seed=7)  # targets from theta = 1e-3 to pi - 0.1: most k branches
+    D, C = case["w"].shape
+    theirs_fn = pml.SphereFaceLoss(num_classes=C, embedding_size=D, margin=m, scale=1).to(DEVICE)
+    _against_pml(theirs_fn, lambda x, w, t: F.a_softmax_loss(x, w, t, m=m, lam=0.0, gamma=0.0, backend=backend),
+                 case["x"], case["w"], case["t"])
 
 
 def test_pytorch_metric_learning_cosface_is_amsoftmax():
