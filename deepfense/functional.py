@@ -75,7 +75,7 @@ def a_softmax_loss(embeddings, weight, targets, *, m=4, lam=5.0, gamma=0.5, clas
 
     Args:
         embeddings: [B, D]; weight: [D, C]; targets: [B].
-        m: integer angular margin 1..5. lam: the current lambda, a float or a 0-dim tensor (a tensor keeps an annealed
+        m: integer angular margin >= 1. lam: the current lambda, a float or a 0-dim tensor (a tensor keeps an annealed
             lambda free of host syncs and recompiles). gamma: focal exponent (no gradient through the factor).
         process_group, validate: as in `am_softmax_loss`.
 

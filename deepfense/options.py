@@ -110,7 +110,10 @@ class Rule:
 
     def wanted(self) -> str:
         if self.integer:
-            return f"an integer in {int(self.low)}..{int(self.high)}"
+            if self.low is not None and self.high is not None:
+                return f"an integer in {int(self.low)}..{int(self.high)}"
+            return "an integer" + (f" >= {int(self.low)}" if self.low is not None else "") + (
+                f" <= {int(self.high)}" if self.high is not None else "")
         lo = "" if self.low is None else f"{'>' if self.low_open else '>='} {self.low:g}"
         hi = "" if self.high is None else f"<= {self.high:.4g}"
         what = "an angle in radians " if self.angle else "a finite number "
@@ -161,7 +164,7 @@ COSINE_MARGIN = Rule(low=0.0, high=1.0)  # AMSoftmax's m, CombinedMargin's m3: s
 ANGLE = Rule(low=0.0, high=ANGLE_MAX, angle=True)  # ArcFace's m, CombinedMargin's m2
 COSINE = Rule(low=-1.0, high=1.0)  # OCSoftmax's m_real / m_fake, a filtering threshold
 FRACTION = Rule(low=0.0, high=1.0)  # label smoothing
-SPHEREFACE_M = Rule(low=1, high=5, integer=True)  # ASoftmax's integer angle multiplier
+SPHEREFACE_M = Rule(low=1, integer=True)  # ASoftmax's integer angle multiplier
 # per-sample margins (the adaptive-margin heads): AdaFace's angular margin is negative for high-norm samples and its
 # additive one reaches 2m, ElasticFace's normal draws may fall below 0: a sample's angular margin may take either
 # sign within a right angle, its cosine margin either sign within the width of the cosine's range

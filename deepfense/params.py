@@ -31,12 +31,15 @@ class Margin(enum.IntEnum):
 class Fallback(enum.IntEnum):
     """ArcFace's target cosine where cos(m1 theta + m2) stops decreasing (theta > (pi - m2) / m1), by toolkit.
 
-    With th = cos((pi - m2) / m1) and phi = cos(m1 theta + m2):
-    NONE (insightface) phi everywhere; WESPEAKER cos > th ? phi : cos - (1 + cos(pi - m2)); SPEECHBRAIN the same
-    with cos clamped to +-(1 - 1e-7) first and cos - m2 sin(pi - m2) past th; PML (pytorch-metric-learning)
-    cos - m2 sin(m2) past th; EASY (easy_margin) cos > 0 ? phi : cos. ADAFACE (AdaFace's head): every cosine
-    clamped to +-(1 - ADAFACE_EPS) first, then cos(clip(m1 theta + m2, ADAFACE_EPS, pi - ADAFACE_EPS)), no gradient
-    through a clamp or clip that binds. m3 is subtracted after the fallback.
+    With th = cos((pi - m2) / m1) and phi = cos(m1 theta + m2), each with its toolkit's rule at the switch point:
+    NONE (insightface) phi everywhere; WESPEAKER cos > th ? phi : cos - (1 + cos(pi - m2)) (WeSpeaker's
+    `torch.where(cosine > self.th, phi, cosine - self.mmm)`); SPEECHBRAIN cos clamped to +-(1 - 1e-7) first, then
+    cos > th ? phi : cos - m2 sin(pi - m2) (`torch.where(cosine > self.th, phi, cosine - self.mm)`); PML
+    (pytorch-metric-learning) cos >= th ? phi : cos - m2 sin(m2): its ArcFaceLoss keeps phi while
+    `angles <= pi - margin`, so at theta = pi - m exactly it keeps phi where the others fall back; EASY (easy_margin)
+    cos > 0 ? phi : cos (`torch.where(cosine > 0, phi, cosine)`); ADAFACE (AdaFace's head): every cosine clamped to
+    +-(1 - ADAFACE_EPS) first, then cos(clip(m1 theta + m2, ADAFACE_EPS, pi - ADAFACE_EPS)), no gradient through a
+    clamp or clip that binds. m3 is subtracted after the fallback.
     """
 
     NONE = 0
@@ -70,7 +73,7 @@ class LossParams:
     Attributes:
         margin: which loss (see `Margin`).
         s: logit scale of AMSoftmax.
-        m: additive margin (AMSoftmax, float) or integer angular multiplier (ASoftmax, 1..5).
+        m: additive margin (AMSoftmax, float) or integer angular multiplier (ASoftmax, >= 1).
         gamma: focal exponent of ASoftmax.
         m_real: bonafide margin of OCSoftmax.
         m_fake: spoof margin of OCSoftmax.

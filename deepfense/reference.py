@@ -90,7 +90,8 @@ def arc_margin(cos: torch.Tensor, m1, m2, m3, fallback: int = Fallback.NONE) -> 
         th = torch.cos(torch.clamp((math.pi - m2) / m1, 0.0, math.pi))
         shift = {Fallback.WESPEAKER: 1.0 + torch.cos(math.pi - m2), Fallback.SPEECHBRAIN: m2 * torch.sin(math.pi - m2),
                  Fallback.PML: m2 * torch.sin(m2)}[fb]
-        phi = torch.where(cos > th, phi, cos - shift)
+        keep = cos >= th if fb == Fallback.PML else cos > th  # pml keeps the margin at theta = pi - m exactly
+        phi = torch.where(keep, phi, cos - shift)
     return phi - m3
 
 
@@ -104,15 +105,12 @@ def row_values(v, like: torch.Tensor):
 
 
 def chebyshev(cos: torch.Tensor, m: int) -> torch.Tensor:
-    """cos(m*theta) as the Chebyshev polynomial T_m of cos(theta), m in 1..5."""
-    polys = {
-        1: lambda c: c,
-        2: lambda c: 2 * c**2 - 1,
-        3: lambda c: 4 * c**3 - 3 * c,
-        4: lambda c: 8 * c**4 - 8 * c**2 + 1,
-        5: lambda c: 16 * c**5 - 20 * c**3 + 5 * c,
-    }
-    return polys[int(m)](cos)
+    """cos(m*theta) as the Chebyshev polynomial T_m of cos(theta), any integer m >= 1, by the recurrence
+    T_0 = 1, T_1 = cos, T_{j+1} = 2 cos T_j - T_{j-1}."""
+    prev, cur = torch.ones_like(cos), cos
+    for _ in range(int(m) - 1):
+        prev, cur = cur, 2 * cos * cur - prev
+    return cur
 
 
 def sphereface_psi(cos: torch.Tensor, m: int) -> torch.Tensor:

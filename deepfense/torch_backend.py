@@ -23,10 +23,12 @@ def compute_dtype(*tensors) -> torch.dtype:
 
 
 def _chebyshev_grad(cos: torch.Tensor, m: int) -> torch.Tensor:
-    """d T_m(c) / dc = m * U_{m-1}(c)."""
-    derivs = {1: lambda c: torch.ones_like(c), 2: lambda c: 4 * c, 3: lambda c: 12 * c**2 - 3,
-              4: lambda c: 32 * c**3 - 16 * c, 5: lambda c: 80 * c**4 - 60 * c**2 + 5}
-    return derivs[m](cos)
+    """d T_m(c) / dc = m * U_{m-1}(c), any integer m >= 1, U by the recurrence U_{-1} = 0, U_0 = 1,
+    U_{j+1} = 2 c U_j - U_{j-1}."""
+    prev, cur = torch.zeros_like(cos), torch.ones_like(cos)
+    for _ in range(m - 1):
+        prev, cur = cur, 2 * cos * cur - prev
+    return m * cur
 
 
 def _sphereface_k(cos: torch.Tensor, m: int) -> torch.Tensor:
@@ -57,7 +59,8 @@ def _margin_branch(c, m1, m2, fb: Fallback):
         return c > 0
     if fb in (Fallback.NONE, Fallback.ADAFACE):
         return None
-    return c > torch.cos(torch.clamp((torch.pi - m2) / m1, 0.0, torch.pi))
+    th = torch.cos(torch.clamp((torch.pi - m2) / m1, 0.0, torch.pi))
+    return c >= th if fb == Fallback.PML else c > th  # pml keeps the margin at the tie (its angle <= pi - m)
 
 
 def _arc_angles(cos, m1, m2, fb: Fallback):

@@ -4,7 +4,7 @@ share cannot pass as agreement.
 
 Where the package and this file must agree on a definition, the definition is the one documented in
 `deepfense.functional` and `deepfense.params` (the toolkits' fallbacks, torch's label smoothing and class weights).
-Different routes on purpose: cos(m theta) by the Chebyshev recurrence (the package uses a table), the angle by atan2
+Different routes on purpose: cos(m theta) from the angle (the package uses the Chebyshev recurrence), the angle by atan2
 (the package expands cos(theta + m) for m1 = 1), softplus by logaddexp, the softmax by torch's cross_entropy.
 Each function takes the functional API's arguments (backend and the like are not accepted) and returns float64.
 """
@@ -37,14 +37,6 @@ def _theta(c):
     s2 = 1.0 - c * c
     sin = torch.where(s2 > 0, torch.where(s2 > 0, s2, torch.ones_like(s2)).sqrt(), torch.zeros_like(s2))
     return torch.atan2(sin, c)
-
-
-def _cheb(c, m):
-    """T_m(c) = cos(m arccos c) by the recurrence T_{n+1} = 2 c T_n - T_{n-1}."""
-    prev, cur = torch.ones_like(c), c
-    for _ in range(int(m) - 1):
-        prev, cur = cur, 2.0 * c * cur - prev
-    return cur
 
 
 def _reduce(rows, row_w, reduction):
@@ -96,7 +88,7 @@ def a(x, w, t, *, m=4, lam=5.0, gamma=0.5, class_weights=None, ignore_index=-100
     lam = float(lam)
     cos = _class_cos(x, w)
     k = torch.floor(int(m) * _theta(cos.detach()) / math.pi)
-    psi = torch.where(k % 2 == 0, 1.0, -1.0) * _cheb(cos, m) - 2.0 * k
+    psi = torch.where(k % 2 == 0, 1.0, -1.0) * torch.cos(int(m) * _theta(cos)) - 2.0 * k
     safe = torch.where(t != ignore_index, t, torch.zeros_like(t))
     xn = x.to(_F64).norm(dim=1, keepdim=True)
     logits = xn * _with_target(cos, safe, (lam * cos + psi) / (1.0 + lam))
@@ -126,9 +118,10 @@ def _per_row(v, like):
 
 def arc_target(c, m1, m2, m3, fallback):
     """The combined-margin target cosine cos(m1 theta + m2) - m3 with a toolkit's fallback past the monotone range
-    (`deepfense.params.Fallback`: wespeaker cos - (1 + cos(pi - m2)); speechbrain the same clamp-first with
-    cos - m2 sin(pi - m2); pml cos - m2 sin m2; easy cos where cos <= 0; adaface cos(clip(m1 theta + m2, eps,
-    pi - eps)) with eps = 1e-3, its cosines clamped by the caller). m1, m2, m3: floats or [B, 1] tensors."""
+    (`deepfense.params.Fallback`: wespeaker cos - (1 + cos(pi - m2)) where cos <= th; speechbrain the same
+    clamp-first with cos - m2 sin(pi - m2); pml cos - m2 sin m2 where acos(cos) > (pi - m2) / m1, compared as angles
+    the way pml does; easy cos where cos <= 0; adaface cos(clip(m1 theta + m2, eps, pi - eps)) with eps = 1e-3, its
+    cosines clamped by the caller). m1, m2, m3: floats or [B, 1] tensors."""
     m1, m2, m3 = (_per_row(v, c) for v in (m1, m2, m3))
     if fallback == "speechbrain":
         c = c.clamp(-1.0 + 1e-7, 1.0 - 1e-7)
@@ -141,7 +134,8 @@ def arc_target(c, m1, m2, m3, fallback):
         th = torch.cos(torch.clamp((math.pi - m2) / m1, 0.0, math.pi))
         shift = {"wespeaker": 1.0 + torch.cos(math.pi - m2), "speechbrain": m2 * torch.sin(math.pi - m2),
                  "pml": m2 * torch.sin(m2)}[fallback]
-        phi = torch.where(c > th, phi, c - shift)
+        keep = torch.acos(c) <= (math.pi - m2) / m1 if fallback == "pml" else c > th
+        phi = torch.where(keep, phi, c - shift)
     return phi - m3
 
 

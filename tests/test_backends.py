@@ -116,13 +116,27 @@ def test_zero_norm_rows_and_columns_are_finite(loss, backend):
     assert_close_to_gold(loss, case, backend, options(loss), torch.float32)
 
 
-@pytest.mark.parametrize("m", [1, 2, 3, 4, 5])
-@pytest.mark.parametrize("backend", FAST_BACKENDS)
-def test_asoftmax_every_m_across_k_boundaries(m, backend):
-    """Targets' angles spread over [0, pi] so every k = floor(m theta / pi) branch of psi is taken."""
-    D, B = 2, 24
+def _spread_angles(C, dtype, B=24):
+    """Targets (all class 0, the column [1, 0]) at angles spread over [0, pi], so that every k = floor(m theta / pi)
+    branch of psi is taken; the other C - 1 columns at fixed random angles."""
     theta = torch.linspace(0.01, 3.13, B, dtype=torch.float64)
     x = torch.stack([theta.cos(), theta.sin()], 1) * 2.0
-    w = torch.tensor([[1.0, 0.0, 0.6], [0.0, 1.0, 0.8]], dtype=torch.float64)
-    case = {"x": x.float().to(DEVICE), "w": w.float().to(DEVICE), "t": torch.zeros(B, dtype=torch.long).to(DEVICE)}
-    assert_close_to_gold("a", case, backend, options("a", m=m, gamma=0.5, reduction="none"), torch.float32)
+    others = torch.rand(C - 1, generator=torch.Generator().manual_seed(C), dtype=torch.float64) * 6.28
+    w = torch.cat([torch.tensor([[1.0], [0.0]], dtype=torch.float64), torch.stack([others.cos(), others.sin()])], 1)
+    return {"x": x.to(dtype).to(DEVICE), "w": w.to(dtype).to(DEVICE), "t": torch.zeros(B, dtype=torch.long).to(DEVICE)}
+
+
+@pytest.mark.parametrize("m", [1, 2, 3, 4, 5, 6, 7, 10])
+@pytest.mark.parametrize("backend", FAST_BACKENDS)
+def test_asoftmax_every_m_across_k_boundaries(m, backend):
+    """SphereFace's m is any integer >= 1: the usual 1..5 and beyond them, every k branch."""
+    assert_close_to_gold("a", _spread_angles(3, torch.float32), backend,
+                         options("a", m=m, gamma=0.5, reduction="none"), torch.float32)
+
+
+@pytest.mark.parametrize("m", [6, 7, 10])
+@pytest.mark.parametrize("backend", FAST_BACKENDS)
+@pytest.mark.parametrize("dtype,C", [(torch.float64, 3), (torch.float32, 20)], ids=["float64", "two-class-tiles"])
+def test_asoftmax_large_m(m, dtype, C, backend):
+    """m past 5 in float64 (to rounding) and on the large-head kernels (C = 20 > 16: two class tiles)."""
+    assert_close_to_gold("a", _spread_angles(C, dtype), backend, options("a", m=m, gamma=0.5, reduction="none"), dtype)

@@ -33,7 +33,7 @@ FUNCTIONAL_CASES = {
     "a negative lambda": (lambda x, w, y, b: F.a_softmax_loss(x, w, y, lam=-0.5, backend=b), "'lam'"),
     "a negative lambda tensor": (lambda x, w, y, b: F.a_softmax_loss(x, w, y, lam=torch.tensor(-0.5), backend=b),
                                  "'lam'"),
-    "a margin 6": (lambda x, w, y, b: F.a_softmax_loss(x, w, y, m=6, backend=b), "'m'"),
+    "a fractional margin": (lambda x, w, y, b: F.a_softmax_loss(x, w, y, m=2.5, backend=b), "'m'"),
     "negative class weights": (lambda x, w, y, b: F.am_softmax_loss(x, w, y, class_weights=-torch.ones(4),
                                                                     backend=b), "class_weights"),
     "negative class weights, checks off": (
@@ -104,6 +104,22 @@ def test_attribute_assignment_is_checked_and_leaves_the_head_usable(make, attr, 
     with pytest.raises(LossConfigError, match=attr):
         setattr(head, attr, bad)
     assert getattr(head, attr) is before or getattr(head, attr) == before
+
+
+@pytest.mark.parametrize("m", [0, -1, 2.5])
+def test_asoftmax_margin_is_a_positive_integer(m):
+    """SphereFace's m is any integer >= 1 (no upper bound: T_m's fp32 error stays below that of the cosine's own
+    rounding); 0, negatives and fractions are errors wherever m enters."""
+    x, w, y = _inputs()
+    wanted = "'m' must be an integer >= 1"
+    with pytest.raises(LossConfigError, match=wanted):
+        F.a_softmax_loss(x, w, y, m=m, backend="reference")
+    with pytest.raises(LossConfigError, match=wanted):
+        ASoftmax(8, 4, m=m)
+    with pytest.raises(LossConfigError, match=wanted):
+        ASoftmax(8, 4).m = m
+    with pytest.raises(LossConfigError, match=wanted):
+        build_loss({"type": "ASoftmax", "args": {"embedding_dim": 8, "n_classes": 4, "m": m}})
 
 
 def test_assignment_reaches_the_loss():

@@ -215,7 +215,7 @@ def test_module_and_yaml_options_match_oracle(name, backend_device, layer):
 
 # the smallest invalid value of each bounded option: the functional API and the module reject it, naming it
 INVALID = [("AMSoftmax", "s", 0.0), ("AMSoftmax", "label_smoothing", 1.5),
-           ("AMSoftmax", "sub_centers", 0), ("ASoftmax", "m", 6), ("ASoftmax", "gamma", -0.5),
+           ("AMSoftmax", "sub_centers", 0), ("ASoftmax", "m", 0), ("ASoftmax", "gamma", -0.5),
            ("OCSoftmax", "alpha", 0.0), ("ArcFace", "s", 0.0), ("ArcFace", "m", -0.1), ("CombinedMargin", "m1", 0.0),
            ("CrossEntropy", "label_smoothing", -0.1)]
 

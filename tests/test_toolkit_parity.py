@@ -8,10 +8,13 @@ torch backend (the backends agree with the reference in tests/test_arcface.py); 
 
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as TF
 
+from backend_cases import DEVICE
+from deepfense import functional as F
 from deepfense.losses import AMSoftmax, ArcFace, CombinedMargin, load_head_weight
 from test_arcface import angled_case
 
@@ -93,6 +96,15 @@ def parity(ours, theirs):
     return [float((a - b).abs().max()) for a, b in zip(ours, theirs)]
 
 
+def _against_pml(theirs_fn, ours_fn, x, w, t):
+    """`parity` of a pml loss (its W set to w [D, C]) and ours_fn(x, w, t), loss and gradients."""
+    theirs_fn.W.data = w.clone()
+    x_theirs, x_ours, w_ours = x.clone().requires_grad_(), x.clone().requires_grad_(), w.clone().requires_grad_()
+    theirs, ours = theirs_fn(x_theirs, t), ours_fn(x_ours, w_ours, t)
+    theirs.backward(), ours.backward()
+    return parity((ours.detach(), x_ours.grad, w_ours.grad), (theirs.detach(), x_theirs.grad, theirs_fn.W.grad))
+
+
 def _head(cls, case, **kw):
     D, C = case["w"].shape
     head = cls(D, C, backend="torch", **kw).double()
@@ -163,6 +175,38 @@ def test_pytorch_metric_learning_arcface(m, s, sub_centers):
     head = ArcFace(D, C, m=m, s=s, fallback="pml", sub_centers=sub_centers, backend="torch").double()
     load_head_weight(head, theirs_fn.state_dict(), "pml")
     parity(_ours(head, case["x"], case["t"]), (loss.detach(), x.grad, theirs_fn.W.grad))
+
+
+@pytest.mark.parametrize("backend", ["reference", "torch", "triton"])
+def test_pytorch_metric_learning_arcface_at_the_tie(backend):
+    """A target exactly at theta = pi - m: pml keeps cos(theta + m) there (`angle <= pi - m`), and so must 'pml'.
+
+    The target cosine c comes first and m = pi - acos(c) puts it on the tie; the weight's columns are unit vectors
+    and the row [c, sqrt(1 - c^2), 0] has norm 1 exactly, so every backend's float64 cosine is c itself."""
+    pml = pytest.importorskip("pytorch_metric_learning.losses")
+    c = torch.tensor(math.cos(2.64), dtype=torch.float64)
+    m, s = math.pi - float(torch.acos(c)), 2.0  # s = 2: the tie row's p_y is not ~0, its gradient counts
+    theirs_fn = pml.ArcFaceLoss(num_classes=3, embedding_size=3, margin=math.degrees(m), scale=s).to(DEVICE)
+    # pml's own comparison is an exact tie, and so is ours in cosines: cos(pi - m) is c to the last bit
+    assert theirs_fn.margin == m and float(theirs_fn.get_angles(c)) == np.deg2rad(180) - theirs_fn.margin
+    assert torch.cos(torch.tensor(math.pi - m, dtype=torch.float64)) == c
+    x = torch.tensor([[float(c), math.sqrt(1.0 - float(c) ** 2), 0.0], [0.3, -0.2, 0.9], [0.5, 0.7, -0.1]],
+                     dtype=torch.float64, device=DEVICE)
+    assert torch.linalg.vector_norm(x[0]) == 1.0
+    w, t = torch.eye(3, dtype=torch.float64, device=DEVICE), torch.tensor([0, 2, 1], device=DEVICE)
+    _against_pml(theirs_fn, lambda x, w, t: F.arcface_loss(x, w, t, m=m, s=s, fallback="pml", backend=backend), x, w, t)
+
+
+@pytest.mark.parametrize("backend", ["reference", "torch", "triton"])
+@pytest.mark.parametrize("m", [4, 6, 8])
+def test_pytorch_metric_learning_sphereface(m, backend):
+    """pml's SphereFaceLoss (scale 1: logits |x| cos) is ASoftmax without lambda and focal factor, m past 5 too."""
+    pml = pytest.importorskip("pytorch_metric_learning.losses")
+    case = angled_case(0.5, torch.float64, seed=7)  # targets from theta = 1e-3 to pi - 0.1: most k branches
+    D, C = case["w"].shape
+    theirs_fn = pml.SphereFaceLoss(num_classes=C, embedding_size=D, margin=m, scale=1).to(DEVICE)
+    _against_pml(theirs_fn, lambda x, w, t: F.a_softmax_loss(x, w, t, m=m, lam=0.0, gamma=0.0, backend=backend),
+                 case["x"], case["w"], case["t"])
 
 
 def test_pytorch_metric_learning_cosface_is_amsoftmax():

@@ -12,6 +12,7 @@ from ..params import ADAFACE_EPS, Fallback, RowMargin
 FALLBACK_NONE: tl.constexpr = tl.constexpr(int(Fallback.NONE))
 FALLBACK_WESPEAKER: tl.constexpr = tl.constexpr(int(Fallback.WESPEAKER))
 FALLBACK_SPEECHBRAIN: tl.constexpr = tl.constexpr(int(Fallback.SPEECHBRAIN))
+FALLBACK_PML: tl.constexpr = tl.constexpr(int(Fallback.PML))
 FALLBACK_EASY: tl.constexpr = tl.constexpr(int(Fallback.EASY))
 FALLBACK_ADAFACE: tl.constexpr = tl.constexpr(int(Fallback.ADAFACE))
 ADA_EPS: tl.constexpr = tl.constexpr(ADAFACE_EPS)
@@ -119,7 +120,9 @@ def _arc_margin(cos, lam):
     _, th = _sincos(tl.minimum(tl.maximum((3.141592653589793 - m2) / m1, 0.0), 3.141592653589793))
     # WeSpeaker cos - (1 + cos(pi - m2)); SpeechBrain cos - m2 sin(pi - m2) and pml cos - m2 sin m2 are the same
     shift = tl.where(fb == FALLBACK_WESPEAKER, 1.0 - cm, m2 * sm)
-    past = tl.where(fb == FALLBACK_EASY, c <= 0.0, (fb != FALLBACK_NONE) & ~ada & (c <= th))
+    # pml keeps the margin at theta = pi - m exactly (its angle <= pi - m); WeSpeaker and SpeechBrain switch there
+    past = tl.where(fb == FALLBACK_EASY, c <= 0.0,
+                    (fb != FALLBACK_NONE) & ~ada & tl.where(fb == FALLBACK_PML, c < th, c <= th))
     phi = tl.where(past, tl.where(fb == FALLBACK_EASY, c, c - shift), phi)
     dphi = tl.where(past, 1.0, dphi)  # the fallbacks are cos - const
     # SpeechBrain's and AdaFace's clamps pass no gradient where they bind

@@ -8,7 +8,8 @@ import triton
 import triton.language as tl
 
 from ..params import Margin
-from .arc_margin import ADA_EPS, ARC_FALLBACK, ARC_FILTER, ARC_STRAIGHT, FALLBACK_ADAFACE, _arc_margin, _load_arc
+from .arc_margin import (ADA_EPS, ARC_FALLBACK, ARC_FILTER, ARC_STRAIGHT, FALLBACK_ADAFACE, _arc_margin, _load_arc,
+                         _sincos)
 
 STAT_LOSS: tl.constexpr = tl.constexpr(0)
 STAT_ROWW: tl.constexpr = tl.constexpr(1)
@@ -68,30 +69,27 @@ def _clamp_cos(cos):
 def _sphereface_psi(cos, m):
     """psi = (-1)^k T_m(cos) - 2k and d psi / d cos, k = floor(m acos(cos) / pi) counted from thresholds cos(j pi / m).
 
-    T_m by the Chebyshev recurrence, T_m' = m U_{m-1}; m is a runtime integer in 1..5. The thresholds too: cos(j pi / m)
-    = T_j(cos(pi / m)) from the five exact values of cos(pi / m), no libdevice cosf (its argument reduction takes a
-    stack frame: 4 B spilled in the bf16 small-head forward on sm_90).
+    m is a runtime float holding an integer >= 1, so one compiled kernel serves every m, and the loop runs m - 1
+    steps of the Chebyshev recurrences: T_m, and T_m' = m U_{m-1}. The thresholds cos(j pi / m) = T_j(cos(pi / m)) by
+    the same recurrence, from cos(pi / m) by `_sincos`, not libdevice cosf (its argument reduction takes a stack
+    frame: 4 B spilled in the bf16 small-head forward on sm_90; the interpreter has no libdevice).
     """
-    c1 = tl.where(m == 1, -1.0, tl.where(m == 2, 0.0, tl.where(m == 3, 0.5, tl.where(m == 4, 0.7071067811865476,
-                                                                                          0.8090169943749475))))
+    mf = tl.cast(m, cos.dtype)  # (tl.cast: the interpreter passes a float argument as a Python float)
+    _, c1 = _sincos(3.141592653589793 / mf)
     th_prev, th = c1 * 0.0 + 1.0, c1  # cos(0), cos(pi / m)
-    k = tl.zeros_like(cos)
+    # threshold j = m is cos(pi) = -1 exactly: k = m at cos = -1, as floor(m acos(cos) / pi) gives
+    k = tl.where(cos <= -1.0, 1.0, 0.0).to(cos.dtype)
     t_prev = tl.full(cos.shape, 1.0, cos.dtype)  # T_0
     t_cur = cos  # T_1
     u_prev = tl.zeros_like(cos)  # U_{-1}
     u_cur = tl.full(cos.shape, 1.0, cos.dtype)  # U_0
-    t_m = cos
-    u_m1 = u_cur
-    for j in tl.static_range(1, 6):
-        threshold = tl.where(j == m, -1.0, th)  # cos(pi) exactly: k = m at cos = -1, as floor(m acos(cos) / pi)
+    for _ in range(1, tl.cast(m, tl.int32)):  # step j = 1 .. m - 1: threshold j, then T_{j+1} and U_j
+        k += tl.where(cos <= th, 1.0, 0.0)
         th_prev, th = th, 2.0 * c1 * th - th_prev
-        k += tl.where((j <= m) & (cos <= threshold), 1.0, 0.0)
-        t_m = tl.where(j == m, t_cur, t_m)
-        u_m1 = tl.where(j == m, u_cur, u_m1)
         t_prev, t_cur = t_cur, 2.0 * cos * t_cur - t_prev
         u_prev, u_cur = u_cur, 2.0 * cos * u_cur - u_prev
     sign = 1.0 - 2.0 * (k - 2.0 * tl.floor(k * 0.5))
-    return sign * t_m - 2.0 * k, sign * m * u_m1
+    return sign * t_cur - 2.0 * k, sign * mf * u_cur
 
 
 @triton.jit

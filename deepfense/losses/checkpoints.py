@@ -11,8 +11,8 @@ Where each toolkit keeps the head's class weights (the names and shapes its own 
                      ``Classifier``; ``weight`` in classifier.ckpt)
     insightface      ``weight`` (Partial FC; one file per rank,   [C_r, D] per rank          CombinedMargin
                      ranks split as ``class_slice``)
-    pml              ``W`` (ArcFaceLoss, CosFaceLoss,             [D, C] / [D, C*K]          ArcFace, AMSoftmax
-                     SubCenterArcFaceLoss)
+    pml              ``W`` (ArcFaceLoss, CosFaceLoss,             [D, C] / [D, C*K]          ArcFace, AMSoftmax,
+                     SubCenterArcFaceLoss, SphereFaceLoss)                                   ASoftmax
     ===============  ===========================================  =========================  ==================
 
 Ours is ``mapper.weight`` [D, C*K] (a class's K sub-centre columns adjacent, as WeSpeaker's and

@@ -222,7 +222,7 @@ class ASoftmax(_LossHead):
     training, the lambda the first training forward (and DeepFense's first forward) would use.
 
     Args:
-        embedding_dim: D. n_classes: C. m: integer angular margin 1..5. gamma: focal exponent (>= 0).
+        embedding_dim: D. n_classes: C. m: integer angular margin >= 1. gamma: focal exponent (>= 0).
         lambda_min, lambda_max: annealing bounds (>= 0). lambda_gamma, lambda_power: the decay's rate and power (>= 0).
         Other options as `AMSoftmax` (no label_smoothing), including
         process_group.
