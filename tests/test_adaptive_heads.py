@@ -329,3 +329,20 @@ def test_bad_options_are_refused_on_construction(cls, key, value):
     with pytest.raises(LossConfigError) as info:
         cls(16, 5, **{key: value})
     assert info.value.key == key
+
+
+@pytest.mark.parametrize("cls", [AdaFace, MagFace, ElasticFace, CurricularFace])
+def test_deepfense_adapter_builds_each_head_from_flat_keys(cls):
+    """DeepFense's registry (after use_fused_losses) builds the heads from flat config entries; with the same
+    weight and state the adapter's loss is the module's."""
+    from deepfense.losses.integrations.deepfense_adapters import ADAPTERS
+    name = cls.__name__
+    head = ADAPTERS[name]({"type": name, "weight": 0.5, "embedding_dim": 16, "n_classes": 5})
+    assert isinstance(head, cls) and head.loss_weight == 0.5 and head.mapper.weight.shape == (16, 5)
+    plain = cls(16, 5)
+    plain.load_state_dict(head.state_dict(), strict=True)  # the running state travels under the same keys
+    if cls is ElasticFace:
+        head.generator, plain.generator = torch.Generator().manual_seed(1), torch.Generator().manual_seed(1)
+    _need("torch")
+    x, t = _case("adaface", seed=0, dtype=torch.float32)
+    assert torch.equal(head(x, t), plain(x, t))
