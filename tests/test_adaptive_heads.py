@@ -330,7 +330,8 @@ def test_yaml_builds_each_head(name):
 
 @pytest.mark.parametrize("cls, key, value", [
     (AdaFace, "t_alpha", 1.5), (AdaFace, "m", -0.1), (MagFace, "lambda_g", -1.0), (MagFace, "u_a", 5.0),
-    (ElasticFace, "form", "tan"), (ElasticFace, "generator", 3), (CurricularFace, "m", 3.0), (CurricularFace, "s", 0.0)])
+    (ElasticFace, "form", "tan"), (ElasticFace, "generator", 3), (CurricularFace, "m", 3.0),
+    (CurricularFace, "s", 0.0)])
 def test_bad_options_are_refused_on_construction(cls, key, value):
     with pytest.raises(LossConfigError) as info:
         cls(16, 5, **{key: value})

@@ -116,7 +116,8 @@ class FusedLosses:
 
 def use_fused_losses(*, deepfense_semantics: bool = True) -> FusedLosses:
     """Register the adapters in DeepFense's LOSS_REGISTRY under its four loss names and ArcFace, AAMSoftmax,
-    CombinedMargin, AdaFace, MagFace, ElasticFace and CurricularFace, so that a ModularDetector built afterwards uses the fused losses with its config unchanged.
+    CombinedMargin, AdaFace, MagFace, ElasticFace and CurricularFace, so that a ModularDetector built afterwards uses
+    the fused losses with its config unchanged.
 
     Calling it again while the registration is in force changes nothing (or only the semantics) and returns the same
     handle. If DeepFense loss modules exist already (a detector built before the call), they keep DeepFense's losses:

@@ -7,8 +7,9 @@ apply it). Under DeepFense semantics (the default) the adapters reproduce DeepFe
 schedule advances on every forward, eval included; AMSoftmax's class weights default to [0.5, 0.5]; float labels are
 cast to class indices; keys DeepFense ignores are ignored (with a warning); the state_dict uses DeepFense's key names,
 so checkpoints load both ways with `strict=True`. ArcFace (also `AAMSoftmax`), CombinedMargin and the adaptive-margin
-face heads (AdaFace, MagFace, ElasticFace, CurricularFace) have no DeepFense counterpart: every key of ours applies, and `final_margin` (+ `increase_start_iter`, `fix_start_iter`,
-`increase_type`, `scheduled_margin`) adds WeSpeaker's margin ramp, stepped by each training forward.
+face heads (AdaFace, MagFace, ElasticFace, CurricularFace) have no DeepFense counterpart: every key of ours applies,
+and `final_margin` (+ `increase_start_iter`, `fix_start_iter`, `increase_type`, `scheduled_margin`) adds WeSpeaker's
+margin ramp, stepped by each training forward.
 """
 
 from __future__ import annotations
