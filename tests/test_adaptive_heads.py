@@ -353,3 +353,27 @@ def test_deepfense_adapter_builds_each_head_from_flat_keys(cls):
     _need("torch")
     x, t = _case("adaface", seed=0, dtype=torch.float32)
     assert torch.equal(head(x, t), plain(x, t))
+
+
+@pytest.mark.parametrize("cls", [AdaFace, MagFace, ElasticFace, CurricularFace])
+def test_reductions_and_ignored_rows(cls):
+    """'none' gives one loss per row whose mean and sum are 'mean' and 'sum' (MagFace's g included); an ignored row
+    changes nothing but its own entry, which is 0. Eval mode and a reseeded generator keep state and draws fixed."""
+    _need("reference")
+    head = cls(16, 5, backend="reference").double().eval()
+    x, t = _case("magface" if cls is MagFace else "adaface", seed=3)
+    t[2] = -100
+
+    def loss(reduction, rows=slice(None)):
+        head.reduction = reduction
+        if cls is ElasticFace:
+            head.generator = torch.Generator().manual_seed(0)
+        return head(x[rows], t[rows])
+
+    rows = loss("none")
+    assert rows.shape == (8,) and float(rows.detach()[2]) == 0.0
+    _close(loss("sum"), rows.sum(), 1e-12, "sum")
+    _close(loss("mean"), rows.sum() / 7, 1e-12, "mean")
+    if cls is not ElasticFace:  # (ElasticFace's draws follow the row count)
+        kept = torch.tensor([0, 1, 3, 4, 5, 6, 7])
+        _close(loss("none", kept), rows[kept], 1e-12, "without the ignored row")
