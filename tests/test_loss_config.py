@@ -159,7 +159,8 @@ E = 8  # a small embedding_dim for the error cases
 CONFIG_ERRORS = [
     # unknown type: names the nearest and the registered ones
     ({"type": "AMSoftMax", "embedding_dim": E}, UnknownLossError, "type", "did you mean 'AMSoftmax'"),
-    ({"type": "Triplet", "embedding_dim": E}, UnknownLossError, "type", "AMSoftmax, ASoftmax, ArcFace, CombinedMargin, CrossEntropy"),
+    ({"type": "Triplet", "embedding_dim": E}, UnknownLossError, "type",
+     "AMSoftmax, ASoftmax, AdaFace, ArcFace, CombinedMargin, CrossEntropy, CurricularFace"),
     # misspelt / unknown keys, flat and spec form, with the nearest valid key
     ({"type": "AMSoftmax", "embeding_dim": E}, UnknownKeyError, "embeding_dim", "did you mean 'embedding_dim'"),
     ({"type": "CrossEntropy", "args": {"embedding_dim": E, "n_class": 2}}, UnknownKeyError, "n_class",

@@ -2,6 +2,7 @@
 
     from deepfense.losses.integrations.deepfense import use_fused_losses
     with use_fused_losses():   # DeepFense's registry now builds its four losses, ArcFace, AAMSoftmax, CombinedMargin
+                               # and the adaptive face heads (AdaFace, MagFace, ElasticFace, CurricularFace)
         ...                    # from ours: its unchanged YAML config, ModularDetector and StandardTrainer
     # leaving the block (or handle.restore()) puts DeepFense's own classes back
 
@@ -114,8 +115,9 @@ class FusedLosses:
 
 
 def use_fused_losses(*, deepfense_semantics: bool = True) -> FusedLosses:
-    """Register the adapters in DeepFense's LOSS_REGISTRY under its four loss names and ArcFace, AAMSoftmax and
-    CombinedMargin, so that a ModularDetector built afterwards uses the fused losses with its config unchanged.
+    """Register the adapters in DeepFense's LOSS_REGISTRY under its four loss names and ArcFace, AAMSoftmax,
+    CombinedMargin, AdaFace, MagFace, ElasticFace and CurricularFace, so that a ModularDetector built afterwards uses
+    the fused losses with its config unchanged.
 
     Calling it again while the registration is in force changes nothing (or only the semantics) and returns the same
     handle. If DeepFense loss modules exist already (a detector built before the call), they keep DeepFense's losses:

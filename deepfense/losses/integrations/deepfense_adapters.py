@@ -6,9 +6,10 @@ apply it). Under DeepFense semantics (the default) the adapters reproduce DeepFe
 `deepfense.losses` (docs/deepfense.md has the table): the two-class CrossEntropy score is `logit[bonafide]`; ASoftmax's
 schedule advances on every forward, eval included; AMSoftmax's class weights default to [0.5, 0.5]; float labels are
 cast to class indices; keys DeepFense ignores are ignored (with a warning); the state_dict uses DeepFense's key names,
-so checkpoints load both ways with `strict=True`. ArcFace (also `AAMSoftmax`) and CombinedMargin have no DeepFense
-counterpart: every key of ours applies, and `final_margin` (+ `increase_start_iter`, `fix_start_iter`,
-`increase_type`, `scheduled_margin`) adds WeSpeaker's margin ramp, stepped by each training forward.
+so checkpoints load both ways with `strict=True`. ArcFace (also `AAMSoftmax`), CombinedMargin and the adaptive-margin
+face heads (AdaFace, MagFace, ElasticFace, CurricularFace) have no DeepFense counterpart: every key of ours applies,
+and `final_margin` (+ `increase_start_iter`, `fix_start_iter`, `increase_type`, `scheduled_margin`) adds WeSpeaker's
+margin ramp, stepped by each training forward.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from typing import Mapping
 import torch
 
 from .. import checks
+from ..adaptive import AdaFace, CurricularFace, ElasticFace, MagFace
 from ..margins import ArcFace, CombinedMargin, MarginScheduler
 from ..modules import AMSoftmax, ASoftmax, CrossEntropy, OCSoftmax
 
@@ -207,7 +209,32 @@ class FusedCombinedMargin(_DeepFenseAdapter, CombinedMargin):
     NAME, _BASE = "CombinedMargin", CombinedMargin
 
 
+class FusedAdaFace(_DeepFenseAdapter, AdaFace):
+    """`AdaFace` from a flat DeepFense config entry: every key of ours (its running norm statistics are buffers)."""
+
+    NAME, _BASE = "AdaFace", AdaFace
+
+
+class FusedMagFace(_DeepFenseAdapter, MagFace):
+    """`MagFace` from a flat DeepFense config entry: every key of ours."""
+
+    NAME, _BASE = "MagFace", MagFace
+
+
+class FusedElasticFace(_DeepFenseAdapter, ElasticFace):
+    """`ElasticFace` from a flat DeepFense config entry: every key of ours (`generator` stays None: global RNG)."""
+
+    NAME, _BASE = "ElasticFace", ElasticFace
+
+
+class FusedCurricularFace(_DeepFenseAdapter, CurricularFace):
+    """`CurricularFace` from a flat DeepFense config entry: every key of ours (t is a buffer)."""
+
+    NAME, _BASE = "CurricularFace", CurricularFace
+
+
 # registry name -> adapter (AAMSoftmax is ArcFace's speaker-recipe name, as in deepfense.losses' own registry)
 ADAPTERS = {"AMSoftmax": FusedAMSoftmax, "ASoftmax": FusedASoftmax, "OCSoftmax": FusedOCSoftmax,
             "CrossEntropy": FusedCrossEntropy, "ArcFace": FusedArcFace, "AAMSoftmax": FusedArcFace,
-            "CombinedMargin": FusedCombinedMargin}
+            "CombinedMargin": FusedCombinedMargin, "AdaFace": FusedAdaFace, "MagFace": FusedMagFace,
+            "ElasticFace": FusedElasticFace, "CurricularFace": FusedCurricularFace}
