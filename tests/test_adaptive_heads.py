@@ -2,12 +2,10 @@
 the authors' heads (tests/published_heads.py): loss, dX and dW, the heads' state over several steps, the clamp
 boundaries, float32 and bf16 inputs, a short training run, state_dict, YAML, and batches of one.
 
-The heads hand per-sample margins to `functional.arcface_loss` (and t to `functional.curricular_face_loss`); a
-backend that does not take those yet is skipped with the reason it gives.
+The heads hand per-sample margins to `functional.arcface_loss` (and t to `functional.curricular_face_loss`).
 """
 
 import copy
-import functools
 import math
 
 import pytest
@@ -21,25 +19,6 @@ from deepfense.losses.checks import LossConfigError
 
 BACKENDS = ["reference", "torch", "triton"]
 F64 = torch.float64
-
-
-@functools.lru_cache(maxsize=None)
-def _unsupported(backend):
-    """Why `backend` cannot run these heads (per-sample margins, fallback='adaface', curricular_face_loss), or None."""
-    x, w, t = torch.randn(2, 16, device=DEVICE), torch.randn(16, 2, device=DEVICE), torch.tensor([0, 1], device=DEVICE)
-    try:
-        F.arcface_loss(x, w, t, m=torch.full((2,), 0.1, device=DEVICE), m3=torch.full((2,), 0.1, device=DEVICE),
-                       s=8.0, fallback="adaface", backend=backend)
-        F.curricular_face_loss(x, w, t, m=0.5, s=8.0, t=0.1, backend=backend)
-    except Exception as exc:  # noqa: BLE001 - any refusal becomes the skip's reason
-        return f"{backend}: {type(exc).__name__}: {str(exc)[:160]}"
-    return None
-
-
-def _need(backend):
-    reason = _unsupported(backend)
-    if reason:
-        pytest.skip(f"functional API lacks per-sample margins / CurricularFace here ({reason})")
 
 
 def rows_at(thetas, norms, C=5, D=16, seed=0, dtype=F64):
@@ -169,7 +148,6 @@ F64_RTOL = {"reference": 1e-9, "torch": 1e-9, "triton": 1e-5}
 def test_head_matches_published_over_steps(key, backend):
     """Three training steps on fresh rows at the clamp and fallback boundaries: loss, dX (through the margins: MagFace's
     norm and g, AdaFace's normalisation) and dW equal the transcription's, and so does the state after each step."""
-    _need(backend)
     pair = _pair(key, backend)
     for step in range(3):
         x, t = _case(key, seed=step)
@@ -185,7 +163,6 @@ def test_head_matches_published_over_steps(key, backend):
 def test_float32_inputs_against_the_float64_transcription(key):
     """fp32 embeddings and weight (fp32 buffers) on the torch backend: within float32 rounding of the transcription.
     Random rows, away from the discontinuous fallbacks, where a rounding may take the other branch."""
-    _need("torch")
     pair = _pair(key, "torch", torch.float32)
     gen = torch.Generator().manual_seed(5)
     for step in range(2):
@@ -200,7 +177,6 @@ def test_float32_inputs_against_the_float64_transcription(key):
 @pytest.mark.parametrize("key", ["adaface", "magface", "elastic-arc", "curricular"])
 def test_bf16_on_triton(key):
     """bf16 inputs on the kernels: |triton - gold| <= 2 |reference_bf16 - gold| + 1e-2 max|gold| (house rule)."""
-    _need("triton")
     gen = torch.Generator().manual_seed(9)
     x = torch.randn(8, 16, generator=gen).to(DEVICE, torch.bfloat16)
     t = torch.randint(0, 5, (8,), generator=gen).to(DEVICE)
@@ -222,7 +198,6 @@ def test_bf16_on_triton(key):
 def test_training_run_tracks_the_transcription(key):
     """20 SGD steps of a linear embedder + head against the same model built on the transcription: the two losses
     agree at every step (the state, the draws and the parameters evolve together)."""
-    _need("torch")
     torch.manual_seed(3)
     pair = _pair(key, "torch")
     embed = torch.nn.Linear(6, 16, dtype=F64).to(DEVICE)
@@ -254,7 +229,6 @@ def test_training_run_tracks_the_transcription(key):
 def test_adaface_statistics_update_in_training_only_and_skip_a_single_row():
     """The two decisions of the AdaFace docstring: eval forwards and batches of one row keep the statistics (the
     authors' unbiased std of one row is NaN); a training batch of two moves them."""
-    _need("reference")
     head = AdaFace(16, 5, backend="reference").double().to(DEVICE)
     x, t = _case("adaface", seed=1)
     before = _adaface_state(head)
@@ -270,7 +244,6 @@ def test_adaface_statistics_update_in_training_only_and_skip_a_single_row():
 
 
 def test_curricular_t_updates_in_training_only():
-    _need("reference")
     head = CurricularFace(16, 5, backend="reference").double().to(DEVICE)
     x, t = _case("curricular", seed=1)
     head.eval()
@@ -286,7 +259,6 @@ def test_curricular_t_updates_in_training_only():
 
 @pytest.mark.parametrize("key", ["magface", "elastic-arc", "curricular"])
 def test_batch_of_one_matches_published(key):
-    _need("reference")
     pair = _pair(key, "reference")
     x, t = _case(key, seed=2)
     ours, gold = pair.step(x[3:4], t[3:4])
@@ -297,7 +269,6 @@ def test_batch_of_one_matches_published(key):
 @pytest.mark.parametrize("cls", [AdaFace, CurricularFace])
 def test_state_dict_round_trip(cls):
     """The running state is in the state_dict and a fresh head loaded from it continues identically."""
-    _need("reference")
     head = cls(16, 5, backend="reference").double()
     x, t = _case("adaface" if cls is AdaFace else "curricular", seed=0)
     for _ in range(2):
@@ -350,7 +321,6 @@ def test_deepfense_adapter_builds_each_head_from_flat_keys(cls):
     plain.load_state_dict(head.state_dict(), strict=True)  # the running state travels under the same keys
     if cls is ElasticFace:
         head.generator, plain.generator = torch.Generator().manual_seed(1), torch.Generator().manual_seed(1)
-    _need("torch")
     x, t = _case("adaface", seed=0, dtype=torch.float32)
     assert torch.equal(head(x, t), plain(x, t))
 
@@ -359,7 +329,6 @@ def test_deepfense_adapter_builds_each_head_from_flat_keys(cls):
 def test_reductions_and_ignored_rows(cls):
     """'none' gives one loss per row whose mean and sum are 'mean' and 'sum' (MagFace's g included); an ignored row
     changes nothing but its own entry, which is 0. Eval mode and a reseeded generator keep state and draws fixed."""
-    _need("reference")
     head = cls(16, 5, backend="reference").double().eval()
     x, t = _case("magface" if cls is MagFace else "adaface", seed=3)
     t[2] = -100

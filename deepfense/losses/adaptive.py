@@ -12,11 +12,10 @@ from __future__ import annotations
 from typing import Optional, Sequence
 
 import torch
-from torch.nn.functional import normalize
 
 from .. import functional as F
 from .. import options
-from ..reference import class_cosine
+from ..reference import class_cosine, target_cosine
 from . import checks
 from .margins import _scalar
 from .modules import _LossHead, _Mapper
@@ -24,14 +23,11 @@ from .registry import register_loss
 
 
 def _target_cosine(embeddings, weight, targets, ignore_index):
-    """[B] detached cosine of each row to its target column (0 for ignored rows) and the [B] bool mask of the rows
-    that count, in the promoted dtype of embeddings and weight."""
+    """[B] detached cosine of each row to its target column (0 for ignored rows, `reference.target_cosine`) and the
+    [B] bool mask of the rows that count."""
     with torch.no_grad():
         valid = targets != ignore_index
-        dtype = torch.promote_types(embeddings.dtype, weight.dtype)
-        rows = normalize(embeddings.to(dtype), dim=1)
-        columns = normalize(weight.to(dtype)[:, torch.where(valid, targets, torch.zeros_like(targets))], dim=0)
-        cos = (rows * columns.t()).sum(1).clamp(-1.0, 1.0)
+        cos = target_cosine(embeddings, weight, torch.where(valid, targets, torch.zeros_like(targets)))
         return torch.where(valid, cos, torch.zeros_like(cos)), valid
 
 
