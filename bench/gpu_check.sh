@@ -9,13 +9,14 @@
 # Run from the repository root:   OUT=/some/dir bash bench/gpu_check.sh
 # DRY=1 runs the CPU-runnable parts on CPU with tiny settings (plumbing check: every step, the file layout).
 #
-# Writes exactly these 8 files, none deeper than $OUT/results/FILE:
-#   $OUT/env.txt (GPU, driver, versions)  $OUT/tests.log  $OUT/check.log  $OUT/compile.log
+# Writes exactly these 9 files, none deeper than $OUT/results/FILE:
+#   $OUT/env.txt (GPU, driver, versions)  $OUT/tests.log  $OUT/check.log  $OUT/compile.log  $OUT/heads.md
+#   (the adaptive-margin heads against their authors' formulations, bench/adaptive_heads.py)
 #   $OUT/bench.log (the launch plans with predicted times, progress, the bf16 and fp32 tables, roofline lines)
 #   $OUT/results/<device>_<date>.{json,md,png} (the bf16 sweep)
-# Time budget, each step under `timeout` (sum 470 s < 8 min): tests 210 s (a fresh machine compiles every kernel
-# variant), check 30 s, compile check 75 s, plans 15 s, bf16 sweep 100 s (no new case after 60 s, then at most 25 s of
-# roofline profiles), fp32 sweep 40 s. Every step writes as it goes, so a step cut short still reports.
+# Time budget, each step under `timeout` (sum 475 s < 8 min): tests 190 s (a fresh machine compiles every kernel
+# variant), check 30 s, compile check 75 s, plans 15 s, bf16 sweep 80 s (no new case after 50 s, then roofline
+# profiles), fp32 sweep 30 s, the adaptive heads at 1024 x 512 x 93431 55 s. Every step writes as it goes, so a step cut short still reports.
 set -u
 OUT="${OUT:-bench/results/gpu_check}"
 mkdir -p "$OUT/results"
@@ -41,20 +42,23 @@ if [ "$DRY" = 1 ]; then
           --dtypes fp32 --providers deepfense,eager --compile none --reps 3 --out "$OUT/results")
     FP32=(timeout 60 "$PY" -m deepfense bench --device cpu --shapes 64x32x2 --losses CrossEntropy --dtypes fp32
           --providers deepfense --compile none --reps 3 --no-errors --out /tmp/gpu_check_fp32)
+    HEADS=(timeout 120 "$PY" bench/adaptive_heads.py --bench --shape 16 32 300 --rounds 2 --out "$OUT/heads.md")
 else
     DEV=cuda
-    TESTS=(env DEEPFENSE_TEST_DEVICE=cuda timeout 210 "$PY" -m pytest tests/ -x -q -p no:cacheprovider)
+    TESTS=(env DEEPFENSE_TEST_DEVICE=cuda timeout 190 "$PY" -m pytest tests/ -x -q -p no:cacheprovider)
     CHECK=(timeout 30 "$PY" -m deepfense check --device cuda)
     COMPILE=(timeout 75 "$PY" bench/compile_check.py --dtypes bf16)  # this machine's triton; fp32: docs/kernels.md
     PLAN=(timeout 15 "$PY" -m deepfense bench --plan --losses AMSoftmax,CrossEntropy --dtypes bf16,fp32
           --shapes 65536x1024x2,256x192x5994,1024x512x1000000)
     # the full CUDA sweep: deepfake heads up to B = 65536 (D up to 1024), speaker 128-512 x 192-256 x 5994-17982,
     # face 1024 x 512 x C up to 10^6, bf16, torch.compile on the anchors, the peers that installed
-    BF16=(timeout 100 "$PY" -m deepfense bench --device cuda --full --dtypes bf16 --time-limit 60 --out "$OUT/results")
+    BF16=(timeout 80 "$PY" -m deepfense bench --device cuda --full --dtypes bf16 --time-limit 50 --out "$OUT/results")
     # fp32 (tf32x3 dots by default) on the representative heads, fused against eager: times and roofline lines
-    FP32=(timeout 40 "$PY" -m deepfense bench --device cuda --dtypes fp32 --losses AMSoftmax,CrossEntropy
+    FP32=(timeout 30 "$PY" -m deepfense bench --device cuda --dtypes fp32 --losses AMSoftmax,CrossEntropy
           --shapes 65536x1024x2,256x192x5994,128x192x17982,1024x512x1000000 --providers deepfense,eager
-          --compile none --no-errors --time-limit 20 --out /tmp/gpu_check_fp32)
+          --compile none --no-errors --time-limit 15 --out /tmp/gpu_check_fp32)
+    # each adaptive-margin head at a face shape against its authors' formulation, eager and compiled, peak memory
+    HEADS=(timeout 55 "$PY" bench/adaptive_heads.py --bench --shape 1024 512 93431 --rounds 3 --out "$OUT/heads.md")
 fi
 
 {
@@ -96,6 +100,7 @@ step "compile check (registers, spills, occupancy from the cubins)" "$OUT/compil
 step "launch plans with counted work and predicted H200 times" "$OUT/bench.log" "${PLAN[@]}"
 step "bench bf16 sweep + roofline" "$OUT/bench.log" "${BF16[@]}"
 step "bench fp32 + roofline" "$OUT/bench.log" "${FP32[@]}"
+step "adaptive-margin heads against their authors' formulations" "$OUT/bench.log" "${HEADS[@]}"
 
 find "$OUT" -type f | sort
 exit $status

@@ -384,21 +384,22 @@ def project_grad(xf, wf, cos, a, rx, rw, xscale, has_bias, row_scale=None):
     # Since cos_c = x_hat . w_hat_c, each correction sum is also a projection of the matmul it corrects; every sum is
     # taken over whichever side is smaller ([B, C] with cos, or [B, D] / [D, C] with the matmul's output).
     B, D, C = xf.shape[0], xf.shape[1], wf.shape[1]
-    rw_c = rw.t()
-    w_hat = wf.t()  # [C, D]
     ag = a * (rx * g)
-    dx = ag @ w_hat
+    dx = ag @ wf.t()
     k = (ag * cos).sum(1, keepdim=True) * rx if C < D else (dx * xf).sum(1, keepdim=True) * (rx * rx)
     if xscale is not None:  # ASoftmax: + dL/d|x| x_hat
         k = k - xscale * g
     dx.addcmul_(xf, k, value=-1.0)
-    nw = ag.t() @ xf  # [C, D]
+    # dW [D, C]: for a wide head computed in the weight's own layout (a transposed result costs autograd a copy of all
+    # of W to store it: 20% of a 128 x 512 x 93431 step); for a narrow one (C < D) as [C, D], the GEMM shape that runs
+    # 2x faster there (1024 x 1024 x 2), whose copy is small
+    nw = (ag.t() @ xf).t() if C < D else xf.t() @ ag
     if B < D:
-        csum = (ag * cos).t() @ torch.where(rx > 0, 1.0 / rx, 0.0)  # a' |x| = a g on rows of nonzero norm
+        csum = torch.where(rx > 0, 1.0 / rx, 0.0).t() @ (ag * cos)  # a' |x| = a g on rows of nonzero norm
     else:
-        csum = (nw * w_hat).sum(1, keepdim=True)
-    dw = nw.mul_(rw_c).addcmul_(w_hat, csum * rw_c, value=-1.0)
-    return dx, dw.t(), None
+        csum = (nw * wf).sum(0, keepdim=True)
+    dw = nw.mul_(rw).addcmul_(wf, csum * rw, value=-1.0)
+    return dx, dw, None
 
 
 def _finish(ctx, p, rows, row_w, xf, wf, bias, cos, dcos, rx, rw, xscale, dtypes):
