@@ -69,12 +69,15 @@ def arc_margin(cos: torch.Tensor, m1, m2, m3, fallback: int = Fallback.NONE) -> 
 
     m1 is a Python float (1 selects the identity cos(theta + m2) = cos cos m2 - sin sin m2, as WeSpeaker and
     SpeechBrain compute it) or a per-sample tensor [B, 1]; m2, m3 are floats, 0-dim or per-sample [B, 1] tensors.
-    sin theta is kept >= sqrt(tiny) so that the gradient at cos = +-1 (where d cos / dx = 0) is finite. (ADAFACE
-    expects its cosines already clamped, as `combined_margin_ref` does for every column.)
+    sin theta is kept >= sqrt(tiny) so that the gradient at cos = +-1 (where d cos / dx = 0) is finite. SpeechBrain's
+    and AdaFace's clamps of the target cosine happen here (AdaFace's heads clamp the other columns too:
+    `combined_margin_ref`).
     """
     fb = Fallback(fallback)
     if fb == Fallback.SPEECHBRAIN:
         cos = cos.clamp(-1.0 + 1e-7, 1.0 - 1e-7)
+    elif fb == Fallback.ADAFACE:
+        cos = cos.clamp(-1.0 + ADAFACE_EPS, 1.0 - ADAFACE_EPS)
     m2 = scalar_like(m2, cos)
     sin = torch.sqrt(torch.clamp_min(1.0 - cos * cos, torch.finfo(cos.dtype).tiny))
     if fb == Fallback.ADAFACE:

@@ -13,7 +13,7 @@ from typing import List, Optional
 import torch
 import triton
 
-from ..params import ADAFACE_EPS, Fallback, LossParams, Margin
+from ..params import LossParams, Margin
 from . import margin_ce as K
 from . import plan as P
 from .common import TL, OpScalars, check_device, dot_dtypes, kernel_lam  # noqa: F401 (kernel_lam: the sharded path)
@@ -302,8 +302,6 @@ def margin_grad_term(x, w, targets, class_weights, lam, p: LossParams, ws, n_cla
     with torch.no_grad():
         cos_y = target_cosine(x, w, safe, p.sub_centers)[:, None]
     cos_y = cos_y.to(ws.dtype)
-    if p.fallback == Fallback.ADAFACE:
-        cos_y = cos_y.clamp(-1.0 + ADAFACE_EPS, 1.0 - ADAFACE_EPS)
     s, m1, m2, m3 = combined_values(lam.to(ws.dtype), p)
     logit_y = s * arc_margin(cos_y, m1, m2, m3, p.fallback)  # differentiable in m1, m2, m3 only
     cw_y = 1.0 if class_weights is None else class_weights.to(ws.dtype)[safe][:, None]
